@@ -1,0 +1,16 @@
+"""fastloss: fused loss + gradient kernels for NumPy and CUDA arrays.
+
+Every loss returns ``LossGrad(loss, grad)`` from one fused pass; see SPEC.md
+for the contract.  Importing fastloss compiles nothing: each kernel is
+compiled on first use and cached on disk.
+"""
+from fastloss._dispatch import backend_of
+from fastloss._result import LossGrad
+from fastloss.cross_entropy import softmax_cross_entropy
+
+__all__ = [
+    "LossGrad",
+    "backend_of",
+    "softmax_cross_entropy",
+]
+__version__ = "0.1.0"

@@ -292,3 +292,48 @@ def _store_overload(row, i, value):
     def impl(row, i, value):
         row[i] = value
     return impl
+
+
+# ---------------------------------------------------------------- tanh
+
+
+@register_jitable(inline="always")
+def _tanh_f32(x):
+    # |x| < 0.625: Cephes tanhf polynomial; else 1 - 2 / (exp(2|x|) + 1)
+    a = abs(x)
+    z = x * x
+    p = np.float32(-5.70498872745e-3)
+    p = p * z + np.float32(2.06390887954e-2)
+    p = p * z - np.float32(5.37397155531e-2)
+    p = p * z + np.float32(1.33314422036e-1)
+    p = p * z - np.float32(3.33332819422e-1)
+    small = p * z * x + x
+    big = np.float32(1.0) - np.float32(2.0) / (_exp_f32(a + a) + np.float32(1.0))
+    big = -big if x < np.float32(0.0) else big
+    return small if a < np.float32(0.625) else big
+
+
+@register_jitable(inline="always")
+def _tanh_f64(x):
+    # |x| < 0.625: Cephes tanh rational approximation; else via exp
+    a = abs(x)
+    z = x * x
+    p = (-9.64399179425052238628e-1 * z - 9.92877231001918586564e1) * z - 1.61468768441708447952e3
+    q = ((z + 1.12811678491632931402e2) * z + 2.23548839060100448583e3) * z + 4.84406305325125486048e3
+    small = x + x * z * p / q
+    big = 1.0 - 2.0 / (_exp_f64(a + a) + 1.0)
+    big = -big if x < 0.0 else big
+    return small if a < 0.625 else big
+
+
+def vtanh(x):
+    """tanh(x), vectorizable."""
+    raise NotImplementedError("vtanh is only callable from Numba-compiled code")
+
+
+@overload(vtanh, inline="always")
+def _vtanh_overload(x):
+    if x == types.float32:
+        return lambda x: _tanh_f32(x)
+    if x == types.float64:
+        return lambda x: _tanh_f64(x)

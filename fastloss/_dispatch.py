@@ -1,0 +1,80 @@
+"""Where the work runs: the one dispatcher of fastloss.
+
+NumPy arrays, Python scalars and lists live on the CPU; anything exposing
+``__cuda_array_interface__`` (CuPy, Numba device arrays, PyTorch CUDA tensors),
+or Numba's simulator device arrays (``__cuda_ndarray__``), lives on the GPU.
+"""
+import os
+
+import numpy as np
+
+BACKENDS = ("auto", "cpu", "cuda")
+
+
+def _is_cuda(a):
+    return hasattr(a, "__cuda_array_interface__") or getattr(a, "__cuda_ndarray__", False)
+
+
+def _device_of(a):
+    """'cuda', 'cpu', or None for a value that lives nowhere (None, scalars)."""
+    if type(a) is np.ndarray:
+        return "cpu"
+    if a is None or isinstance(a, (bool, int, float)):
+        return None
+    return "cuda" if _is_cuda(a) else "cpu"
+
+
+def _devices(named):
+    """The device every array of ``named`` lives on; TypeError when they differ."""
+    found = None  # (device, name)
+    for name, a in named:
+        dev = _device_of(a)
+        if dev is None:
+            continue
+        if found is None:
+            found = (dev, name)
+        elif dev != found[0]:
+            raise TypeError(
+                f"{name} is on {dev} but {found[1]} is on {found[0]}: "
+                "all array arguments must live on the same device"
+            )
+    return "cpu" if found is None else found[0]
+
+
+def backend_of(*arrays):
+    """The backend, ``"cpu"`` or ``"cuda"``, that the arrays live on.
+
+    NumPy arrays, lists and scalars are ``"cpu"``; arrays exposing
+    ``__cuda_array_interface__`` are ``"cuda"``.  Mixing the two raises
+    ``TypeError`` naming the offending argument (by position).  ``None``
+    arguments are skipped; no arrays at all means ``"cpu"``.
+
+    >>> import numpy as np, fastloss as fl
+    >>> fl.backend_of(np.zeros(3), [1, 2])
+    'cpu'
+    """
+    return _devices((f"argument {i}", a) for i, a in enumerate(arrays))
+
+
+def select_backend(backend, **arrays):
+    """Resolve ``backend=`` ("auto" reads ``FASTLOSS_BACKEND``) against the arrays.
+
+    Returns ``"cpu"`` or ``"cuda"``.  The CUDA kernels arrive with the GPU
+    backend; until then asking for them raises ``NotImplementedError``.
+    """
+    if backend == "auto":
+        backend = os.environ.get("FASTLOSS_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"FASTLOSS_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    where = _devices(arrays.items())
+    if backend == "cpu" and where == "cuda":
+        name = next(n for n, a in arrays.items() if _device_of(a) == "cuda")
+        raise TypeError(f"backend='cpu' but {name} is a CUDA array; copy it to the host first")
+    if backend == "cuda" or where == "cuda":
+        raise NotImplementedError(
+            "fastloss: the CUDA backend is not implemented yet; pass NumPy arrays "
+            "(or backend='cpu')"
+        )
+    return "cpu"

@@ -1,0 +1,133 @@
+"""Argument checks shared by every loss.
+
+Each check runs before any kernel, raises ``TypeError`` (wrong kind or dtype)
+or ``ValueError`` (wrong shape or value) whose message names the argument and
+what was expected, and returns the argument in the form the kernels trust.
+"""
+import operator
+
+import numpy as np
+from numba import njit
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def float_array(x, name):
+    """``x`` as an ndarray of dtype float16, float32 or float64."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # ragged lists, objects that refuse conversion
+            raise TypeError(f"{name} must be an array of floats: {exc}") from None
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def label_array(t, name):
+    """``t`` as an int64 ndarray of class indices (any integer dtype accepted)."""
+    if not isinstance(t, np.ndarray):
+        t = np.asarray(t)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer class indices, got dtype {t.dtype}")
+    if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds a class index too large for int64")
+    return t.astype(np.int64, copy=False)
+
+
+@njit(cache=True, nogil=True)
+def _first_bad_label(labels, upper, ignore_index):
+    for i in range(labels.shape[0]):
+        v = labels[i]
+        if (v < 0 or v >= upper) and v != ignore_index:
+            return i
+    return -1
+
+
+def labels_in_range(labels, upper, name, ignore_index=None):
+    """ValueError unless every label is in ``[0, upper)`` or equals ``ignore_index``."""
+    flat = labels.reshape(-1)
+    skip = np.iinfo(np.int64).min if ignore_index is None else ignore_index
+    bad = _first_bad_label(flat, upper, skip)
+    if bad >= 0:
+        allowed = f"[0, {upper})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        raise ValueError(f"{name}[{bad}] = {flat[bad]} is out of range: expected {allowed}")
+
+
+def shape_equal(a, shape, name, expected):
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({expected}), got {a.shape}")
+
+
+def scalar(value, name):
+    """``value`` as a Python float; TypeError when it is not a real number."""
+    try:
+        return float(operator.index(value)) if isinstance(value, (int, np.integer)) else float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+
+
+def positive(value, name):
+    v = scalar(value, name)
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return v
+
+
+def nonnegative(value, name):
+    v = scalar(value, name)
+    if not v >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return v
+
+
+def unit_interval(value, name):
+    v = scalar(value, name)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return v
+
+
+def integer(value, name):
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+
+
+def reduction(value):
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
+    return value
+
+
+def weight_vector(w, length, name, dtype):
+    """Optional per-class weights: None, or a float vector of shape ``(length,)``."""
+    if w is None:
+        return None
+    w = float_array(w, name)
+    shape_equal(w, (length,), name, "one weight per class")
+    return np.ascontiguousarray(w, dtype=dtype)
+
+
+def sample_weights(w, shape, name, dtype):
+    """Optional per-sample weights: None, or a float array of exactly ``shape``."""
+    if w is None:
+        return None
+    w = float_array(w, name)
+    shape_equal(w, shape, name, "one weight per sample")
+    return np.ascontiguousarray(w, dtype=dtype).reshape(-1)
+
+
+def grad_buffer(grad_out, shape, dtype):
+    """Checks a caller's ``grad_out``: a writable ndarray of the gradient's shape and dtype."""
+    if not isinstance(grad_out, np.ndarray):
+        raise TypeError(f"grad_out must be a NumPy array on the CPU, got {type(grad_out).__name__}")
+    if grad_out.shape != tuple(shape):
+        raise ValueError(f"grad_out must have shape {tuple(shape)}, got {grad_out.shape}")
+    if grad_out.dtype != dtype:
+        raise TypeError(f"grad_out must have dtype {dtype}, got {grad_out.dtype}")
+    if not grad_out.flags.writeable:
+        raise ValueError("grad_out must be writable")
+    return grad_out

@@ -1,0 +1,67 @@
+"""Row primitives shared by the softmax-based CPU kernels.
+
+Two kinds of functions, compiled with different fast-math licences:
+
+* reductions (``row_max``, ``row_sum``, ``row_dot``) allow ``reassoc``, which
+  LLVM needs to vectorize a float reduction;
+* elementwise passes (``exp_shifted``, ``softcap_row``) do not: ``reassoc``
+  would let LLVM fold away the range reduction inside ``vexp``.
+
+Numba compiles each function separately and calls it (LLVM does not inline
+across them), so the licence of one never leaks into another.  Rows may be
+float16 storage (uint16), float32 or float64; values are read with ``load``
+and computed in the type of the scalar arguments.
+"""
+from numba import njit
+
+from fastloss.cpu._math import load, store, vexp, vtanh
+
+# NumPy's error model (no ZeroDivisionError branches in loops) and FMA
+# contraction; no licence that would stop NaN/inf propagating as in PyTorch.
+KERNEL_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+jit = njit(**KERNEL_OPTIONS)
+reduction_jit = njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc", "nsz"})
+
+
+@reduction_jit
+def row_max(src, ninf):
+    """max(src), ignoring NaN (a NaN still reaches the loss through the sum of exp)."""
+    m = ninf
+    for c in range(src.shape[0]):
+        v = load(src, c)
+        m = v if v > m else m
+    return m
+
+
+@reduction_jit
+def row_sum(src, zero):
+    s = zero
+    for c in range(src.shape[0]):
+        s += load(src, c)
+    return s
+
+
+@reduction_jit
+def row_dot(src, w, zero):
+    """sum(w * src), where a zero weight contributes 0 even against an infinite value
+    (xlogy's convention: no mass on a class, no penalty for it)."""
+    s = zero
+    for c in range(src.shape[0]):
+        wc = w[c]
+        s += zero if wc == 0 else wc * load(src, c)
+    return s
+
+
+@jit
+def exp_shifted(src, m, dst):
+    """dst = exp(src - m); returns sum(dst)."""
+    for c in range(src.shape[0]):
+        store(dst, c, vexp(load(src, c) - m))
+    return row_sum(dst, m - m)
+
+
+@jit
+def softcap_row(x, dst, cap, inv_cap):
+    """dst = cap * tanh(x / cap) (Gemma 2's logit soft-capping)."""
+    for c in range(x.shape[0]):
+        store(dst, c, cap * vtanh(load(x, c) * inv_cap))

@@ -1,0 +1,69 @@
+"""How arrays are handed to the CPU kernels.
+
+Kernels trust their inputs: C-contiguous, float32/float64, or float16 passed
+as its uint16 bit pattern (Numba's CPU target has no float16; ``_math.load``
+and ``_math.store`` convert).  The gradient buffer is the caller's
+``grad_out`` when the kernel can write it directly, else a fresh array that is
+copied into ``grad_out`` afterwards.
+"""
+import numpy as np
+
+_F16 = np.dtype(np.float16)
+_F64 = np.dtype(np.float64)
+
+
+def compute_type(dtype):
+    """float64 math for float64 arrays, float32 math for float32 and float16."""
+    return np.float64 if dtype == _F64 else np.float32
+
+
+def kernel_view(a):
+    """``a`` as the kernels read it: C-contiguous, float16 seen as uint16."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint16) if a.dtype == _F16 else a
+
+
+_EMPTY = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}
+_ONES = {}
+
+
+def no_weights(T, w=None):
+    """``w``, or the empty array by which kernels know that no weights were given."""
+    return _EMPTY[T] if w is None else w
+
+
+def ones(n, T):
+    """A read-only vector of n ones (cached: small calls should not allocate)."""
+    key = (n, T)
+    v = _ONES.get(key)
+    if v is None:
+        if len(_ONES) > 64:
+            _ONES.clear()
+        v = _ONES[key] = np.ones(n, T)
+        v.flags.writeable = False
+    return v
+
+
+def gradient_buffer(grad_out, shape, dtype, inplace_ok, reads):
+    """(array the kernel writes, array returned to the caller).
+
+    The kernel writes ``grad_out`` itself when it is C-contiguous and either
+    is ``inplace_ok`` (the input that the kernel reads element by element
+    before writing the same element) or overlaps none of the inputs.
+    Otherwise it writes a fresh array, and ``finish_gradient`` copies it over.
+    """
+    if grad_out is None:
+        g = np.empty(shape, dtype)
+        return g, g
+    if grad_out.flags.c_contiguous:
+        if grad_out is inplace_ok:
+            return grad_out, grad_out
+        if not any(r is not None and np.may_share_memory(grad_out, r) for r in (inplace_ok,) + reads):
+            return grad_out, grad_out
+    return np.empty(shape, dtype), grad_out
+
+
+def finish_gradient(written, result):
+    if written is not result:
+        np.copyto(result, written)
+    return result

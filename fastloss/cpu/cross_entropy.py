@@ -1,0 +1,222 @@
+r"""Fused softmax cross-entropy kernels (CPU).
+
+Per row, with ``z`` the (optionally soft-capped) logits, ``m = max z``,
+``s = sum_c exp(z_c - m)``, ``lse = m + log s``, ``p = softmax(z)``, class
+weights ``w`` (ones when not given), smoothing ``eps``, z-loss coefficient
+``zc`` and sample weight ``sw``:
+
+integer target ``y``::
+
+    L = sw * [(1-eps) w_y (lse - z_y) + eps/C * sum_c w_c (lse - z_c) + zc lse^2]
+    dL/dz_c = sw * [p_c ((1-eps) w_y + eps/C * sum_k w_k + 2 zc lse)
+                    - (1-eps) w_y [c == y] - eps/C * w_c]
+
+probability target ``t`` (smoothed ``t' = (1-eps) t + eps/C``)::
+
+    L = sw * [sum_c t'_c w_c (lse - z_c) + zc lse^2]
+    dL/dz_c = sw * [p_c (sum_k t'_k w_k + 2 zc lse) - t'_c w_c]
+
+Soft-capping ``z = cap tanh(x / cap)`` multiplies the gradient by
+``dz/dx = 1 - (z / cap)^2``.  The gradient is then multiplied by the
+reduction's scale (1/denominator for "mean").
+
+One row is three passes over memory that stays in L1: max (and the smoothing
+sum), exp-and-sum (keeping ``exp(z - m)`` in a per-task scratch row), and
+the gradient.  Each row reads its logits before it writes its gradient row,
+so the gradient may alias the logits.  ``T`` is the compute type (float32 or float64);
+float16 rows arrive as uint16 storage and are widened on load.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from fastloss._reduction import grad_scale
+from fastloss.cpu._math import load, store
+from fastloss.cpu._rows import (KERNEL_OPTIONS, exp_shifted, jit, reduction_jit, row_dot,
+                                row_max, softcap_row)
+
+
+@jit
+def _grad_pass(src, e, a, b, weight, g, cap, inv_cap):
+    """g_c = (e_c * a - b * w_c) * dz/dx, with e_c = exp(src_c - m); src holds
+    the capped logits when cap > 0."""
+    if cap > 0:
+        one = a - a + 1
+        for c in range(src.shape[0]):
+            zr = load(src, c) * inv_cap
+            store(g, c, (e[c] * a - b * weight[c]) * (one - zr * zr))
+    else:
+        for c in range(src.shape[0]):
+            store(g, c, e[c] * a - b * weight[c])
+
+
+@jit
+def _label_row(src, y, weight, wsum, sw, eps, zcoef, cap, inv_cap, gscale, e, g, grad, T):
+    """Loss of one row with integer target y; writes its gradient when grad."""
+    C = src.shape[0]
+    one = T(1.0)
+    smooth = eps / T(C)
+    m = row_max(src, T(-np.inf))
+    zy = load(src, y)
+    wy = weight[y]
+    sz = row_dot(src, weight, T(0.0)) if eps > 0 else T(0.0)
+    s = exp_shifted(src, m, e)
+    lse = m + T(math.log(s))
+    loss = (one - eps) * wy * (lse - zy)
+    if eps > 0:
+        loss += smooth * (wsum * lse - sz)
+    if zcoef > 0:
+        loss += zcoef * lse * lse
+    if grad:
+        a = gscale * ((one - eps) * wy + smooth * wsum + T(2.0) * zcoef * lse) / s
+        _grad_pass(src, e, a, gscale * smooth, weight, g, cap, inv_cap)
+        fix = gscale * (one - eps) * wy
+        if cap > 0:
+            zr = zy * inv_cap
+            fix *= one - zr * zr
+        store(g, y, load(g, y) - fix)
+    return sw * loss
+
+
+@reduction_jit
+def _target_sums(src, t, weight, keep, smooth):
+    """sum_c t'_c w_c and sum_c t'_c w_c z_c with t' = keep * t + smooth
+    (a class without target mass contributes 0, even at z = -inf)."""
+    zero = smooth - smooth
+    tw_sum = zero
+    twz_sum = zero
+    for c in range(src.shape[0]):
+        tw = (keep * load(t, c) + smooth) * weight[c]
+        tw_sum += tw
+        twz_sum += zero if tw == 0 else tw * load(src, c)
+    return tw_sum, twz_sum
+
+
+@jit
+def _prob_row(src, t, weight, sw, eps, zcoef, cap, inv_cap, gscale, e, g, grad, T):
+    """Loss of one row with probability target t; writes its gradient when grad."""
+    C = src.shape[0]
+    one = T(1.0)
+    smooth = eps / T(C)
+    m = row_max(src, T(-np.inf))
+    tw_sum, twz_sum = _target_sums(src, t, weight, one - eps, smooth)
+    s = exp_shifted(src, m, e)
+    lse = m + T(math.log(s))
+    loss = tw_sum * lse - twz_sum + zcoef * lse * lse
+    if grad:
+        a = gscale * (tw_sum + T(2.0) * zcoef * lse) / s
+        keep = gscale * (one - eps)
+        b = gscale * smooth
+        for c in range(C):
+            d = one
+            if cap > 0:
+                zr = load(src, c) * inv_cap
+                d = one - zr * zr
+            store(g, c, (e[c] * a - (keep * load(t, c) + b) * weight[c]) * d)
+    return sw * loss
+
+
+@jit
+def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef,
+          cap, inv_cap, scale, g, grad, losses, T):
+    """Rows [first, last): integer ``labels`` or ``probs`` (the other is None;
+    Numba prunes the branch of the None one at compile time)."""
+    C = x.shape[1]
+    e = np.empty(C, T)  # exp(z - m) of the current row, kept in L1 for the gradient
+    capped = np.empty(C if cap > 0 else 0, T)  # soft-capped logits of the current row
+    one = T(1.0)
+    for i in range(first, last):
+        gi = g[i if grad else 0]
+        swi = sw[i] if sw.shape[0] > 0 else one
+        if probs is None:
+            y = labels[i]
+            if y == ignore_index:
+                losses[i] = 0
+                if grad:
+                    for c in range(C):
+                        store(gi, c, T(0.0))
+                continue
+            if cap > 0:
+                softcap_row(x[i], capped, cap, inv_cap)
+                losses[i] = _label_row(capped, y, weight, wsum, swi, eps, zcoef, cap, inv_cap,
+                                       swi * scale, e, gi, grad, T)
+            else:
+                losses[i] = _label_row(x[i], y, weight, wsum, swi, eps, zcoef, cap, inv_cap,
+                                       swi * scale, e, gi, grad, T)
+        else:
+            if cap > 0:
+                softcap_row(x[i], capped, cap, inv_cap)
+                losses[i] = _prob_row(capped, probs[i], weight, swi, eps, zcoef, cap, inv_cap,
+                                      swi * scale, e, gi, grad, T)
+            else:
+                losses[i] = _prob_row(x[i], probs[i], weight, swi, eps, zcoef, cap, inv_cap,
+                                      swi * scale, e, gi, grad, T)
+
+
+@jit
+def _denominator(labels, probs, ignore_index, weight, sw):
+    """"mean" denominator: sum of w[y] * sw over rows not ignored (integer targets),
+    sum of sw or the row count (probability targets, as in PyTorch)."""
+    total = 0.0
+    n = labels.shape[0] if probs is None else probs.shape[0]
+    for i in range(n):
+        if probs is None:
+            y = labels[i]
+            if y != ignore_index:
+                total += weight[y] * (sw[i] if sw.shape[0] > 0 else 1.0)
+        else:
+            total += sw[i] if sw.shape[0] > 0 else 1.0
+    return total
+
+
+@jit
+def _finish(losses):
+    total = 0.0
+    for i in range(losses.shape[0]):
+        total += losses[i]
+    return total
+
+
+@njit(parallel=True, **KERNEL_OPTIONS)
+def _rows_parallel(x, labels, probs, weight, sw, ignore_index, params, mean, g, grad, losses):
+    T = losses.dtype.type
+    n, C = x.shape
+    wsum, eps, zcoef, cap = T(params[0]), T(params[1]), T(params[2]), T(params[3])
+    inv_cap = T(1.0) / cap if cap > 0 else T(0.0)
+    denom = _denominator(labels, probs, ignore_index, weight, sw)
+    scale = T(grad_scale(mean, denom))
+    block = max(1, ROW_BLOCK_ELEMENTS // C)
+    for b in prange((n + block - 1) // block):
+        _rows(b * block, min(n, (b + 1) * block), x, labels, probs, weight, wsum, sw,
+              ignore_index, eps, zcoef, cap, inv_cap, scale, g, grad, losses, T)
+    return _finish(losses), denom
+
+
+@jit
+def _rows_serial(x, labels, probs, weight, sw, ignore_index, params, mean, g, grad, losses):
+    T = losses.dtype.type
+    wsum, eps, zcoef, cap = T(params[0]), T(params[1]), T(params[2]), T(params[3])
+    inv_cap = T(1.0) / cap if cap > 0 else T(0.0)
+    denom = _denominator(labels, probs, ignore_index, weight, sw)
+    scale = T(grad_scale(mean, denom))
+    _rows(0, x.shape[0], x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef,
+          cap, inv_cap, scale, g, grad, losses, T)
+    return _finish(losses), denom
+
+
+ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many logits, at least one row
+PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, starting threads costs more than it saves
+
+
+def cross_entropy_rows(x, labels, probs, weight, sw, ignore_index, params, mean, g, grad, losses):
+    """Fill ``losses`` (and ``g`` when ``grad``) for all rows of ``x`` (N, C).
+
+    ``params`` is float64 ``[sum of class weights, label_smoothing, z_loss,
+    softcap or 0]``.  Returns ``(sum of losses, "mean" denominator)``; runs
+    serially when the input is small.
+    """
+    n, C = x.shape
+    parallel = n * C >= PARALLEL_MIN_ELEMENTS and n * C >= 2 * ROW_BLOCK_ELEMENTS
+    run = _rows_parallel if parallel else _rows_serial
+    return run(x, labels, probs, weight, sw, ignore_index, params, mean, g, grad, losses)

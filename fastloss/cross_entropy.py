@@ -1,0 +1,125 @@
+"""Softmax cross-entropy: the public wrapper (validation, dispatch, docstring)."""
+import numpy as np
+
+from fastloss import _validation as check
+from fastloss._dispatch import select_backend
+from fastloss._reduction import reduce
+from fastloss._result import LossGrad
+from fastloss.cpu import _storage
+from fastloss.cpu.cross_entropy import cross_entropy_rows
+
+
+def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_index=-100,
+                          label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
+                          grad=True, grad_out=None, backend="auto"):
+    r"""Softmax cross-entropy and its gradient with respect to the logits, in one pass.
+
+    For a row of logits ``z`` (after ``softcap``), ``p = softmax(z)``,
+    ``lse = logsumexp(z)``, class weights ``w``, smoothing ``eps`` and sample
+    weight ``s``, the per-sample loss is
+
+    .. math::
+
+        \ell = s \Big[(1-\varepsilon)\, w_y (\mathrm{lse} - z_y)
+               + \tfrac{\varepsilon}{C} \sum_c w_c (\mathrm{lse} - z_c)
+               + \lambda_z\, \mathrm{lse}^2\Big]
+
+    for an integer target ``y``, and ``s [sum_c t'_c w_c (lse - z_c) + lambda_z lse^2]``
+    with ``t' = (1-eps) t + eps/C`` for a probability target ``t``.  This is
+    ``torch.nn.functional.cross_entropy`` on ``logits.reshape(-1, C)`` with the
+    same options, plus PaLM's z-loss (Chowdhery et al. 2022) and Gemma 2's
+    soft-capping ``z = softcap * tanh(x / softcap)``.
+
+    Args:
+      logits: float16/32/64 array of shape ``(..., C)``.
+      target: integer class indices of shape ``(...)``, or float probabilities
+        (one-hot or soft labels) of the logits' shape.
+      weight: optional ``(C,)`` class weights.
+      sample_weight: optional weights of shape ``(...)`` multiplying each
+        sample's loss (z-loss included).
+      ignore_index: integer targets equal to it contribute nothing (loss and
+        gradient 0) and are left out of the mean.  Not used with probabilities.
+      label_smoothing: ``eps`` in ``[0, 1]``.
+      z_loss: coefficient ``lambda_z >= 0`` of ``lse**2`` (0 on ignored rows;
+        scaled by the sample weight, not the class weight).
+      softcap: ``None`` or a positive cap applied to the logits first.
+      reduction: ``"mean"`` divides the sum by the sum of the weights that
+        apply: ``w[y] * sample_weight`` over rows not ignored for integer
+        targets; the sample weights (or the row count) for probabilities, as
+        in PyTorch.  ``"sum"``; ``"none"`` gives the per-sample losses of shape
+        ``(...)`` and the gradient of their sum.
+      grad: ``False`` skips the gradient (``grad`` is then ``None``).
+      grad_out: array of the logits' shape and dtype to write the gradient
+        into; may be ``logits`` itself (in-place).
+      backend: ``"auto"`` (where the arrays live, or ``FASTLOSS_BACKEND``),
+        ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+      ``LossGrad(loss, grad)``; ``loss`` has the logits' dtype.
+
+    Choices where PyTorch is silent or surprising: with probability targets a
+    class whose target mass (after smoothing) is 0 contributes 0 even when its
+    logit is ``-inf`` (xlogy's convention; PyTorch gives NaN).  A "mean" over
+    zero total weight is NaN with an all-zero gradient, as in PyTorch.
+
+    Example:
+      >>> import numpy as np, fastloss as fl
+      >>> logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]], np.float32)
+      >>> loss, grad = fl.softmax_cross_entropy(logits, np.array([0, 2]))
+      >>> round(float(loss), 4)
+      0.7271
+      >>> grad.shape
+      (2, 3)
+    """
+    select_backend(backend, logits=logits, target=target, weight=weight,
+                   sample_weight=sample_weight, grad_out=grad_out)
+    logits = check.float_array(logits, "logits")
+    if logits.ndim < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (..., C) with C >= 1, got {logits.shape}")
+    reduction = check.reduction(reduction)
+    eps = check.unit_interval(label_smoothing, "label_smoothing")
+    zcoef = check.nonnegative(z_loss, "z_loss")
+    cap = 0.0 if softcap is None else check.positive(softcap, "softcap")
+    ignore_index = check.integer(ignore_index, "ignore_index")
+    batch_shape, C = logits.shape[:-1], logits.shape[-1]
+    T = _storage.compute_type(logits.dtype)
+    weight = check.weight_vector(weight, C, "weight", T)
+    sw = check.sample_weights(sample_weight, batch_shape, "sample_weight", T)
+    target = np.asarray(target)
+    labels = probs = None
+    if target.dtype.kind in "iu":
+        labels = check.label_array(target, "target")
+        check.shape_equal(labels, batch_shape, "target", "integer class indices, one per row of logits")
+        check.labels_in_range(labels, C, "target", ignore_index)
+    elif target.dtype.kind == "f":
+        probs = check.float_array(target, "target")
+        check.shape_equal(probs, logits.shape, "target", "probabilities of the logits' shape")
+    else:
+        raise TypeError(f"target must hold integer class indices or float probabilities, got dtype {target.dtype}")
+    if grad and grad_out is not None:
+        check.grad_buffer(grad_out, logits.shape, logits.dtype)
+
+    n = logits.size // C
+    x = _storage.kernel_view(logits).reshape(n, C)
+    params = np.array([C if weight is None else np.sum(weight, dtype=np.float64),
+                       eps, zcoef, cap])
+    if weight is None:
+        weight = _storage.ones(C, T)
+    if labels is not None:
+        labels = np.ascontiguousarray(labels).reshape(n)
+    else:
+        probs = _storage.kernel_view(probs.astype(logits.dtype, copy=False)).reshape(n, C)
+    if grad:
+        g, result = _storage.gradient_buffer(grad_out, logits.shape, logits.dtype,
+                                             inplace_ok=logits, reads=(probs,))
+        g_kernel = _storage.kernel_view(g).reshape(n, C)
+    else:
+        g_kernel = np.empty((1, C), x.dtype)
+    losses = np.empty(n, T)
+    total, denom = cross_entropy_rows(x, labels, probs, weight, _storage.no_weights(T, sw),
+                                      ignore_index, params, reduction == "mean", g_kernel, grad,
+                                      losses)
+    loss = reduce(losses, total, reduction, denom, batch_shape, logits.dtype)
+    if not grad:
+        return LossGrad(loss, None)
+    return LossGrad(loss, _storage.finish_gradient(g, result))
