@@ -7,10 +7,15 @@ compiled on first use and cached on disk.
 from fastloss._dispatch import backend_of
 from fastloss._result import LossGrad
 from fastloss.cross_entropy import softmax_cross_entropy
+from fastloss.focal import focal_loss, sigmoid_focal_loss
+from fastloss.huber import huber_loss
 
 __all__ = [
     "LossGrad",
     "backend_of",
+    "focal_loss",
+    "huber_loss",
+    "sigmoid_focal_loss",
     "softmax_cross_entropy",
 ]
 __version__ = "0.1.0"

@@ -131,3 +131,27 @@ def grad_buffer(grad_out, shape, dtype):
     if not grad_out.flags.writeable:
         raise ValueError("grad_out must be writable")
     return grad_out
+
+
+def class_target(target, logits_shape, ignore_index):
+    """``(labels, None)`` for integer class indices of shape ``logits_shape[:-1]``,
+    checked against ``[0, C)``; ``(None, probs)`` for float probabilities of
+    ``logits_shape``."""
+    target = np.asarray(target)
+    if target.dtype.kind in "iu":
+        labels = label_array(target, "target")
+        shape_equal(labels, logits_shape[:-1], "target", "integer class indices, one per row of logits")
+        labels_in_range(labels, logits_shape[-1], "target", ignore_index)
+        return labels, None
+    if target.dtype.kind == "f":
+        shape_equal(target, logits_shape, "target", "probabilities of the logits' shape")
+        return None, target
+    raise TypeError(f"target must hold integer class indices or float probabilities, got dtype {target.dtype}")
+
+
+def class_logits(logits):
+    """Logits of shape ``(..., C)`` with ``C >= 1``."""
+    logits = float_array(logits, "logits")
+    if logits.ndim < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (..., C) with C >= 1, got {logits.shape}")
+    return logits

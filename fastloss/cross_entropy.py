@@ -66,16 +66,14 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
       >>> import numpy as np, fastloss as fl
       >>> logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]], np.float32)
       >>> loss, grad = fl.softmax_cross_entropy(logits, np.array([0, 2]))
-      >>> round(float(loss), 4)
-      0.7271
+      >>> round(float(loss), 2)
+      0.67
       >>> grad.shape
       (2, 3)
     """
     select_backend(backend, logits=logits, target=target, weight=weight,
                    sample_weight=sample_weight, grad_out=grad_out)
-    logits = check.float_array(logits, "logits")
-    if logits.ndim < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must have shape (..., C) with C >= 1, got {logits.shape}")
+    logits = check.class_logits(logits)
     reduction = check.reduction(reduction)
     eps = check.unit_interval(label_smoothing, "label_smoothing")
     zcoef = check.nonnegative(z_loss, "z_loss")
@@ -85,17 +83,7 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
     T = _storage.compute_type(logits.dtype)
     weight = check.weight_vector(weight, C, "weight", T)
     sw = check.sample_weights(sample_weight, batch_shape, "sample_weight", T)
-    target = np.asarray(target)
-    labels = probs = None
-    if target.dtype.kind in "iu":
-        labels = check.label_array(target, "target")
-        check.shape_equal(labels, batch_shape, "target", "integer class indices, one per row of logits")
-        check.labels_in_range(labels, C, "target", ignore_index)
-    elif target.dtype.kind == "f":
-        probs = check.float_array(target, "target")
-        check.shape_equal(probs, logits.shape, "target", "probabilities of the logits' shape")
-    else:
-        raise TypeError(f"target must hold integer class indices or float probabilities, got dtype {target.dtype}")
+    labels, probs = check.class_target(target, logits.shape, ignore_index)
     if grad and grad_out is not None:
         check.grad_buffer(grad_out, logits.shape, logits.dtype)
 
@@ -109,17 +97,10 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
         labels = np.ascontiguousarray(labels).reshape(n)
     else:
         probs = _storage.kernel_view(probs.astype(logits.dtype, copy=False)).reshape(n, C)
-    if grad:
-        g, result = _storage.gradient_buffer(grad_out, logits.shape, logits.dtype,
-                                             inplace_ok=logits, reads=(probs,))
-        g_kernel = _storage.kernel_view(g).reshape(n, C)
-    else:
-        g_kernel = np.empty((1, C), x.dtype)
+    g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n, C), (probs,))
     losses = np.empty(n, T)
     total, denom = cross_entropy_rows(x, labels, probs, weight, _storage.no_weights(T, sw),
                                       ignore_index, params, reduction == "mean", g_kernel, grad,
                                       losses)
     loss = reduce(losses, total, reduction, denom, batch_shape, logits.dtype)
-    if not grad:
-        return LossGrad(loss, None)
-    return LossGrad(loss, _storage.finish_gradient(g, result))
+    return LossGrad(loss, _storage.finish_gradient(written, result) if grad else None)

@@ -65,3 +65,43 @@ def softcap_row(x, dst, cap, inv_cap):
     """dst = cap * tanh(x / cap) (Gemma 2's logit soft-capping)."""
     for c in range(x.shape[0]):
         store(dst, c, cap * vtanh(load(x, c) * inv_cap))
+
+
+@jit
+def softmax_grad_row(src, e, a, b, weight, g, cap, inv_cap):
+    """g_c = (e_c * a - b * w_c) * dz/dx, with e_c = exp(src_c - m); src holds
+    the capped logits when cap > 0."""
+    if cap > 0:
+        one = e.dtype.type(1.0)
+        for c in range(src.shape[0]):
+            zr = load(src, c) * inv_cap
+            store(g, c, (e[c] * a - b * weight[c]) * (one - zr * zr))
+    else:
+        for c in range(src.shape[0]):
+            store(g, c, e[c] * a - b * weight[c])
+
+
+@jit
+def mean_denominator(labels, probs, ignore_index, weight, sw):
+    """"mean" denominator: sum of w[y] * sw over rows not ignored (integer targets),
+    sum of sw or the row count (probability targets, as in PyTorch).  An empty
+    ``weight`` or ``sw`` means all ones."""
+    total = 0.0
+    n = labels.shape[0] if probs is None else probs.shape[0]
+    for i in range(n):
+        if probs is None:
+            y = labels[i]
+            if y != ignore_index:
+                total += (weight[y] if weight.shape[0] > 0 else 1.0) * (sw[i] if sw.shape[0] > 0 else 1.0)
+        else:
+            total += sw[i] if sw.shape[0] > 0 else 1.0
+    return total
+
+
+@jit
+def loss_total(losses):
+    """float64 sum of the per-sample losses, serial: the same bits for any thread count."""
+    total = 0.0
+    for i in range(losses.shape[0]):
+        total += losses[i]
+    return total

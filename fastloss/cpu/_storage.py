@@ -63,6 +63,20 @@ def gradient_buffer(grad_out, shape, dtype, inplace_ok, reads):
     return np.empty(shape, dtype), grad_out
 
 
+def gradient_arrays(grad, grad_out, like, kernel_shape, reads=()):
+    """(gradient buffer in kernel form, array written, array to return).
+
+    With ``grad=False`` the kernel gets a one-row dummy it never writes and
+    the other two are None.  ``like`` (the input the gradient is taken
+    against) may be ``grad_out`` itself: kernels read each element before
+    writing it.
+    """
+    if not grad:
+        return np.empty((1,) + tuple(kernel_shape[1:]), kernel_view(like[:0]).dtype), None, None
+    written, result = gradient_buffer(grad_out, like.shape, like.dtype, like, reads)
+    return kernel_view(written).reshape(kernel_shape), written, result
+
+
 def finish_gradient(written, result):
     if written is not result:
         np.copyto(result, written)

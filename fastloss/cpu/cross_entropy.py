@@ -33,22 +33,8 @@ from numba import njit, prange
 
 from fastloss._reduction import grad_scale
 from fastloss.cpu._math import load, store
-from fastloss.cpu._rows import (KERNEL_OPTIONS, exp_shifted, jit, reduction_jit, row_dot,
-                                row_max, softcap_row)
-
-
-@jit
-def _grad_pass(src, e, a, b, weight, g, cap, inv_cap):
-    """g_c = (e_c * a - b * w_c) * dz/dx, with e_c = exp(src_c - m); src holds
-    the capped logits when cap > 0."""
-    if cap > 0:
-        one = a - a + 1
-        for c in range(src.shape[0]):
-            zr = load(src, c) * inv_cap
-            store(g, c, (e[c] * a - b * weight[c]) * (one - zr * zr))
-    else:
-        for c in range(src.shape[0]):
-            store(g, c, e[c] * a - b * weight[c])
+from fastloss.cpu._rows import (KERNEL_OPTIONS, exp_shifted, jit, loss_total, mean_denominator,
+                                reduction_jit, row_dot, row_max, softcap_row, softmax_grad_row)
 
 
 @jit
@@ -70,7 +56,7 @@ def _label_row(src, y, weight, wsum, sw, eps, zcoef, cap, inv_cap, gscale, e, g,
         loss += zcoef * lse * lse
     if grad:
         a = gscale * ((one - eps) * wy + smooth * wsum + T(2.0) * zcoef * lse) / s
-        _grad_pass(src, e, a, gscale * smooth, weight, g, cap, inv_cap)
+        softmax_grad_row(src, e, a, gscale * smooth, weight, g, cap, inv_cap)
         fix = gscale * (one - eps) * wy
         if cap > 0:
             zr = zy * inv_cap
@@ -154,43 +140,19 @@ def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zc
                                       swi * scale, e, gi, grad, T)
 
 
-@jit
-def _denominator(labels, probs, ignore_index, weight, sw):
-    """"mean" denominator: sum of w[y] * sw over rows not ignored (integer targets),
-    sum of sw or the row count (probability targets, as in PyTorch)."""
-    total = 0.0
-    n = labels.shape[0] if probs is None else probs.shape[0]
-    for i in range(n):
-        if probs is None:
-            y = labels[i]
-            if y != ignore_index:
-                total += weight[y] * (sw[i] if sw.shape[0] > 0 else 1.0)
-        else:
-            total += sw[i] if sw.shape[0] > 0 else 1.0
-    return total
-
-
-@jit
-def _finish(losses):
-    total = 0.0
-    for i in range(losses.shape[0]):
-        total += losses[i]
-    return total
-
-
 @njit(parallel=True, **KERNEL_OPTIONS)
 def _rows_parallel(x, labels, probs, weight, sw, ignore_index, params, mean, g, grad, losses):
     T = losses.dtype.type
     n, C = x.shape
     wsum, eps, zcoef, cap = T(params[0]), T(params[1]), T(params[2]), T(params[3])
     inv_cap = T(1.0) / cap if cap > 0 else T(0.0)
-    denom = _denominator(labels, probs, ignore_index, weight, sw)
+    denom = mean_denominator(labels, probs, ignore_index, weight, sw)
     scale = T(grad_scale(mean, denom))
     block = max(1, ROW_BLOCK_ELEMENTS // C)
     for b in prange((n + block - 1) // block):
         _rows(b * block, min(n, (b + 1) * block), x, labels, probs, weight, wsum, sw,
               ignore_index, eps, zcoef, cap, inv_cap, scale, g, grad, losses, T)
-    return _finish(losses), denom
+    return loss_total(losses), denom
 
 
 @jit
@@ -198,11 +160,11 @@ def _rows_serial(x, labels, probs, weight, sw, ignore_index, params, mean, g, gr
     T = losses.dtype.type
     wsum, eps, zcoef, cap = T(params[0]), T(params[1]), T(params[2]), T(params[3])
     inv_cap = T(1.0) / cap if cap > 0 else T(0.0)
-    denom = _denominator(labels, probs, ignore_index, weight, sw)
+    denom = mean_denominator(labels, probs, ignore_index, weight, sw)
     scale = T(grad_scale(mean, denom))
     _rows(0, x.shape[0], x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef,
           cap, inv_cap, scale, g, grad, losses, T)
-    return _finish(losses), denom
+    return loss_total(losses), denom
 
 
 ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many logits, at least one row

@@ -1,0 +1,239 @@
+r"""Fused focal-loss kernels (CPU): softmax focal (rows) and sigmoid focal (elementwise).
+
+Softmax focal, per row with ``p = softmax(z)``, ``alpha`` per class, sample
+weight ``sw`` and, for class ``c``,
+``F_c = (1-p_c)^g - g p_c (1-p_c)^(g-1) log p_c``::
+
+    integer target y:  L = -sw alpha_y (1-p_y)^g log p_y
+                       dL/dz_k = sw alpha_y F_y (p_k - [k == y])
+    probabilities t:   L = -sw sum_c t_c alpha_c (1-p_c)^g log p_c
+                       dL/dz_k = sw (p_k sum_c t_c alpha_c F_c - t_k alpha_k F_k)
+
+Everything runs in log space: ``(1-p)^g = exp(g log(1-p))`` and
+``p (1-p)^(g-1) (-log p) = p exp((g-1) log(1-p) + log(-log p))``, which tends
+to 0 as p -> 1 for every ``g > 0``; where ``1-p`` or ``log p`` is exactly 0 the
+term is 0 (its limit), so ``0 < g < 1`` and saturated logits give finite
+gradients.  For an integer target ``1-p_y`` is computed as
+``sum_{k != y} e_k / s`` and ``log p_y`` as ``-log1p(sum_{k != y} e_k / e_y)``
+when ``p_y >= 1/2``: both keep their relative precision as ``p_y -> 1``.
+
+Sigmoid focal (torchvision's RetinaNet loss), per element with ``p = sigmoid(x)``,
+``u = 1 - p_t = p (1-t) + (1-p) t``, ``ce = softplus(x) - t x`` and
+``alpha_t = alpha t + (1-alpha)(1-t)`` (1 when ``alpha < 0``)::
+
+    L = alpha_t u^g ce
+    dL/dx = alpha_t [(p - t) u^g + g (1-2t) ce u^(g-1) p (1-p)]
+
+with ``log u = logaddexp(log p + log(1-t), log(1-p) + log t)`` and
+``log p = -softplus(-x)``, ``log(1-p) = -softplus(x)`` from one
+``log1p(exp(-|x|))``, so nothing overflows at saturated logits.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from fastloss._reduction import grad_scale
+from fastloss.cpu._math import load, store, vexp, vlog, vlog1p
+from fastloss.cpu._rows import (KERNEL_OPTIONS, exp_shifted, jit, loss_total, mean_denominator,
+                                row_max, row_sum, softmax_grad_row)
+
+
+@jit
+def _label_row(src, y, alpha, gamma, gscale, e, g, grad, T):
+    """-alpha_y (1-p_y)^gamma log p_y for one row; writes the gradient when grad."""
+    m = row_max(src, T(-np.inf))
+    s = float(exp_shifted(src, m, e))
+    ey = float(e[y])
+    rest = max(s - ey, 0.0)  # sum of exp over the other classes
+    if ey >= rest:
+        nlp = math.log1p(rest / ey)  # -log p_y, precise as p_y -> 1
+    else:
+        nlp = math.log(s) - (float(load(src, y)) - float(m))
+    l1mp = math.log(rest) - math.log(s) if rest > 0 else -math.inf  # log(1 - p_y)
+    pw = 1.0 if gamma == 0 else math.exp(gamma * l1mp)  # (1 - p_y)^gamma
+    loss = float(alpha[y]) * pw * nlp
+    if grad:
+        p = ey / s
+        t2 = 0.0
+        if gamma > 0 and rest > 0 and nlp > 0:
+            t2 = gamma * p * math.exp((gamma - 1.0) * l1mp + math.log(nlp))
+        c = gscale * float(alpha[y]) * (pw + t2)
+        softmax_grad_row(src, e, T(c / s), T(0.0), alpha, g, T(0.0), T(0.0))
+        store(g, y, load(g, y) - T(c))
+    return loss
+
+
+@jit
+def _focal_terms(src, t, alpha, gamma, m, log_s, inv_s, e, f, losses):
+    """Per class: e_c <- p_c, f_c <- t_c alpha_c F_c, losses_c <- t_c alpha_c (1-p_c)^g (-log p_c).
+
+    A class without target mass contributes 0 (even at p_c = 0)."""
+    one = inv_s - inv_s + e.dtype.type(1.0)
+    zero = one - one
+    for c in range(src.shape[0]):
+        p = e[c] * inv_s
+        nlp = log_s - (load(src, c) - m)
+        l1mp = vlog1p(-p)
+        pw = one if gamma == 0 else vexp(gamma * l1mp)
+        t2 = gamma * p * vexp((gamma - one) * l1mp + vlog(nlp))
+        t2 = zero if (p == one or nlp == zero or gamma == zero) else t2
+        ta = load(t, c) * alpha[c]
+        e[c] = p
+        f[c] = zero if ta == zero else ta * (pw + t2)
+        losses[c] = zero if ta == zero else ta * pw * nlp
+
+
+@jit
+def _prob_row(src, t, alpha, gamma, gscale, e, f, terms, g, grad, T):
+    m = row_max(src, T(-np.inf))
+    s = exp_shifted(src, m, e)
+    _focal_terms(src, t, alpha, T(gamma), m, T(math.log(s)), T(1.0) / s, e, f, terms)
+    loss = row_sum(terms, T(0.0))
+    if grad:
+        q = row_sum(f, T(0.0))
+        a = T(gscale) * q
+        b = T(gscale)
+        for c in range(src.shape[0]):
+            store(g, c, e[c] * a - b * f[c])
+    return loss
+
+
+@jit
+def _rows(first, last, x, labels, probs, alpha, sw, ignore_index, gamma, scale, g, grad, losses):
+    T = losses.dtype.type
+    C = x.shape[1]
+    e = np.empty(C, T)
+    f = np.empty(0 if probs is None else C, T)
+    terms = np.empty(0 if probs is None else C, T)
+    for i in range(first, last):
+        gi = g[i if grad else 0]
+        swi = float(sw[i]) if sw.shape[0] > 0 else 1.0
+        if probs is None:
+            y = labels[i]
+            if y == ignore_index:
+                losses[i] = 0
+                if grad:
+                    for c in range(C):
+                        store(gi, c, T(0.0))
+                continue
+            losses[i] = swi * _label_row(x[i], y, alpha, gamma, swi * scale, e, gi, grad, T)
+        else:
+            losses[i] = swi * _prob_row(x[i], probs[i], alpha, gamma, swi * scale, e, f, terms,
+                                        gi, grad, T)
+
+
+@njit(parallel=True, **KERNEL_OPTIONS)
+def _focal_parallel(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses):
+    n, C = x.shape
+    denom = mean_denominator(labels, probs, ignore_index, alpha[:0], sw)
+    scale = grad_scale(mean, denom)
+    block = max(1, ROW_BLOCK_ELEMENTS // C)
+    for b in prange((n + block - 1) // block):
+        _rows(b * block, min(n, (b + 1) * block), x, labels, probs, alpha, sw, ignore_index,
+              gamma, scale, g, grad, losses)
+    return loss_total(losses), denom
+
+
+@jit
+def _focal_serial(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses):
+    denom = mean_denominator(labels, probs, ignore_index, alpha[:0], sw)
+    _rows(0, x.shape[0], x, labels, probs, alpha, sw, ignore_index, gamma,
+          grad_scale(mean, denom), g, grad, losses)
+    return loss_total(losses), denom
+
+
+ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many logits, at least one row
+PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, starting threads costs more than it saves
+
+
+def focal_rows(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses):
+    """Fill ``losses`` (and ``g``) for all rows of ``x`` (N, C); returns
+    ``(sum of losses, "mean" denominator)``.  ``alpha`` is a (C,) vector."""
+    n, C = x.shape
+    parallel = n * C >= PARALLEL_MIN_ELEMENTS and n * C >= 2 * ROW_BLOCK_ELEMENTS
+    run = _focal_parallel if parallel else _focal_serial
+    return run(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses)
+
+
+# ---------------------------------------------------------------- sigmoid focal
+
+
+@jit
+def _sigmoid_focal_chunk(x, t, alpha, gamma, scale, g, grad, out):
+    """out_i = loss of element i; g_i = scale * dloss/dx_i (see module docstring)."""
+    T = out.dtype.type
+    one = T(1.0)
+    zero = T(0.0)
+    ninf = T(-np.inf)
+    use_alpha = alpha >= 0
+    for i in range(x.shape[0]):
+        xi = load(x, i)
+        ti = load(t, i)
+        a = abs(xi)
+        ea = vexp(-a)
+        l1pe = vlog1p(ea)
+        sp_pos = (xi if xi > zero else zero) + l1pe  # softplus(x)  = -log(1-p)
+        sp_neg = (zero if xi > zero else -xi) + l1pe  # softplus(-x) = -log p
+        p = one / (one + ea)
+        p = p if xi >= zero else ea * p
+        ce = (one - ti) * sp_pos + ti * sp_neg
+        la = vlog1p(-ti) - sp_neg
+        lb = vlog(ti) - sp_pos
+        hi = la if la > lb else lb
+        lo = lb if la > lb else la
+        lu = hi + vlog1p(vexp(lo - hi))  # log(1 - p_t)
+        lu = ninf if hi == ninf else lu
+        pw = one if gamma == zero else vexp(gamma * lu)
+        at = alpha * ti + (one - alpha) * (one - ti) if use_alpha else one
+        out[i] = at * pw * ce
+        if grad:
+            t2 = gamma * (one - ti - ti) * ce * vexp((gamma - one) * lu - sp_neg - sp_pos)
+            t2 = zero if (ce == zero or gamma == zero) else t2
+            store(g, i, scale * at * ((p - ti) * pw + t2))
+
+
+@jit
+def _sigmoid_focal_chunks(first, last, x, t, params, g, grad, losses, chunk_sums):
+    """Chunks [first, last) of ELEMENT_CHUNK elements; chunk_sums[b] = float64 sum of
+    chunk b's losses, which are also kept in ``losses`` when it has one per element."""
+    T = losses.dtype.type
+    alpha, gamma, scale = T(params[0]), T(params[1]), T(params[2])
+    n = x.shape[0]
+    per_element = losses.shape[0] == n
+    scratch = np.empty(0 if per_element else ELEMENT_CHUNK, losses.dtype)
+    for b in range(first, last):
+        lo = b * ELEMENT_CHUNK
+        hi = min(n, lo + ELEMENT_CHUNK)
+        out = losses[lo:hi] if per_element else scratch[:hi - lo]
+        _sigmoid_focal_chunk(x[lo:hi], t[lo:hi], alpha, gamma, scale,
+                             g[lo:hi] if grad else g, grad, out)
+        chunk_sums[b] = row_sum(out, 0.0)
+
+
+@njit(parallel=True, **KERNEL_OPTIONS)
+def _sigmoid_focal_parallel(x, t, params, g, grad, losses, chunk_sums):
+    for b in prange(chunk_sums.shape[0]):
+        _sigmoid_focal_chunks(b, b + 1, x, t, params, g, grad, losses, chunk_sums)
+    return loss_total(chunk_sums)
+
+
+@jit
+def _sigmoid_focal_serial(x, t, params, g, grad, losses, chunk_sums):
+    _sigmoid_focal_chunks(0, chunk_sums.shape[0], x, t, params, g, grad, losses, chunk_sums)
+    return loss_total(chunk_sums)
+
+
+ELEMENT_CHUNK = 8192  # elements per parallel task of the elementwise kernels
+
+
+def sigmoid_focal_elements(x, t, alpha, gamma, scale, g, grad, losses):
+    """Loss (and gradient) of every element of the flat arrays ``x``, ``t``.
+
+    ``losses`` has one slot per element ("none") or none at all; returns the
+    float64 sum of the losses.
+    """
+    n = x.shape[0]
+    chunk_sums = np.empty(-(-n // ELEMENT_CHUNK), np.float64)
+    run = _sigmoid_focal_parallel if n >= PARALLEL_MIN_ELEMENTS else _sigmoid_focal_serial
+    return run(x, t, np.array([alpha, gamma, scale]), g, grad, losses, chunk_sums)

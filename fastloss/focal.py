@@ -1,0 +1,143 @@
+"""Focal losses: softmax (multi-class) and sigmoid (RetinaNet) public wrappers."""
+import numpy as np
+
+from fastloss import _validation as check
+from fastloss._dispatch import select_backend
+from fastloss._reduction import grad_scale, reduce
+from fastloss._result import LossGrad
+from fastloss.cpu import _storage
+from fastloss.cpu.focal import focal_rows, sigmoid_focal_elements
+
+
+def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ignore_index=-100,
+               reduction="mean", grad=True, grad_out=None, backend="auto"):
+    r"""Multi-class softmax focal loss and its gradient w.r.t. the logits, in one pass.
+
+    .. math::
+
+        \ell = -s\, \alpha_y (1 - p_y)^\gamma \log p_y, \qquad p = \mathrm{softmax}(z)
+
+    for an integer target ``y`` (Lin et al. 2017, "Focal Loss for Dense Object
+    Detection", applied to a softmax), and
+    ``-s sum_c t_c alpha_c (1 - p_c)^gamma log p_c`` for probability targets
+    ``t``.  The modulating factor is computed in log space, so gradients stay
+    finite for ``0 < gamma < 1`` and saturated logits.  ``gamma=0`` with
+    ``alpha=None`` equals :func:`softmax_cross_entropy` with the same options.
+
+    Args:
+      logits: float16/32/64 array of shape ``(..., C)``.
+      target: integer class indices of shape ``(...)`` or float probabilities
+        of the logits' shape.
+      gamma: focusing parameter, ``>= 0``.
+      alpha: ``None`` (1), a scalar applied to every class, or a ``(C,)`` array
+        of per-class factors.  Unlike cross entropy's ``weight`` it does not
+        enter the ``"mean"`` denominator.
+      sample_weight: optional weights of shape ``(...)``.
+      ignore_index: integer targets equal to it contribute nothing.
+      reduction: ``"mean"`` divides by the number of rows not ignored (or the
+        sum of their sample weights; for probability targets, all rows);
+        ``"sum"``; ``"none"`` (per-sample losses, gradient of their sum).
+      grad, grad_out, backend: as in :func:`softmax_cross_entropy`;
+        ``grad_out=logits`` works in place.
+
+    Returns:
+      ``LossGrad(loss, grad)``.
+
+    With probability targets, a class with zero target mass contributes 0
+    (even when its probability is 0).
+
+    Example:
+      >>> import numpy as np, fastloss as fl
+      >>> logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]], np.float32)
+      >>> loss, grad = fl.focal_loss(logits, np.array([0, 2]), gamma=2.0)
+      >>> round(float(loss), 4)
+      0.2497
+    """
+    select_backend(backend, logits=logits, target=target, alpha=alpha,
+                   sample_weight=sample_weight, grad_out=grad_out)
+    logits = check.class_logits(logits)
+    reduction = check.reduction(reduction)
+    gamma = check.nonnegative(gamma, "gamma")
+    ignore_index = check.integer(ignore_index, "ignore_index")
+    batch_shape, C = logits.shape[:-1], logits.shape[-1]
+    T = _storage.compute_type(logits.dtype)
+    if alpha is None:
+        alpha = _storage.ones(C, T)
+    elif np.ndim(alpha) == 0:
+        alpha = np.full(C, check.scalar(alpha, "alpha"), T)
+    else:
+        alpha = check.weight_vector(alpha, C, "alpha", T)
+    sw = check.sample_weights(sample_weight, batch_shape, "sample_weight", T)
+    labels, probs = check.class_target(target, logits.shape, ignore_index)
+    if grad and grad_out is not None:
+        check.grad_buffer(grad_out, logits.shape, logits.dtype)
+
+    n = logits.size // C
+    x = _storage.kernel_view(logits).reshape(n, C)
+    if labels is not None:
+        labels = np.ascontiguousarray(labels).reshape(n)
+    else:
+        probs = _storage.kernel_view(probs.astype(logits.dtype, copy=False)).reshape(n, C)
+    g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n, C), (probs,))
+    losses = np.empty(n, T)
+    total, denom = focal_rows(x, labels, probs, alpha, _storage.no_weights(T, sw), ignore_index,
+                              gamma, reduction == "mean", g_kernel, grad, losses)
+    loss = reduce(losses, total, reduction, denom, batch_shape, logits.dtype)
+    return LossGrad(loss, _storage.finish_gradient(written, result) if grad else None)
+
+
+def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mean", grad=True,
+                       grad_out=None, backend="auto"):
+    r"""Sigmoid focal loss (RetinaNet) and its gradient w.r.t. the logits, in one pass.
+
+    .. math::
+
+        \ell = \alpha_t (1 - p_t)^\gamma\, \mathrm{BCE}(x, t), \quad
+        p_t = p t + (1-p)(1-t), \quad \alpha_t = \alpha t + (1-\alpha)(1-t)
+
+    elementwise with ``p = sigmoid(x)``, equal to
+    ``torchvision.ops.sigmoid_focal_loss`` (Lin et al. 2017).  ``alpha < 0``
+    disables the alpha weighting, as there.  Computed in log space, so the
+    gradient stays finite at saturated logits for any ``gamma >= 0`` (where
+    torchvision returns NaN).
+
+    Args:
+      logits: float16/32/64 array, any shape.
+      targets: array of the logits' shape with values in ``[0, 1]`` (float;
+        bool or integer 0/1 labels are converted to the logits' dtype).
+      alpha: balance factor; ``< 0`` for none.
+      gamma: focusing parameter, ``>= 0``.
+      reduction: ``"mean"`` over all elements, ``"sum"``, or ``"none"``
+        (per-element losses of the logits' shape).
+      grad, grad_out, backend: as in :func:`softmax_cross_entropy`.
+
+    Example:
+      >>> import numpy as np, fastloss as fl
+      >>> x = np.array([[3.0, -1.0], [0.5, -4.0]], np.float32)
+      >>> t = np.array([[1.0, 0.0], [0.0, 0.0]], np.float32)
+      >>> loss, grad = fl.sigmoid_focal_loss(x, t)
+      >>> round(float(loss), 4)
+      0.075
+    """
+    select_backend(backend, logits=logits, targets=targets, grad_out=grad_out)
+    logits = check.float_array(logits, "logits")
+    reduction = check.reduction(reduction)
+    alpha = check.scalar(alpha, "alpha")
+    gamma = check.nonnegative(gamma, "gamma")
+    targets = np.asarray(targets)
+    if targets.dtype.kind not in "fiub":
+        raise TypeError(f"targets must be float (or 0/1 integer or bool) labels, got dtype {targets.dtype}")
+    check.shape_equal(targets, logits.shape, "targets", "the logits' shape")
+    if grad and grad_out is not None:
+        check.grad_buffer(grad_out, logits.shape, logits.dtype)
+
+    T = _storage.compute_type(logits.dtype)
+    n = logits.size
+    x = _storage.kernel_view(logits).reshape(n)
+    t = _storage.kernel_view(targets.astype(logits.dtype, copy=False)).reshape(n)
+    g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n,), (targets,))
+    losses = np.empty(n if reduction == "none" else 0, T)
+    total = sigmoid_focal_elements(x, t, alpha, gamma, grad_scale(reduction == "mean", n),
+                                   g_kernel, grad, losses)
+    loss = reduce(losses, total, reduction, n, logits.shape, logits.dtype)
+    return LossGrad(loss, _storage.finish_gradient(written, result) if grad else None)

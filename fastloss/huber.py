@@ -1,0 +1,100 @@
+"""Huber loss: the public wrapper."""
+import math
+
+import numpy as np
+
+from fastloss import _validation as check
+from fastloss._dispatch import select_backend
+from fastloss._reduction import grad_scale, reduce
+from fastloss._result import LossGrad
+from fastloss.cpu import _storage
+from fastloss.cpu.huber import huber_elements
+
+
+def _compact_weights(sw, shape, T):
+    """Sample weights broadcast against ``shape``, as ``(weights, inner, period)``:
+    element i (C order) has weight ``weights[(i // inner) % period]``.
+
+    Weights that vary only along leading axes become one weight per run of
+    ``inner`` elements; weights that vary only along trailing axes cycle with
+    ``inner = 1``; anything else is broadcast in full (the only case that
+    allocates an array of the input's size).
+    """
+    b = np.broadcast_to(sw, shape)
+    nd = len(shape)
+    lead = 0  # leading axes along which the weights are constant
+    while lead < nd and b.strides[lead] == 0:
+        lead += 1
+    trail = nd  # axes [trail:] along which the weights are constant
+    while trail > 0 and b.strides[trail - 1] == 0:
+        trail -= 1
+    if trail < nd or lead == 0:
+        varying = np.ascontiguousarray(b[(slice(None),) * trail + (0,) * (nd - trail)], T)
+        return varying.reshape(-1), math.prod(shape[trail:]), max(varying.size, 1)
+    varying = np.ascontiguousarray(b[(0,) * lead], T)
+    return varying.reshape(-1), 1, max(varying.size, 1)
+
+
+def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean", grad=True,
+               grad_out=None, backend="auto"):
+    r"""Huber loss and its gradient w.r.t. ``input``, in one pass.
+
+    .. math::
+
+        \ell_i = w_i \begin{cases} \tfrac12 r_i^2 & |r_i| \le \delta \\
+                 \delta (|r_i| - \tfrac12 \delta) & \text{otherwise} \end{cases},
+        \qquad r = \text{input} - \text{target}
+
+    equal to ``torch.nn.functional.huber_loss`` (Huber 1964); the gradient is
+    ``w * clip(r, -delta, delta)``.
+
+    Args:
+      input: float16/32/64 array, any shape.
+      target: array of the same shape (converted to ``input``'s dtype).
+      delta: threshold, ``> 0``.
+      sample_weight: optional weights broadcasting against ``input``;
+        ``"mean"`` divides by the sum of the broadcast weights.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-element losses).
+      grad, grad_out, backend: as in :func:`softmax_cross_entropy`;
+        ``grad_out=input`` works in place.
+
+    Example:
+      >>> import numpy as np, fastloss as fl
+      >>> loss, grad = fl.huber_loss(np.array([0.5, 3.0]), np.array([0.0, 0.0]))
+      >>> float(loss), grad.tolist()
+      (1.3125, [0.25, 0.5])
+    """
+    select_backend(backend, input=input, target=target, sample_weight=sample_weight,
+                   grad_out=grad_out)
+    input = check.float_array(input, "input")
+    target = check.float_array(target, "target")
+    check.shape_equal(target, input.shape, "target", "the input's shape")
+    reduction = check.reduction(reduction)
+    delta = check.positive(delta, "delta")
+    T = _storage.compute_type(input.dtype)
+    n = input.size
+    if sample_weight is None:
+        sw, inner, period, denom = _storage.no_weights(T), 1, 1, float(n)
+    else:
+        sample_weight = check.float_array(sample_weight, "sample_weight")
+        try:
+            np.broadcast_shapes(sample_weight.shape, input.shape)
+        except ValueError:
+            raise ValueError(f"sample_weight of shape {sample_weight.shape} does not broadcast "
+                             f"against input of shape {input.shape}") from None
+        if np.broadcast_shapes(sample_weight.shape, input.shape) != input.shape:
+            raise ValueError(f"sample_weight of shape {sample_weight.shape} would broadcast "
+                             f"input of shape {input.shape} to a larger shape")
+        sw, inner, period = _compact_weights(sample_weight, input.shape, T)
+        denom = float(np.sum(sample_weight, dtype=np.float64)) * (n / max(sample_weight.size, 1))
+    if grad and grad_out is not None:
+        check.grad_buffer(grad_out, input.shape, input.dtype)
+
+    x = _storage.kernel_view(input).reshape(n)
+    t = _storage.kernel_view(target.astype(input.dtype, copy=False)).reshape(n)
+    g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, input, (n,), (target, sample_weight))
+    losses = np.empty(n if reduction == "none" else 0, T)
+    total = huber_elements(x, t, sw, inner, period, delta, grad_scale(reduction == "mean", denom),
+                           g_kernel, grad, losses, T)
+    loss = reduce(losses, total, reduction, denom, input.shape, input.dtype)
+    return LossGrad(loss, _storage.finish_gradient(written, result) if grad else None)
