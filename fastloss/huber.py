@@ -20,6 +20,8 @@ def _compact_weights(sw, shape, T):
     ``inner = 1``; anything else is broadcast in full (the only case that
     allocates an array of the input's size).
     """
+    if math.prod(shape) == 0:
+        return _storage.no_weights(T), 1, 1
     b = np.broadcast_to(sw, shape)
     nd = len(shape)
     lead = 0  # leading axes along which the weights are constant

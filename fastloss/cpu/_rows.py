@@ -52,12 +52,28 @@ def row_dot(src, w, zero):
     return s
 
 
+@reduction_jit
+def _sum_and_rest(e, skip):
+    zero = e.dtype.type(0.0)
+    s = zero
+    rest = zero
+    for c in range(e.shape[0]):
+        v = e[c]
+        s += v
+        rest += zero if c == skip else v
+    return s, rest
+
+
 @jit
-def exp_shifted(src, m, dst):
-    """dst = exp(src - m); returns sum(dst)."""
+def exp_shifted(src, m, e, skip):
+    """e = exp(src - m); returns (sum(e), sum of e over the classes other than ``skip``).
+
+    The second sum keeps its relative precision when e[skip] dominates, so
+    ``1 - p_skip = rest / s`` does too (no cancellation in ``1 - p``).
+    """
     for c in range(src.shape[0]):
-        store(dst, c, vexp(load(src, c) - m))
-    return row_sum(dst, m - m)
+        e[c] = vexp(load(src, c) - m)
+    return _sum_and_rest(e, skip)
 
 
 @jit
@@ -86,14 +102,15 @@ def mean_denominator(labels, probs, ignore_index, weight, sw):
     """"mean" denominator: sum of w[y] * sw over rows not ignored (integer targets),
     sum of sw or the row count (probability targets, as in PyTorch).  An empty
     ``weight`` or ``sw`` means all ones."""
+    # One of labels/probs is None: Numba prunes the branch that tests it.
     total = 0.0
-    n = labels.shape[0] if probs is None else probs.shape[0]
-    for i in range(n):
-        if probs is None:
+    if labels is not None:
+        for i in range(labels.shape[0]):
             y = labels[i]
             if y != ignore_index:
                 total += (weight[y] if weight.shape[0] > 0 else 1.0) * (sw[i] if sw.shape[0] > 0 else 1.0)
-        else:
+    if probs is not None:
+        for i in range(probs.shape[0]):
             total += sw[i] if sw.shape[0] > 0 else 1.0
     return total
 

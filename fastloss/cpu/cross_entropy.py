@@ -47,21 +47,26 @@ def _label_row(src, y, weight, wsum, sw, eps, zcoef, cap, inv_cap, gscale, e, g,
     zy = load(src, y)
     wy = weight[y]
     sz = row_dot(src, weight, T(0.0)) if eps > 0 else T(0.0)
-    s = exp_shifted(src, m, e)
+    s, rest = exp_shifted(src, m, e, y)
     lse = m + T(math.log(s))
-    loss = (one - eps) * wy * (lse - zy)
+    ey = e[y]
+    # -log p_y: lse - z_y cancels as p_y -> 1, log1p(rest / e_y) does not
+    nll = T(math.log1p(rest / ey)) if ey >= rest else lse - zy
+    loss = (one - eps) * wy * nll
     if eps > 0:
         loss += smooth * (wsum * lse - sz)
     if zcoef > 0:
         loss += zcoef * lse * lse
     if grad:
-        a = gscale * ((one - eps) * wy + smooth * wsum + T(2.0) * zcoef * lse) / s
+        spread = smooth * wsum + T(2.0) * zcoef * lse  # p_c's factor beyond the target's
+        a = gscale * ((one - eps) * wy + spread) / s
         softmax_grad_row(src, e, a, gscale * smooth, weight, g, cap, inv_cap)
-        fix = gscale * (one - eps) * wy
+        # the target's entry, with (p_y - 1) as -rest/s: no cancellation as p_y -> 1
+        gy = gscale * ((ey / s) * spread - smooth * wy - (one - eps) * wy * (rest / s))
         if cap > 0:
             zr = zy * inv_cap
-            fix *= one - zr * zr
-        store(g, y, load(g, y) - fix)
+            gy *= one - zr * zr
+        store(g, y, gy)
     return sw * loss
 
 
@@ -87,7 +92,7 @@ def _prob_row(src, t, weight, sw, eps, zcoef, cap, inv_cap, gscale, e, g, grad, 
     smooth = eps / T(C)
     m = row_max(src, T(-np.inf))
     tw_sum, twz_sum = _target_sums(src, t, weight, one - eps, smooth)
-    s = exp_shifted(src, m, e)
+    s, _ = exp_shifted(src, m, e, -1)
     lse = m + T(math.log(s))
     loss = tw_sum * lse - twz_sum + zcoef * lse * lse
     if grad:
@@ -107,7 +112,7 @@ def _prob_row(src, t, weight, sw, eps, zcoef, cap, inv_cap, gscale, e, g, grad, 
 def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef,
           cap, inv_cap, scale, g, grad, losses, T):
     """Rows [first, last): integer ``labels`` or ``probs`` (the other is None;
-    Numba prunes the branch of the None one at compile time)."""
+    Numba prunes the branch that tests the None one at compile time)."""
     C = x.shape[1]
     e = np.empty(C, T)  # exp(z - m) of the current row, kept in L1 for the gradient
     capped = np.empty(C if cap > 0 else 0, T)  # soft-capped logits of the current row
@@ -115,7 +120,7 @@ def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zc
     for i in range(first, last):
         gi = g[i if grad else 0]
         swi = sw[i] if sw.shape[0] > 0 else one
-        if probs is None:
+        if labels is not None:
             y = labels[i]
             if y == ignore_index:
                 losses[i] = 0
@@ -130,7 +135,7 @@ def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zc
             else:
                 losses[i] = _label_row(x[i], y, weight, wsum, swi, eps, zcoef, cap, inv_cap,
                                        swi * scale, e, gi, grad, T)
-        else:
+        if probs is not None:
             if cap > 0:
                 softcap_row(x[i], capped, cap, inv_cap)
                 losses[i] = _prob_row(capped, probs[i], weight, swi, eps, zcoef, cap, inv_cap,

@@ -14,7 +14,7 @@ Everything runs in log space: ``(1-p)^g = exp(g log(1-p))`` and
 to 0 as p -> 1 for every ``g > 0``; where ``1-p`` or ``log p`` is exactly 0 the
 term is 0 (its limit), so ``0 < g < 1`` and saturated logits give finite
 gradients.  For an integer target ``1-p_y`` is computed as
-``sum_{k != y} e_k / s`` and ``log p_y`` as ``-log1p(sum_{k != y} e_k / e_y)``
+``sum_{k != y} e_k / s`` (``e = exp(z - max z)``) and ``log p_y`` as ``-log1p(sum_{k != y} e_k / e_y)``
 when ``p_y >= 1/2``: both keep their relative precision as ``p_y -> 1``.
 
 Sigmoid focal (torchvision's RetinaNet loss), per element with ``p = sigmoid(x)``,
@@ -43,9 +43,9 @@ from fastloss.cpu._rows import (KERNEL_OPTIONS, exp_shifted, jit, loss_total, me
 def _label_row(src, y, alpha, gamma, gscale, e, g, grad, T):
     """-alpha_y (1-p_y)^gamma log p_y for one row; writes the gradient when grad."""
     m = row_max(src, T(-np.inf))
-    s = float(exp_shifted(src, m, e))
+    s, rest = exp_shifted(src, m, e, y)
+    s, rest = float(s), float(rest)  # rest: sum of exp over the other classes
     ey = float(e[y])
-    rest = max(s - ey, 0.0)  # sum of exp over the other classes
     if ey >= rest:
         nlp = math.log1p(rest / ey)  # -log p_y, precise as p_y -> 1
     else:
@@ -60,7 +60,7 @@ def _label_row(src, y, alpha, gamma, gscale, e, g, grad, T):
             t2 = gamma * p * math.exp((gamma - 1.0) * l1mp + math.log(nlp))
         c = gscale * float(alpha[y]) * (pw + t2)
         softmax_grad_row(src, e, T(c / s), T(0.0), alpha, g, T(0.0), T(0.0))
-        store(g, y, load(g, y) - T(c))
+        store(g, y, T(-c * rest / s))  # c (p_y - 1) without the cancellation
     return loss
 
 
@@ -87,7 +87,7 @@ def _focal_terms(src, t, alpha, gamma, m, log_s, inv_s, e, f, losses):
 @jit
 def _prob_row(src, t, alpha, gamma, gscale, e, f, terms, g, grad, T):
     m = row_max(src, T(-np.inf))
-    s = exp_shifted(src, m, e)
+    s, _ = exp_shifted(src, m, e, -1)
     _focal_terms(src, t, alpha, T(gamma), m, T(math.log(s)), T(1.0) / s, e, f, terms)
     loss = row_sum(terms, T(0.0))
     if grad:
@@ -109,7 +109,7 @@ def _rows(first, last, x, labels, probs, alpha, sw, ignore_index, gamma, scale, 
     for i in range(first, last):
         gi = g[i if grad else 0]
         swi = float(sw[i]) if sw.shape[0] > 0 else 1.0
-        if probs is None:
+        if labels is not None:
             y = labels[i]
             if y == ignore_index:
                 losses[i] = 0
@@ -118,7 +118,7 @@ def _rows(first, last, x, labels, probs, alpha, sw, ignore_index, gamma, scale, 
                         store(gi, c, T(0.0))
                 continue
             losses[i] = swi * _label_row(x[i], y, alpha, gamma, swi * scale, e, gi, grad, T)
-        else:
+        if probs is not None:
             losses[i] = swi * _prob_row(x[i], probs[i], alpha, gamma, swi * scale, e, f, terms,
                                         gi, grad, T)
 
