@@ -23,9 +23,10 @@ jit = njit(**KERNEL_OPTIONS)
 reduction_jit = njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc", "nsz"})
 
 
-@reduction_jit
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc", "nsz", "nnan"})
 def row_max(src, ninf):
-    """max(src), ignoring NaN (a NaN still reaches the loss through the sum of exp)."""
+    """max(src).  ``nnan`` lets LLVM vectorize the max; whatever it makes of a
+    NaN here, the NaN still reaches the loss through the sum of exp."""
     m = ninf
     for c in range(src.shape[0]):
         v = load(src, c)

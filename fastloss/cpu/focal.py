@@ -24,9 +24,11 @@ Sigmoid focal (torchvision's RetinaNet loss), per element with ``p = sigmoid(x)`
     L = alpha_t u^g ce
     dL/dx = alpha_t [(p - t) u^g + g (1-2t) ce u^(g-1) p (1-p)]
 
-with ``log u = logaddexp(log p + log(1-t), log(1-p) + log t)`` and
-``log p = -softplus(-x)``, ``log(1-p) = -softplus(x)`` from one
-``log1p(exp(-|x|))``, so nothing overflows at saturated logits.
+where ``p``, ``1-p``, ``softplus(x)`` and ``softplus(-x)`` all come from one
+``exp(-|x|)`` without cancellation, ``u`` is a sum of two non-negative terms
+(no cancellation either), ``u^g = exp(g log u)`` and ``u^(g-1) = u^g / u``;
+where ``u`` underflows to 0 the loss and ``ce`` are 0 too, and the second
+term takes its limit, 0, so nothing is NaN at saturated logits.
 """
 import math
 
@@ -160,37 +162,32 @@ def focal_rows(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, 
 
 
 @jit
-def _sigmoid_focal_chunk(x, t, alpha, gamma, scale, g, grad, out):
+def _sigmoid_focal_chunk(x, t, alpha, gamma, scale, g, out):
     """out_i = loss of element i; g_i = scale * dloss/dx_i (see module docstring)."""
     T = out.dtype.type
     one = T(1.0)
     zero = T(0.0)
-    ninf = T(-np.inf)
     use_alpha = alpha >= 0
     for i in range(x.shape[0]):
         xi = load(x, i)
         ti = load(t, i)
-        a = abs(xi)
-        ea = vexp(-a)
+        ea = vexp(-abs(xi))
         l1pe = vlog1p(ea)
         sp_pos = (xi if xi > zero else zero) + l1pe  # softplus(x)  = -log(1-p)
         sp_neg = (zero if xi > zero else -xi) + l1pe  # softplus(-x) = -log p
-        p = one / (one + ea)
-        p = p if xi >= zero else ea * p
+        inv = one / (one + ea)
+        p = inv if xi >= zero else ea * inv  # sigmoid(x)
+        q = ea * inv if xi >= zero else inv  # 1 - sigmoid(x), without cancellation
         ce = (one - ti) * sp_pos + ti * sp_neg
-        la = vlog1p(-ti) - sp_neg
-        lb = vlog(ti) - sp_pos
-        hi = la if la > lb else lb
-        lo = lb if la > lb else la
-        lu = hi + vlog1p(vexp(lo - hi))  # log(1 - p_t)
-        lu = ninf if hi == ninf else lu
-        pw = one if gamma == zero else vexp(gamma * lu)
+        u = p * (one - ti) + q * ti  # 1 - p_t: a sum of two non-negative terms
+        pw = one if gamma == zero else vexp(gamma * vlog(u))  # u**gamma, 0**gamma = 0
         at = alpha * ti + (one - alpha) * (one - ti) if use_alpha else one
         out[i] = at * pw * ce
-        if grad:
-            t2 = gamma * (one - ti - ti) * ce * vexp((gamma - one) * lu - sp_neg - sp_pos)
-            t2 = zero if (ce == zero or gamma == zero) else t2
-            store(g, i, scale * at * ((p - ti) * pw + t2))
+        # d(1 - p_t)/dx = p q (1 - 2t); u**(gamma-1) = pw / u.  u == 0 only where
+        # ce == 0 too (saturated and right), and the term's limit there is 0.
+        t2 = gamma * (one - ti - ti) * ce * (pw / u) * p * q
+        t2 = zero if (ce == zero or u == zero or gamma == zero) else t2
+        store(g, i, scale * at * ((p - ti) * pw + t2))
 
 
 @jit
@@ -202,12 +199,13 @@ def _sigmoid_focal_chunks(first, last, x, t, params, g, grad, losses, chunk_sums
     n = x.shape[0]
     per_element = losses.shape[0] == n
     scratch = np.empty(0 if per_element else ELEMENT_CHUNK, losses.dtype)
+    g_scratch = np.empty(0 if grad else ELEMENT_CHUNK, g.dtype)  # the branch-free loop writes a gradient
     for b in range(first, last):
         lo = b * ELEMENT_CHUNK
         hi = min(n, lo + ELEMENT_CHUNK)
         out = losses[lo:hi] if per_element else scratch[:hi - lo]
         _sigmoid_focal_chunk(x[lo:hi], t[lo:hi], alpha, gamma, scale,
-                             g[lo:hi] if grad else g, grad, out)
+                             g[lo:hi] if grad else g_scratch[:hi - lo], out)
         chunk_sums[b] = row_sum(out, 0.0)
 
 
@@ -224,7 +222,7 @@ def _sigmoid_focal_serial(x, t, params, g, grad, losses, chunk_sums):
     return loss_total(chunk_sums)
 
 
-ELEMENT_CHUNK = 8192  # elements per parallel task of the elementwise kernels
+ELEMENT_CHUNK = 4096  # elements per parallel task; its scratch stays in L1
 
 
 def sigmoid_focal_elements(x, t, alpha, gamma, scale, g, grad, losses):

@@ -9,82 +9,89 @@ With ``r = input - target``, threshold ``delta`` and weight ``w``::
 Sample weights reach the kernel compactly, never broadcast to the input's
 size: element ``i`` has weight ``sw[(i // inner) % period]`` (``inner`` > 1:
 one weight per run of ``inner`` elements; ``inner == 1``: weights cycling
-along the trailing axes).  The kernel walks that index incrementally.
+along the trailing axes).  A chunk is cut into spans along which the weight
+is either one scalar or a contiguous slice of ``sw``, so every inner loop is
+branch-free and vectorizes.
 """
 import numpy as np
 from numba import njit, prange
 
 from fastloss.cpu._math import load, store
-from fastloss.cpu._rows import KERNEL_OPTIONS, loss_total
+from fastloss.cpu._rows import KERNEL_OPTIONS, loss_total, row_sum
 
-# No transcendental functions here, so reassociation is safe and lets LLVM
-# vectorize the loss sum.
+# No transcendental functions here, so reassociation is safe.
 _OPTIONS = dict(KERNEL_OPTIONS, fastmath={"contract", "reassoc", "nsz"})
-ELEMENT_CHUNK = 16384  # elements per parallel task
+ELEMENT_CHUNK = 4096  # elements per parallel task; its scratch stays in L1
 PARALLEL_MIN_ELEMENTS = 1 << 16  # below this, starting threads costs more than it saves
 
 
 @njit(**_OPTIONS)
-def _chunk(lo, hi, x, t, sw, inner, period, delta, scale, g, grad, losses):
-    """Elements [lo, hi); returns the float64 sum of their losses."""
-    T = losses.dtype.type
-    half = T(0.5)
-    per_element = losses.shape[0] > 0
-    total = 0.0
-    if sw.shape[0] == 0:
-        for i in range(lo, hi):
-            r = load(x, i) - load(t, i)
-            a = abs(r)
-            quad = a <= delta
-            loss = half * r * r if quad else delta * (a - half * delta)
-            total += loss
-            if per_element:
-                losses[i] = loss
-            if grad:
-                c = r if quad else (delta if r > 0 else -delta)
-                store(g, i, scale * c)
-    else:
-        k = lo // inner
-        left = inner - (lo - k * inner)  # elements before the weight index moves on
-        k = k % period
-        for i in range(lo, hi):
-            w = sw[k]
-            r = load(x, i) - load(t, i)
-            a = abs(r)
-            quad = a <= delta
-            loss = w * (half * r * r if quad else delta * (a - half * delta))
-            total += loss
-            if per_element:
-                losses[i] = loss
-            if grad:
-                c = r if quad else (delta if r > 0 else -delta)
-                store(g, i, scale * w * c)
-            left -= 1
-            if left == 0:
-                left = inner
-                k += 1
-                if k == period:
-                    k = 0
-    return total
+def _span(x, t, lo, hi, w, delta, gscale, out, gout):
+    """Elements [lo, hi) with one weight ``w``; results from out[0], gout[0] on."""
+    half = out.dtype.type(0.5)
+    for i in range(lo, hi):
+        r = load(x, i) - load(t, i)
+        a = abs(r)
+        quad = a <= delta
+        out[i - lo] = w * (half * r * r if quad else delta * (a - half * delta))
+        store(gout, i - lo, gscale * w * (r if quad else (delta if r > 0 else -delta)))
+
+
+@njit(**_OPTIONS)
+def _span_weights(x, t, lo, hi, sw, k, delta, gscale, out, gout):
+    """Elements [lo, hi) with weights sw[k], sw[k+1], ...; results from out[0], gout[0] on."""
+    half = out.dtype.type(0.5)
+    for i in range(lo, hi):
+        w = sw[k + i - lo]
+        r = load(x, i) - load(t, i)
+        a = abs(r)
+        quad = a <= delta
+        out[i - lo] = w * (half * r * r if quad else delta * (a - half * delta))
+        store(gout, i - lo, gscale * w * (r if quad else (delta if r > 0 else -delta)))
+
+
+@njit(**_OPTIONS)
+def _chunks(first, last, x, t, sw, inner, period, delta, scale, g, grad, losses, chunk_sums):
+    """Chunks [first, last); chunk_sums[b] = float64 sum of chunk b's losses."""
+    n = x.shape[0]
+    per_element = losses.shape[0] == n
+    scratch = np.empty(0 if per_element else ELEMENT_CHUNK, losses.dtype)
+    g_scratch = np.empty(0 if grad else ELEMENT_CHUNK, g.dtype)
+    one = losses.dtype.type(1.0)
+    for b in range(first, last):
+        lo = b * ELEMENT_CHUNK
+        hi = min(n, lo + ELEMENT_CHUNK)
+        out, o = (losses, lo) if per_element else (scratch, 0)
+        gout, go = (g, lo) if grad else (g_scratch, 0)
+        if sw.shape[0] == 0:
+            _span(x, t, lo, hi, one, delta, scale, out[o:], gout[go:])
+        else:
+            i = lo
+            while i < hi:
+                if inner > 1:  # one weight per run of `inner` elements
+                    end = min(hi, (i // inner + 1) * inner)
+                    _span(x, t, i, end, sw[(i // inner) % period], delta, scale,
+                          out[o + i - lo:], gout[go + i - lo:])
+                else:  # weights cycle with `period`
+                    k = i % period
+                    end = min(hi, i + period - k)
+                    _span_weights(x, t, i, end, sw, k, delta, scale,
+                                  out[o + i - lo:], gout[go + i - lo:])
+                i = end
+        chunk_sums[b] = row_sum(out[o:o + hi - lo], 0.0)
 
 
 @njit(parallel=True, **_OPTIONS)
 def _huber_parallel(x, t, sw, inner, period, delta, scale, g, grad, losses, chunk_sums):
-    n = x.shape[0]
     for b in prange(chunk_sums.shape[0]):
-        lo = b * ELEMENT_CHUNK
-        chunk_sums[b] = _chunk(lo, min(n, lo + ELEMENT_CHUNK), x, t, sw, inner, period,
-                               delta, scale, g, grad, losses)
+        _chunks(b, b + 1, x, t, sw, inner, period, delta, scale, g, grad, losses, chunk_sums)
     return loss_total(chunk_sums)
 
 
 @njit(**_OPTIONS)
 def _huber_serial(x, t, sw, inner, period, delta, scale, g, grad, losses, chunk_sums):
-    n = x.shape[0]
-    for b in range(chunk_sums.shape[0]):
-        lo = b * ELEMENT_CHUNK
-        chunk_sums[b] = _chunk(lo, min(n, lo + ELEMENT_CHUNK), x, t, sw, inner, period,
-                               delta, scale, g, grad, losses)
+    _chunks(0, chunk_sums.shape[0], x, t, sw, inner, period, delta, scale, g, grad, losses,
+            chunk_sums)
     return loss_total(chunk_sums)
 
 
