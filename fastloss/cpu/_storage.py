@@ -72,7 +72,8 @@ def gradient_arrays(grad, grad_out, like, kernel_shape, reads=()):
     writing it.
     """
     if not grad:
-        return np.empty((1,) + tuple(kernel_shape[1:]), kernel_view(like[:0]).dtype), None, None
+        storage = np.uint16 if like.dtype == _F16 else like.dtype
+        return np.empty((1,) + tuple(kernel_shape[1:]), storage), None, None
     written, result = gradient_buffer(grad_out, like.shape, like.dtype, like, reads)
     return kernel_view(written).reshape(kernel_shape), written, result
 
