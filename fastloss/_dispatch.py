@@ -63,11 +63,13 @@ def select_backend(backend, **arrays):
     backend; until then asking for them raises ``NotImplementedError``.
     """
     if backend == "auto":
-        backend = os.environ.get("FASTLOSS_BACKEND", "auto") or "auto"
+        backend = os.environ.get("FASTLOSS_BACKEND") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"FASTLOSS_BACKEND must be one of {BACKENDS}, got {backend!r}")
     elif backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "cuda" and all(a is None or type(a) is np.ndarray for a in arrays.values()):
+        return "cpu"  # the common case, decided without naming anything
     where = _devices(arrays.items())
     if backend == "cpu" and where == "cuda":
         name = next(n for n, a in arrays.items() if _device_of(a) == "cuda")

@@ -88,15 +88,11 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
         check.grad_buffer(grad_out, logits.shape, logits.dtype)
 
     n = logits.size // C
-    x = _storage.kernel_view(logits).reshape(n, C)
+    x, labels, probs = _storage.class_rows(logits, labels, probs)
     params = np.array([C if weight is None else np.sum(weight, dtype=np.float64),
                        eps, zcoef, cap])
     if weight is None:
         weight = _storage.ones(C, T)
-    if labels is not None:
-        labels = np.ascontiguousarray(labels).reshape(n)
-    else:
-        probs = _storage.kernel_view(probs.astype(logits.dtype, copy=False)).reshape(n, C)
     g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n, C), (probs,))
     losses = np.empty(n, T)
     total, denom = cross_entropy_rows(x, labels, probs, weight, _storage.no_weights(T, sw),

@@ -73,11 +73,7 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
         check.grad_buffer(grad_out, logits.shape, logits.dtype)
 
     n = logits.size // C
-    x = _storage.kernel_view(logits).reshape(n, C)
-    if labels is not None:
-        labels = np.ascontiguousarray(labels).reshape(n)
-    else:
-        probs = _storage.kernel_view(probs.astype(logits.dtype, copy=False)).reshape(n, C)
+    x, labels, probs = _storage.class_rows(logits, labels, probs)
     g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n, C), (probs,))
     losses = np.empty(n, T)
     total, denom = focal_rows(x, labels, probs, alpha, _storage.no_weights(T, sw), ignore_index,

@@ -123,3 +123,9 @@ def loss_total(losses):
     for i in range(losses.shape[0]):
         total += losses[i]
     return total
+
+
+@jit
+def zero_row(g, zero):
+    for c in range(g.shape[0]):
+        store(g, c, zero)

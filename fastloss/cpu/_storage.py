@@ -23,6 +23,20 @@ def kernel_view(a):
     return a.view(np.uint16) if a.dtype == _F16 else a
 
 
+def class_rows(logits, labels, probs):
+    """Logits ``(..., C)`` as kernel rows ``(N, C)``, with integer ``labels``
+    as ``(N,)`` int64 or probabilities ``probs`` as ``(N, C)`` rows of the
+    logits' dtype (one of the two is None)."""
+    C = logits.shape[-1]
+    n = logits.size // C
+    x = kernel_view(logits).reshape(n, C)
+    if labels is not None:
+        labels = np.ascontiguousarray(labels).reshape(n)
+    else:
+        probs = kernel_view(probs.astype(logits.dtype, copy=False)).reshape(n, C)
+    return x, labels, probs
+
+
 _EMPTY = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}
 _ONES = {}
 

@@ -34,7 +34,8 @@ from numba import njit, prange
 from fastloss._reduction import grad_scale
 from fastloss.cpu._math import load, store
 from fastloss.cpu._rows import (KERNEL_OPTIONS, exp_shifted, jit, loss_total, mean_denominator,
-                                reduction_jit, row_dot, row_max, softcap_row, softmax_grad_row)
+                                reduction_jit, row_dot, row_max, softcap_row, softmax_grad_row,
+                                zero_row)
 
 
 @jit
@@ -125,8 +126,7 @@ def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zc
             if y == ignore_index:
                 losses[i] = 0
                 if grad:
-                    for c in range(C):
-                        store(gi, c, T(0.0))
+                    zero_row(gi, T(0.0))
                 continue
             if cap > 0:
                 softcap_row(x[i], capped, cap, inv_cap)

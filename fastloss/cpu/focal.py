@@ -38,7 +38,7 @@ from numba import njit, prange
 from fastloss._reduction import grad_scale
 from fastloss.cpu._math import load, store, vexp, vlog, vlog1p
 from fastloss.cpu._rows import (KERNEL_OPTIONS, exp_shifted, jit, loss_total, mean_denominator,
-                                row_max, row_sum, softmax_grad_row)
+                                row_max, row_sum, softmax_grad_row, zero_row)
 
 
 @jit
@@ -116,8 +116,7 @@ def _rows(first, last, x, labels, probs, alpha, sw, ignore_index, gamma, scale, 
             if y == ignore_index:
                 losses[i] = 0
                 if grad:
-                    for c in range(C):
-                        store(gi, c, T(0.0))
+                    zero_row(gi, T(0.0))
                 continue
             losses[i] = swi * _label_row(x[i], y, alpha, gamma, swi * scale, e, gi, grad, T)
         if probs is not None:

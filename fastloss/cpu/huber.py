@@ -4,7 +4,7 @@ With ``r = input - target``, threshold ``delta`` and weight ``w``::
 
     L = w * (0.5 r^2              if |r| <= delta
              delta (|r| - delta/2) otherwise)
-    dL/dinput = w * clip(r, -delta, delta)
+    dL/dinput = w * clip(r, -delta, delta)   (NaN stays NaN)
 
 Sample weights reach the kernel compactly, never broadcast to the input's
 size: element ``i`` has weight ``sw[(i // inner) % period]`` (``inner`` > 1:
@@ -34,7 +34,7 @@ def _span(x, t, lo, hi, w, delta, gscale, out, gout):
         a = abs(r)
         quad = a <= delta
         out[i - lo] = w * (half * r * r if quad else delta * (a - half * delta))
-        store(gout, i - lo, gscale * w * (r if quad else (delta if r > 0 else -delta)))
+        store(gout, i - lo, gscale * w * (r if quad else (delta if r > 0 else (-delta if r < 0 else r))))
 
 
 @njit(**_OPTIONS)
@@ -47,7 +47,7 @@ def _span_weights(x, t, lo, hi, sw, k, delta, gscale, out, gout):
         a = abs(r)
         quad = a <= delta
         out[i - lo] = w * (half * r * r if quad else delta * (a - half * delta))
-        store(gout, i - lo, gscale * w * (r if quad else (delta if r > 0 else -delta)))
+        store(gout, i - lo, gscale * w * (r if quad else (delta if r > 0 else (-delta if r < 0 else r))))
 
 
 @njit(**_OPTIONS)
