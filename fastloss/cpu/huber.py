@@ -26,28 +26,32 @@ PARALLEL_MIN_ELEMENTS = 1 << 16  # below this, starting threads costs more than 
 
 
 @njit(**_OPTIONS)
-def _span(x, t, lo, hi, w, delta, gscale, out, gout):
-    """Elements [lo, hi) with one weight ``w``; results from out[0], gout[0] on."""
+def _span(x, t, w, delta, gscale, out, gout):
+    """All elements of x, t with one weight ``w``.
+
+    Callers pass slices, so every index here is a plain ``range`` index that
+    Numba knows to be non-negative (no wrap-around test to stop vectorization).
+    """
     half = out.dtype.type(0.5)
-    for i in range(lo, hi):
+    for i in range(x.shape[0]):
         r = load(x, i) - load(t, i)
         a = abs(r)
         quad = a <= delta
-        out[i - lo] = w * (half * r * r if quad else delta * (a - half * delta))
-        store(gout, i - lo, gscale * w * (r if quad else (delta if r > 0 else (-delta if r < 0 else r))))
+        out[i] = w * (half * r * r if quad else delta * (a - half * delta))
+        store(gout, i, gscale * w * (r if quad else (delta if r > 0 else (-delta if r < 0 else r))))
 
 
 @njit(**_OPTIONS)
-def _span_weights(x, t, lo, hi, sw, k, delta, gscale, out, gout):
-    """Elements [lo, hi) with weights sw[k], sw[k+1], ...; results from out[0], gout[0] on."""
+def _span_weights(x, t, sw, delta, gscale, out, gout):
+    """All elements of x, t with weights sw[0], sw[1], ..."""
     half = out.dtype.type(0.5)
-    for i in range(lo, hi):
-        w = sw[k + i - lo]
+    for i in range(x.shape[0]):
+        w = sw[i]
         r = load(x, i) - load(t, i)
         a = abs(r)
         quad = a <= delta
-        out[i - lo] = w * (half * r * r if quad else delta * (a - half * delta))
-        store(gout, i - lo, gscale * w * (r if quad else (delta if r > 0 else (-delta if r < 0 else r))))
+        out[i] = w * (half * r * r if quad else delta * (a - half * delta))
+        store(gout, i, gscale * w * (r if quad else (delta if r > 0 else (-delta if r < 0 else r))))
 
 
 @njit(**_OPTIONS)
@@ -64,18 +68,18 @@ def _chunks(first, last, x, t, sw, inner, period, delta, scale, g, grad, losses,
         out, o = (losses, lo) if per_element else (scratch, 0)
         gout, go = (g, lo) if grad else (g_scratch, 0)
         if sw.shape[0] == 0:
-            _span(x, t, lo, hi, one, delta, scale, out[o:], gout[go:])
+            _span(x[lo:hi], t[lo:hi], one, delta, scale, out[o:], gout[go:])
         else:
             i = lo
             while i < hi:
                 if inner > 1:  # one weight per run of `inner` elements
                     end = min(hi, (i // inner + 1) * inner)
-                    _span(x, t, i, end, sw[(i // inner) % period], delta, scale,
+                    _span(x[i:end], t[i:end], sw[(i // inner) % period], delta, scale,
                           out[o + i - lo:], gout[go + i - lo:])
                 else:  # weights cycle with `period`
                     k = i % period
                     end = min(hi, i + period - k)
-                    _span_weights(x, t, i, end, sw, k, delta, scale,
+                    _span_weights(x[i:end], t[i:end], sw[k:], delta, scale,
                                   out[o + i - lo:], gout[go + i - lo:])
                 i = end
         chunk_sums[b] = row_sum(out[o:o + hi - lo], 0.0)
