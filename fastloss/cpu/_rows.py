@@ -16,6 +16,15 @@ from numba import njit
 
 from fastloss.cpu._math import load, store, vexp, vtanh
 
+ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many values, at least one row
+PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, starting threads costs more than it saves
+
+
+def use_threads(x):
+    """Whether a kernel over ``x`` should take the parallel path (else the serial one)."""
+    return x.size >= max(PARALLEL_MIN_ELEMENTS, 2 * ROW_BLOCK_ELEMENTS)
+
+
 # NumPy's error model (no ZeroDivisionError branches in loops) and FMA
 # contraction; no licence that would stop NaN/inf propagating as in PyTorch.
 KERNEL_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})

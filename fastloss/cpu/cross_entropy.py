@@ -20,11 +20,12 @@ Soft-capping ``z = cap tanh(x / cap)`` multiplies the gradient by
 ``dz/dx = 1 - (z / cap)^2``.  The gradient is then multiplied by the
 reduction's scale (1/denominator for "mean").
 
-One row is three passes over memory that stays in L1: max (and the smoothing
-sum), exp-and-sum (keeping ``exp(z - m)`` in a per-task scratch row), and
-the gradient.  Each row reads its logits before it writes its gradient row,
-so the gradient may alias the logits.  ``T`` is the compute type (float32 or float64);
-float16 rows arrive as uint16 storage and are widened on load.
+A row is read from memory once and written once; the passes in between run
+on data in L1 (L2 for very wide rows): max (and the smoothing sum), exp into
+a per-task scratch row, its sums, and the gradient.  Each row reads its
+logits before it writes its gradient row, so the gradient may alias the
+logits.  ``T`` is the compute type (float32 or float64); float16 rows arrive
+as uint16 storage and are widened on load.
 """
 import math
 
@@ -33,9 +34,9 @@ from numba import njit, prange
 
 from fastloss._reduction import grad_scale
 from fastloss.cpu._math import load, store
-from fastloss.cpu._rows import (KERNEL_OPTIONS, exp_shifted, jit, loss_total, mean_denominator,
-                                reduction_jit, row_dot, row_max, softcap_row, softmax_grad_row,
-                                zero_row)
+from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted, jit, loss_total,
+                                mean_denominator, reduction_jit, row_dot, row_max, softcap_row,
+                                softmax_grad_row, use_threads, zero_row)
 
 
 @jit
@@ -172,10 +173,6 @@ def _rows_serial(x, labels, probs, weight, sw, ignore_index, params, mean, g, gr
     return loss_total(losses), denom
 
 
-ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many logits, at least one row
-PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, starting threads costs more than it saves
-
-
 def cross_entropy_rows(x, labels, probs, weight, sw, ignore_index, params, mean, g, grad, losses):
     """Fill ``losses`` (and ``g`` when ``grad``) for all rows of ``x`` (N, C).
 
@@ -183,7 +180,5 @@ def cross_entropy_rows(x, labels, probs, weight, sw, ignore_index, params, mean,
     softcap or 0]``.  Returns ``(sum of losses, "mean" denominator)``; runs
     serially when the input is small.
     """
-    n, C = x.shape
-    parallel = n * C >= PARALLEL_MIN_ELEMENTS and n * C >= 2 * ROW_BLOCK_ELEMENTS
-    run = _rows_parallel if parallel else _rows_serial
+    run = _rows_parallel if use_threads(x) else _rows_serial
     return run(x, labels, probs, weight, sw, ignore_index, params, mean, g, grad, losses)

@@ -37,8 +37,9 @@ from numba import njit, prange
 
 from fastloss._reduction import grad_scale
 from fastloss.cpu._math import load, store, vexp, vlog, vlog1p
-from fastloss.cpu._rows import (KERNEL_OPTIONS, exp_shifted, jit, loss_total, mean_denominator,
-                                row_max, row_sum, softmax_grad_row, zero_row)
+from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted, jit, loss_total,
+                                mean_denominator, row_max, row_sum, softmax_grad_row, use_threads,
+                                zero_row)
 
 
 @jit
@@ -144,16 +145,10 @@ def _focal_serial(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, gra
     return loss_total(losses), denom
 
 
-ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many logits, at least one row
-PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, starting threads costs more than it saves
-
-
 def focal_rows(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses):
     """Fill ``losses`` (and ``g``) for all rows of ``x`` (N, C); returns
     ``(sum of losses, "mean" denominator)``.  ``alpha`` is a (C,) vector."""
-    n, C = x.shape
-    parallel = n * C >= PARALLEL_MIN_ELEMENTS and n * C >= 2 * ROW_BLOCK_ELEMENTS
-    run = _focal_parallel if parallel else _focal_serial
+    run = _focal_parallel if use_threads(x) else _focal_serial
     return run(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses)
 
 
@@ -232,5 +227,5 @@ def sigmoid_focal_elements(x, t, alpha, gamma, scale, g, grad, losses):
     """
     n = x.shape[0]
     chunk_sums = np.empty(-(-n // ELEMENT_CHUNK), np.float64)
-    run = _sigmoid_focal_parallel if n >= PARALLEL_MIN_ELEMENTS else _sigmoid_focal_serial
+    run = _sigmoid_focal_parallel if use_threads(x) else _sigmoid_focal_serial
     return run(x, t, np.array([alpha, gamma, scale]), g, grad, losses, chunk_sums)

@@ -17,12 +17,11 @@ import numpy as np
 from numba import njit, prange
 
 from fastloss.cpu._math import load, store
-from fastloss.cpu._rows import KERNEL_OPTIONS, loss_total, row_sum
+from fastloss.cpu._rows import KERNEL_OPTIONS, loss_total, row_sum, use_threads
 
 # No transcendental functions here, so reassociation is safe.
 _OPTIONS = dict(KERNEL_OPTIONS, fastmath={"contract", "reassoc", "nsz"})
 ELEMENT_CHUNK = 4096  # elements per parallel task; its scratch stays in L1
-PARALLEL_MIN_ELEMENTS = 1 << 16  # below this, starting threads costs more than it saves
 
 
 @njit(**_OPTIONS)
@@ -107,5 +106,5 @@ def huber_elements(x, t, sw, inner, period, delta, scale, g, grad, losses, T):
     """
     n = x.shape[0]
     chunk_sums = np.empty(-(-n // ELEMENT_CHUNK), np.float64)
-    run = _huber_parallel if n >= PARALLEL_MIN_ELEMENTS else _huber_serial
+    run = _huber_parallel if use_threads(x) else _huber_serial
     return run(x, t, sw, inner, period, T(delta), T(scale), g, grad, losses, chunk_sums)
