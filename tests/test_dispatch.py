@@ -1,0 +1,119 @@
+"""The dispatcher: backend_of, backend=, FASTLOSS_BACKEND, and arrays on two devices.
+
+No GPU is needed: a stand-in object exposing ``__cuda_array_interface__`` is
+all the dispatcher looks at, and it must never be read (the CUDA kernels
+arrive with the GPU backend).
+"""
+import numpy as np
+import pytest
+
+import fastloss as fl
+
+
+class FakeCudaArray:
+    """Looks like a CUDA array to the dispatcher; fails loudly if anything reads it."""
+
+    def __init__(self, shape, dtype=np.float32):
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (0, False), "version": 3}
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the dispatcher must not copy a CUDA array to the host")
+
+
+class FakeSimulatorArray:
+    """Numba's CUDA simulator arrays carry __cuda_ndarray__ instead of the interface."""
+
+    __cuda_ndarray__ = True
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the dispatcher must not copy a CUDA array to the host")
+
+
+def test_backend_of_cpu_values():
+    assert fl.backend_of(np.zeros(3), [1.0, 2.0], 3.0, None) == "cpu"
+    assert fl.backend_of() == "cpu"
+
+
+def test_backend_of_cuda_values():
+    assert fl.backend_of(FakeCudaArray((2, 3)), None, 1.5) == "cuda"
+    assert fl.backend_of(FakeSimulatorArray()) == "cuda"
+
+
+def test_backend_of_mixed_names_the_argument():
+    with pytest.raises(TypeError, match="argument 1"):
+        fl.backend_of(FakeCudaArray((2,)), np.zeros(2))
+
+
+CALLS = {
+    "softmax_cross_entropy": lambda x, t, **kw: fl.softmax_cross_entropy(x, t, **kw),
+    "focal_loss": lambda x, t, **kw: fl.focal_loss(x, t, **kw),
+    "sigmoid_focal_loss": lambda x, t, **kw: fl.sigmoid_focal_loss(x, t, **kw),
+    "huber_loss": lambda x, t, **kw: fl.huber_loss(x, t, **kw),
+}
+
+
+def _target(name):
+    return np.array([0, 1]) if name in ("softmax_cross_entropy", "focal_loss") else np.zeros((2, 3), np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_mixed_devices_is_type_error_naming_the_argument(name):
+    with pytest.raises(TypeError, match="is on cuda") as info:
+        CALLS[name](np.zeros((2, 3), np.float32), _target(name), grad_out=FakeCudaArray((2, 3)))
+    assert "grad_out" in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_cuda_inputs_raise_not_implemented(name):
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        CALLS[name](FakeCudaArray((2, 3)), FakeCudaArray((2, 3)))
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_backend_cuda_with_numpy_raises_not_implemented(name):
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        CALLS[name](np.zeros((2, 3), np.float32), _target(name), backend="cuda")
+
+
+def test_backend_cpu_with_cuda_array_is_type_error():
+    with pytest.raises(TypeError, match="logits"):
+        fl.softmax_cross_entropy(FakeCudaArray((2, 3)), np.array([0, 1]), backend="cpu")
+
+
+def test_unknown_backend_is_value_error():
+    with pytest.raises(ValueError, match="backend"):
+        fl.huber_loss(np.zeros(3), np.zeros(3), backend="tpu")
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
+    x = np.zeros((2, 3), np.float32)
+    monkeypatch.setenv("FASTLOSS_BACKEND", "cuda")
+    with pytest.raises(NotImplementedError):
+        fl.softmax_cross_entropy(x, np.array([0, 1]))
+    # an explicit backend= wins over the environment
+    assert np.isfinite(float(fl.softmax_cross_entropy(x, np.array([0, 1]), backend="cpu").loss))
+    monkeypatch.setenv("FASTLOSS_BACKEND", "cpu")
+    assert np.isclose(float(fl.softmax_cross_entropy(x, np.array([0, 1])).loss), np.log(3))
+    monkeypatch.setenv("FASTLOSS_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="FASTLOSS_BACKEND"):
+        fl.softmax_cross_entropy(x, np.array([0, 1]))
+
+
+def test_import_compiles_nothing():
+    # a fresh interpreter: importing fastloss must not compile (or load) any kernel
+    import subprocess
+    import sys
+
+    code = (
+        "import fastloss, sys\n"
+        "from numba.core.dispatcher import Dispatcher\n"
+        "import gc\n"
+        "compiled = [d for d in gc.get_objects() if isinstance(d, Dispatcher) and d.overloads]\n"
+        "sys.exit(len(compiled))\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
