@@ -68,23 +68,25 @@ def _label_row(src, y, alpha, gamma, gscale, e, g, grad, T):
 
 
 @jit
-def _focal_terms(src, t, alpha, gamma, m, log_s, inv_s, e, f, losses):
-    """Per class: e_c <- p_c, f_c <- t_c alpha_c F_c, losses_c <- t_c alpha_c (1-p_c)^g (-log p_c).
+def _focal_terms(src, t, alpha, gamma, m, log_s, inv_s, e, f, terms):
+    """Per class: e_c <- p_c, f_c <- t_c alpha_c F_c, terms_c <- t_c alpha_c (1-p_c)^g (-log p_c).
 
-    A class without target mass contributes 0 (even at p_c = 0)."""
-    one = inv_s - inv_s + e.dtype.type(1.0)
-    zero = one - one
+    A class without target mass contributes 0 (even at p_c = 0).  The second
+    term of F_c, g p_c (1-p_c)^(g-1) (-log p_c), takes its limit 0 where p_c
+    is exactly 0 or 1 (or g = 0) instead of 0 * inf."""
+    one = e.dtype.type(1.0)
+    zero = e.dtype.type(0.0)
     for c in range(src.shape[0]):
         p = e[c] * inv_s
         nlp = log_s - (load(src, c) - m)
         l1mp = vlog1p(-p)
         pw = one if gamma == 0 else vexp(gamma * l1mp)
         t2 = gamma * p * vexp((gamma - one) * l1mp + vlog(nlp))
-        t2 = zero if (p == one or nlp == zero or gamma == zero) else t2
+        t2 = zero if (p == one or p == zero or nlp == zero or gamma == zero) else t2
         ta = load(t, c) * alpha[c]
         e[c] = p
         f[c] = zero if ta == zero else ta * (pw + t2)
-        losses[c] = zero if ta == zero else ta * pw * nlp
+        terms[c] = zero if ta == zero else ta * pw * nlp
 
 
 @jit
