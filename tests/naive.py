@@ -88,7 +88,7 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
     if softcap is not None:
         th = np.tanh(X / softcap)
         Z = softcap * th
-        dZdX = 1.0 - th * th
+        dZdX = 1.0 / np.cosh(X / softcap) ** 2  # sech^2; 1 - th**2 would cancel in saturation
     else:
         Z = X
         dZdX = np.ones_like(X)

@@ -87,23 +87,29 @@ def exp_shifted(src, m, e, skip):
 
 
 @jit
-def softcap_row(x, dst, cap, inv_cap):
-    """dst = cap * tanh(x / cap) (Gemma 2's logit soft-capping)."""
+def softcap_row(x, z, slope, cap, inv_cap):
+    """z = cap * tanh(x / cap) (Gemma 2's logit soft-capping) and its slope
+    dz/dx = sech(x / cap)^2, which far from 0 is 4 e / (1 + e)^2 with
+    e = exp(-2|x / cap|) rather than 1 - tanh^2 (which cancels)."""
+    one = z.dtype.type(1.0)
     for c in range(x.shape[0]):
-        store(dst, c, cap * vtanh(load(x, c) * inv_cap))
+        u = load(x, c) * inv_cap
+        t = vtanh(u)
+        ea = vexp(-(abs(u) + abs(u)))
+        far = (ea + ea + ea + ea) / ((one + ea) * (one + ea))
+        z[c] = cap * t
+        slope[c] = one - t * t if abs(u) < z.dtype.type(0.625) else far
 
 
 @jit
-def softmax_grad_row(src, e, a, b, weight, g, cap, inv_cap):
-    """g_c = (e_c * a - b * w_c) * dz/dx, with e_c = exp(src_c - m); src holds
-    the capped logits when cap > 0."""
-    if cap > 0:
-        one = e.dtype.type(1.0)
-        for c in range(src.shape[0]):
-            zr = load(src, c) * inv_cap
-            store(g, c, (e[c] * a - b * weight[c]) * (one - zr * zr))
+def softmax_grad_row(e, a, b, weight, g, slope):
+    """g_c = (e_c * a - b * w_c) * slope_c, with e_c = exp(z_c - m) and slope_c
+    = dz_c/dx_c of the soft-cap (all ones when ``slope`` is empty)."""
+    if slope.shape[0] > 0:
+        for c in range(e.shape[0]):
+            store(g, c, (e[c] * a - b * weight[c]) * slope[c])
     else:
-        for c in range(src.shape[0]):
+        for c in range(e.shape[0]):
             store(g, c, e[c] * a - b * weight[c])
 
 

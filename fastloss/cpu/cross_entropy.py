@@ -17,7 +17,7 @@ probability target ``t`` (smoothed ``t' = (1-eps) t + eps/C``)::
     dL/dz_c = sw * [p_c (sum_k t'_k w_k + 2 zc lse) - t'_c w_c]
 
 Soft-capping ``z = cap tanh(x / cap)`` multiplies the gradient by
-``dz/dx = 1 - (z / cap)^2``.  The gradient is then multiplied by the
+``dz/dx = sech(x / cap)^2``.  The gradient is then multiplied by the
 reduction's scale (1/denominator for "mean").
 
 A row is read from memory once and written once; the passes in between run
@@ -40,7 +40,7 @@ from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted,
 
 
 @jit
-def _label_row(src, y, weight, wsum, sw, eps, zcoef, cap, inv_cap, gscale, e, g, grad, T):
+def _label_row(src, y, weight, wsum, sw, eps, zcoef, slope, gscale, e, g, grad, T):
     """Loss of one row with integer target y; writes its gradient when grad."""
     C = src.shape[0]
     one = T(1.0)
@@ -62,12 +62,11 @@ def _label_row(src, y, weight, wsum, sw, eps, zcoef, cap, inv_cap, gscale, e, g,
     if grad:
         spread = smooth * wsum + T(2.0) * zcoef * lse  # p_c's factor beyond the target's
         a = gscale * ((one - eps) * wy + spread) / s
-        softmax_grad_row(src, e, a, gscale * smooth, weight, g, cap, inv_cap)
+        softmax_grad_row(e, a, gscale * smooth, weight, g, slope)
         # the target's entry, with (p_y - 1) as -rest/s: no cancellation as p_y -> 1
         gy = gscale * ((ey / s) * spread - smooth * wy - (one - eps) * wy * (rest / s))
-        if cap > 0:
-            zr = zy * inv_cap
-            gy *= one - zr * zr
+        if slope.shape[0] > 0:
+            gy *= slope[y]
         store(g, y, gy)
     return sw * loss
 
@@ -87,7 +86,7 @@ def _target_sums(src, t, weight, keep, smooth):
 
 
 @jit
-def _prob_row(src, t, weight, sw, eps, zcoef, cap, inv_cap, gscale, e, g, grad, T):
+def _prob_row(src, t, weight, sw, eps, zcoef, slope, gscale, e, g, grad, T):
     """Loss of one row with probability target t; writes its gradient when grad."""
     C = src.shape[0]
     one = T(1.0)
@@ -102,10 +101,7 @@ def _prob_row(src, t, weight, sw, eps, zcoef, cap, inv_cap, gscale, e, g, grad, 
         keep = gscale * (one - eps)
         b = gscale * smooth
         for c in range(C):
-            d = one
-            if cap > 0:
-                zr = load(src, c) * inv_cap
-                d = one - zr * zr
+            d = slope[c] if slope.shape[0] > 0 else one
             store(g, c, (e[c] * a - (keep * load(t, c) + b) * weight[c]) * d)
     return sw * loss
 
@@ -118,6 +114,7 @@ def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zc
     C = x.shape[1]
     e = np.empty(C, T)  # exp(z - m) of the current row, kept in L1 for the gradient
     capped = np.empty(C if cap > 0 else 0, T)  # soft-capped logits of the current row
+    slope = np.empty(C if cap > 0 else 0, T)  # their derivative; empty: no soft-cap
     one = T(1.0)
     for i in range(first, last):
         gi = g[i if grad else 0]
@@ -130,19 +127,19 @@ def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zc
                     zero_row(gi, T(0.0))
                 continue
             if cap > 0:
-                softcap_row(x[i], capped, cap, inv_cap)
-                losses[i] = _label_row(capped, y, weight, wsum, swi, eps, zcoef, cap, inv_cap,
+                softcap_row(x[i], capped, slope, cap, inv_cap)
+                losses[i] = _label_row(capped, y, weight, wsum, swi, eps, zcoef, slope,
                                        swi * scale, e, gi, grad, T)
             else:
-                losses[i] = _label_row(x[i], y, weight, wsum, swi, eps, zcoef, cap, inv_cap,
+                losses[i] = _label_row(x[i], y, weight, wsum, swi, eps, zcoef, slope,
                                        swi * scale, e, gi, grad, T)
         if probs is not None:
             if cap > 0:
-                softcap_row(x[i], capped, cap, inv_cap)
-                losses[i] = _prob_row(capped, probs[i], weight, swi, eps, zcoef, cap, inv_cap,
+                softcap_row(x[i], capped, slope, cap, inv_cap)
+                losses[i] = _prob_row(capped, probs[i], weight, swi, eps, zcoef, slope,
                                       swi * scale, e, gi, grad, T)
             else:
-                losses[i] = _prob_row(x[i], probs[i], weight, swi, eps, zcoef, cap, inv_cap,
+                losses[i] = _prob_row(x[i], probs[i], weight, swi, eps, zcoef, slope,
                                       swi * scale, e, gi, grad, T)
 
 

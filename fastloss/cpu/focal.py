@@ -62,7 +62,7 @@ def _label_row(src, y, alpha, gamma, gscale, e, g, grad, T):
         if gamma > 0 and rest > 0 and nlp > 0:
             t2 = gamma * p * math.exp((gamma - 1.0) * l1mp + math.log(nlp))
         c = gscale * float(alpha[y]) * (pw + t2)
-        softmax_grad_row(src, e, T(c / s), T(0.0), alpha, g, T(0.0), T(0.0))
+        softmax_grad_row(e, T(c / s), T(0.0), alpha, g, alpha[:0])
         store(g, y, T(-c * rest / s))  # c (p_y - 1) without the cancellation
     return loss
 
