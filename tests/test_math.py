@@ -12,7 +12,7 @@ numba = pytest.importorskip("numba")
 from numba import njit  # noqa: E402
 
 from fastloss.cpu import _math  # noqa: E402
-from fastloss.cpu._math import load, store, vexp, vlog, vlog1p  # noqa: E402
+from fastloss.cpu._math import load, store, vexp, vexp_nonpos, vlog, vlog1p  # noqa: E402
 
 vtanh = getattr(_math, "vtanh", None)
 
@@ -43,7 +43,13 @@ def _log1p_loop(x, out):
         out[i] = vlog1p(x[i])
 
 
-LOOPS = {"exp": _exp_loop, "log": _log_loop, "log1p": _log1p_loop}
+@kernel
+def _exp_nonpos_loop(x, out):
+    for i in range(x.shape[0]):
+        out[i] = vexp_nonpos(x[i])
+
+
+LOOPS = {"exp": _exp_loop, "log": _log_loop, "log1p": _log1p_loop, "exp_nonpos": _exp_nonpos_loop}
 
 if vtanh is not None:
     @kernel
@@ -114,6 +120,21 @@ def test_exp_accuracy_where_normal(rng, dtype):
     err = ulp_error(got[normal], ref[normal], dtype)
     worst = np.argmax(err)
     assert err[worst] <= 2.0, (x[normal][worst], got[normal][worst], ref[normal][worst], err[worst])
+
+
+@pytest.mark.parametrize("dtype", FTYPES)
+def test_exp_nonpos_matches_exp_on_its_domain(rng, dtype):
+    # softmax's exp(z - max z): the same values as vexp for every x <= 0 and NaN
+    fi = np.finfo(dtype)
+    lo = float(np.log(fi.tiny))
+    x = np.concatenate([rng.uniform(lo * 1.3, 0, 200_000), rng.uniform(-1, 0, 50_000),
+                        np.arange(-130, 1) * np.log(2.0),
+                        np.array([0.0, -0.0, lo, lo - 1e-3, -1e4, -np.inf, np.nan])]).astype(dtype)
+    got = apply("exp_nonpos", x)
+    np.testing.assert_array_equal(got, apply("exp", x))
+    ref = reference("exp", x)
+    normal = (ref >= fi.tiny) & np.isfinite(ref)
+    assert ulp_error(got[normal], ref[normal], dtype).max() <= 2.0
 
 
 @pytest.mark.parametrize("dtype", FTYPES)

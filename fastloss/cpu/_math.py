@@ -83,11 +83,8 @@ def _f32_to_half_bits(typingctx, x):
 
 
 @register_jitable(inline="always")
-def _exp_f32(x):
-    big = np.float32(88.72283)  # log(FLT_MAX)
-    small = np.float32(-87.33654)  # log(FLT_MIN): below it, flush to 0
-    xc = big if x > big else x
-    xc = small if xc < small else xc  # NaN fails both tests and passes through
+def _exp_reduce_f32(xc):
+    """exp(xc) = p * 2**n for a clamped xc; returns (p, n)."""
     # n = round(x / ln2) via the 1.5 * 2**23 shifter: no float->int conversion,
     # so NaN cannot become poison.
     shifter = np.float32(12582912.0)
@@ -103,8 +100,17 @@ def _exp_f32(x):
     p = p * r + np.float32(5.0000001201e-1)
     p = p * (r * r) + r + np.float32(1.0)
     # the shifter leaves n in the low mantissa bits of t
+    return p, _f32_as_i32(t) - _f32_as_i32(shifter)
+
+
+@register_jitable(inline="always")
+def _exp_f32(x):
+    big = np.float32(88.72283)  # log(FLT_MAX)
+    small = np.float32(-87.33654)  # log(FLT_MIN): below it, flush to 0
+    xc = big if x > big else x
+    xc = small if xc < small else xc  # NaN fails both tests and passes through
+    p, ni = _exp_reduce_f32(xc)
     # n reaches 128 near log(FLT_MAX): build 2**n as two in-range factors
-    ni = _f32_as_i32(t) - _f32_as_i32(shifter)
     n1 = ni >> np.int32(1)
     y = p * _i32_as_f32((n1 + np.int32(127)) << np.int32(23))
     y = y * _i32_as_f32((ni - n1 + np.int32(127)) << np.int32(23))
@@ -113,11 +119,8 @@ def _exp_f32(x):
 
 
 @register_jitable(inline="always")
-def _exp_f64(x):
-    big = 709.782712893384  # log(DBL_MAX)
-    small = -708.3964185322641  # log(DBL_MIN)
-    xc = big if x > big else x
-    xc = small if xc < small else xc
+def _exp_reduce_f64(xc):
+    """exp(xc) = p * 2**n for a clamped xc; returns (p, n)."""
     shifter = 6755399441055744.0  # 1.5 * 2**52
     t = xc * 1.4426950408889634 + shifter
     n = t - shifter
@@ -137,7 +140,16 @@ def _exp_f64(x):
     p = p * r + 1.0 / 6.0
     p = p * r + 0.5
     p = p * (r * r) + r + 1.0
-    ni = _f64_as_i64(t) - _f64_as_i64(shifter)
+    return p, _f64_as_i64(t) - _f64_as_i64(shifter)
+
+
+@register_jitable(inline="always")
+def _exp_f64(x):
+    big = 709.782712893384  # log(DBL_MAX)
+    small = -708.3964185322641  # log(DBL_MIN)
+    xc = big if x > big else x
+    xc = small if xc < small else xc
+    p, ni = _exp_reduce_f64(xc)
     n1 = ni >> np.int64(1)
     y = p * _i64_as_f64((n1 + np.int64(1023)) << np.int64(52))
     y = y * _i64_as_f64((ni - n1 + np.int64(1023)) << np.int64(52))
@@ -156,6 +168,39 @@ def _vexp_overload(x):
         return lambda x: _exp_f32(x)
     if x == types.float64:
         return lambda x: _exp_f64(x)
+
+
+@register_jitable(inline="always")
+def _exp_nonpos_f32(x):
+    # _exp_f32 for x <= 0 (and NaN): no overflow, so 2**n is one factor
+    small = np.float32(-87.33654)
+    xc = small if x < small else x
+    p, ni = _exp_reduce_f32(xc)
+    y = p * _i32_as_f32((ni + np.int32(127)) << np.int32(23))
+    return np.float32(0.0) if x < small else y
+
+
+@register_jitable(inline="always")
+def _exp_nonpos_f64(x):
+    small = -708.3964185322641
+    xc = small if x < small else x
+    p, ni = _exp_reduce_f64(xc)
+    y = p * _i64_as_f64((ni + np.int64(1023)) << np.int64(52))
+    return 0.0 if x < small else y
+
+
+def vexp_nonpos(x):
+    """exp(x) for x <= 0 or NaN (softmax's exp(z - max z)): vexp without the
+    overflow handling, a fifth fewer instructions.  Wrong for x > 0."""
+    raise NotImplementedError("vexp_nonpos is only callable from Numba-compiled code")
+
+
+@overload(vexp_nonpos, inline="always")
+def _vexp_nonpos_overload(x):
+    if x == types.float32:
+        return lambda x: _exp_nonpos_f32(x)
+    if x == types.float64:
+        return lambda x: _exp_nonpos_f64(x)
 
 
 # ---------------------------------------------------------------- log

@@ -14,7 +14,7 @@ and computed in the type of the scalar arguments.
 """
 from numba import njit
 
-from fastloss.cpu._math import load, store, vexp, vtanh
+from fastloss.cpu._math import load, store, vexp_nonpos, vtanh
 
 ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many values, at least one row
 PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, starting threads costs more than it saves
@@ -82,7 +82,7 @@ def exp_shifted(src, m, e, skip):
     ``1 - p_skip = rest / s`` does too (no cancellation in ``1 - p``).
     """
     for c in range(src.shape[0]):
-        e[c] = vexp(load(src, c) - m)
+        e[c] = vexp_nonpos(load(src, c) - m)  # src <= m
     return _sum_and_rest(e, skip)
 
 
@@ -95,7 +95,7 @@ def softcap_row(x, z, slope, cap, inv_cap):
     for c in range(x.shape[0]):
         u = load(x, c) * inv_cap
         t = vtanh(u)
-        ea = vexp(-(abs(u) + abs(u)))
+        ea = vexp_nonpos(-(abs(u) + abs(u)))
         far = (ea + ea + ea + ea) / ((one + ea) * (one + ea))
         z[c] = cap * t
         slope[c] = one - t * t if abs(u) < z.dtype.type(0.625) else far

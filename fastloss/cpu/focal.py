@@ -36,7 +36,7 @@ import numpy as np
 from numba import njit, prange
 
 from fastloss._reduction import grad_scale
-from fastloss.cpu._math import load, store, vexp, vlog, vlog1p
+from fastloss.cpu._math import load, store, vexp, vexp_nonpos, vlog, vlog1p
 from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted, jit, loss_total,
                                 mean_denominator, row_max, row_sum, softmax_grad_row, use_threads,
                                 zero_row)
@@ -167,7 +167,7 @@ def _sigmoid_focal_chunk(x, t, alpha, gamma, scale, g, out):
     for i in range(x.shape[0]):
         xi = load(x, i)
         ti = load(t, i)
-        ea = vexp(-abs(xi))
+        ea = vexp_nonpos(-abs(xi))
         l1pe = vlog1p(ea)
         sp_pos = (xi if xi > zero else zero) + l1pe  # softplus(x)  = -log(1-p)
         sp_neg = (zero if xi > zero else -xi) + l1pe  # softplus(-x) = -log p
