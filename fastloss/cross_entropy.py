@@ -87,8 +87,8 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
     if grad and grad_out is not None:
         check.grad_buffer(grad_out, logits.shape, logits.dtype)
 
-    n = logits.size // C
     x, labels, probs = _storage.class_rows(logits, labels, probs)
+    n = x.shape[0]
     params = np.array([C if weight is None else np.sum(weight, dtype=np.float64),
                        eps, zcoef, cap])
     if weight is None:

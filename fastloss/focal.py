@@ -72,8 +72,8 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
     if grad and grad_out is not None:
         check.grad_buffer(grad_out, logits.shape, logits.dtype)
 
-    n = logits.size // C
     x, labels, probs = _storage.class_rows(logits, labels, probs)
+    n = x.shape[0]
     g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n, C), (probs,))
     losses = np.empty(n, T)
     total, denom = focal_rows(x, labels, probs, alpha, _storage.no_weights(T, sw), ignore_index,
