@@ -155,3 +155,14 @@ def class_logits(logits):
     if logits.ndim < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape (..., C) with C >= 1, got {logits.shape}")
     return logits
+
+
+def class_batch(logits, target, sample_weight, grad_out, grad, ignore_index, T):
+    """The per-row arguments of a softmax loss, checked against ``logits (..., C)``:
+    ``(labels, probs, sample_weight)`` (see ``class_target``; sample weights as
+    a flat ``T`` vector or None); ``grad_out`` is checked when it will be written."""
+    sw = sample_weights(sample_weight, logits.shape[:-1], "sample_weight", T)
+    labels, probs = class_target(target, logits.shape, ignore_index)
+    if grad and grad_out is not None:
+        grad_buffer(grad_out, logits.shape, logits.dtype)
+    return labels, probs, sw

@@ -82,10 +82,8 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
     batch_shape, C = logits.shape[:-1], logits.shape[-1]
     T = _storage.compute_type(logits.dtype)
     weight = check.weight_vector(weight, C, "weight", T)
-    sw = check.sample_weights(sample_weight, batch_shape, "sample_weight", T)
-    labels, probs = check.class_target(target, logits.shape, ignore_index)
-    if grad and grad_out is not None:
-        check.grad_buffer(grad_out, logits.shape, logits.dtype)
+    labels, probs, sw = check.class_batch(logits, target, sample_weight, grad_out, grad,
+                                          ignore_index, T)
 
     x, labels, probs = _storage.class_rows(logits, labels, probs)
     n = x.shape[0]

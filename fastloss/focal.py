@@ -67,10 +67,8 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
         alpha = np.full(C, check.scalar(alpha, "alpha"), T)
     else:
         alpha = check.weight_vector(alpha, C, "alpha", T)
-    sw = check.sample_weights(sample_weight, batch_shape, "sample_weight", T)
-    labels, probs = check.class_target(target, logits.shape, ignore_index)
-    if grad and grad_out is not None:
-        check.grad_buffer(grad_out, logits.shape, logits.dtype)
+    labels, probs, sw = check.class_batch(logits, target, sample_weight, grad_out, grad,
+                                          ignore_index, T)
 
     x, labels, probs = _storage.class_rows(logits, labels, probs)
     n = x.shape[0]

@@ -141,6 +141,13 @@ def loss_total(losses):
 
 
 @jit
-def zero_row(g, zero):
-    for c in range(g.shape[0]):
-        store(g, c, zero)
+def ignored_row(y, ignore_index, losses, i, g, grad):
+    """Whether row i's label y is ignore_index; if so its loss and gradient are 0."""
+    if y != ignore_index:
+        return False
+    losses[i] = 0
+    if grad:
+        zero = losses.dtype.type(0.0)
+        for c in range(g.shape[0]):
+            store(g, c, zero)
+    return True

@@ -36,7 +36,7 @@ from fastloss._reduction import grad_scale
 from fastloss.cpu._math import load, store
 from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted, jit, loss_total,
                                 mean_denominator, reduction_jit, row_dot, row_max, softcap_row,
-                                softmax_grad_row, use_threads, zero_row)
+                                softmax_grad_row, use_threads, ignored_row)
 
 
 @jit
@@ -121,10 +121,7 @@ def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zc
         swi = sw[i] if sw.shape[0] > 0 else one
         if labels is not None:
             y = labels[i]
-            if y == ignore_index:
-                losses[i] = 0
-                if grad:
-                    zero_row(gi, T(0.0))
+            if ignored_row(y, ignore_index, losses, i, gi, grad):
                 continue
             if cap > 0:
                 softcap_row(x[i], capped, slope, cap, inv_cap)

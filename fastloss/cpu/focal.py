@@ -39,7 +39,7 @@ from fastloss._reduction import grad_scale
 from fastloss.cpu._math import load, store, vexp, vexp_nonpos, vlog, vlog1p
 from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted, jit, loss_total,
                                 mean_denominator, row_max, row_sum, softmax_grad_row, use_threads,
-                                zero_row)
+                                ignored_row)
 
 
 @jit
@@ -116,10 +116,7 @@ def _rows(first, last, x, labels, probs, alpha, sw, ignore_index, gamma, scale, 
         swi = float(sw[i]) if sw.shape[0] > 0 else 1.0
         if labels is not None:
             y = labels[i]
-            if y == ignore_index:
-                losses[i] = 0
-                if grad:
-                    zero_row(gi, T(0.0))
+            if ignored_row(y, ignore_index, losses, i, gi, grad):
                 continue
             losses[i] = swi * _label_row(x[i], y, alpha, gamma, swi * scale, e, gi, grad, T)
         if probs is not None:
