@@ -264,6 +264,33 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
     return loss, grad
 
 
+# ------------------------------------------------------------- center loss
+
+
+def center_loss(features, labels, centers, *, reduction="mean"):
+    """Wen et al. 2016: per sample 0.5 * ||x_i - c_{y_i}||**2, centers as given.
+
+    d loss_i / d x_i = x_i - c_{y_i};  "mean" divides by N.
+    """
+    x = _f64(features)
+    c = _f64(centers)
+    diff = x - c[np.asarray(labels)]
+    per = 0.5 * np.sum(diff * diff, axis=1)
+    return _reduce(per, diff, x.shape[0], reduction, (x.shape[0],))
+
+
+def center_update(centers, features, labels, *, alpha=0.5):
+    """The seed's (and Wen et al.'s) rule, one class at a time, in float64:
+    c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j); absent classes unchanged."""
+    c = _f64(centers).copy()
+    x = _f64(features)
+    labels = np.asarray(labels)
+    for j in np.unique(labels):
+        rows = x[labels == j]
+        c[j] = c[j] - alpha * np.sum(c[j] - rows, axis=0) / (1 + rows.shape[0])
+    return c
+
+
 # ------------------------------------------------------------- test helpers
 
 #: (rtol, atol relative to the largest reference magnitude) per input dtype
