@@ -6,13 +6,17 @@ compiled on first use and cached on disk.
 """
 from fastloss._dispatch import backend_of
 from fastloss._result import LossGrad
+from fastloss.center import CenterLoss, center_loss, center_update
 from fastloss.cross_entropy import softmax_cross_entropy
 from fastloss.focal import focal_loss, sigmoid_focal_loss
 from fastloss.huber import huber_loss
 
 __all__ = [
+    "CenterLoss",
     "LossGrad",
     "backend_of",
+    "center_loss",
+    "center_update",
     "focal_loss",
     "huber_loss",
     "sigmoid_focal_loss",

@@ -166,3 +166,36 @@ def class_batch(logits, target, sample_weight, grad_out, grad, ignore_index, T):
     if grad and grad_out is not None:
         grad_buffer(grad_out, logits.shape, logits.dtype)
     return labels, probs, sw
+
+
+def feature_rows(x, name):
+    """A float array of shape ``(N, D)``."""
+    x = float_array(x, name)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, D), got {x.shape}")
+    return x
+
+
+def row_labels(labels, n, name="labels", upper=None):
+    """Integer labels of shape ``(n,)`` as int64, each in ``[0, upper)`` when ``upper`` is given."""
+    labels = label_array(labels, name)
+    shape_equal(labels, (n,), name, "one label per row")
+    if upper is not None:
+        labels_in_range(labels, upper, name)
+    return labels
+
+
+def centers_array(centers, width, writable):
+    """Class centers: an ndarray ``(K, width)`` of float32 or float64, writable
+    when it is going to be updated in place."""
+    if not isinstance(centers, np.ndarray):
+        raise TypeError(f"centers must be a NumPy array (it is updated in place), "
+                        f"got {type(centers).__name__}")
+    if centers.dtype not in FLOAT_DTYPES[1:]:
+        raise TypeError(f"centers must have dtype float32 or float64, got {centers.dtype}")
+    if centers.ndim != 2 or centers.shape[1] != width:
+        raise ValueError(f"centers must have shape (K, {width}) (one row per class, as wide as "
+                         f"the features), got {centers.shape}")
+    if writable and not centers.flags.writeable:
+        raise ValueError("centers must be writable: it is updated in place (or pass update=False)")
+    return centers

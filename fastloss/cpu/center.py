@@ -1,0 +1,115 @@
+r"""Fused center-loss kernel (CPU): loss and gradient in one pass over the features.
+
+Per row ``i`` with label ``y_i`` and the centers as they are before any update::
+
+    L_i = 0.5 * ||x_i - c_{y_i}||^2
+    dL/dx_i = scale * (x_i - c_{y_i})      (scale = 1/N for "mean", else 1)
+
+Each row reads its features and its center once and writes its gradient row
+once; the gradient may not alias the centers (the wrapper sees to it).  The
+center update is separate: the Cython extension ``_center_update``.
+"""
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from fastloss.cpu._math import load, store
+from fastloss.cpu._rows import KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, loss_total, use_threads
+
+# No transcendental functions here, so reassociation is safe (and vectorizes the sum).
+_OPTIONS = dict(KERNEL_OPTIONS, fastmath={"contract", "reassoc", "nsz"})
+
+
+@njit(**_OPTIONS)
+def _row_loss_grad(x, c, scale, g):
+    s = 0.0 * scale
+    for d in range(x.shape[0]):
+        diff = load(x, d) - c[d]
+        s += diff * diff
+        store(g, d, scale * diff)
+    return s
+
+
+@njit(**_OPTIONS)
+def _row_loss(x, c, zero):
+    s = zero
+    for d in range(x.shape[0]):
+        diff = load(x, d) - c[d]
+        s += diff * diff
+    return s
+
+
+@njit(**_OPTIONS)
+def _rows(first, last, x, labels, centers, scale, g, grad, losses):
+    half = losses.dtype.type(0.5)
+    zero = losses.dtype.type(0.0)
+    for i in range(first, last):
+        c = centers[labels[i]]
+        if grad:
+            losses[i] = half * _row_loss_grad(x[i], c, scale, g[i])
+        else:
+            losses[i] = half * _row_loss(x[i], c, zero)
+
+
+@njit(parallel=True, **_OPTIONS)
+def _center_parallel(x, labels, centers, scale, g, grad, losses):
+    n = x.shape[0]
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, x.shape[1]))
+    for b in prange(-(-n // rows)):
+        _rows(b * rows, min(n, (b + 1) * rows), x, labels, centers, scale, g, grad, losses)
+    return loss_total(losses)
+
+
+@njit(**_OPTIONS)
+def _center_serial(x, labels, centers, scale, g, grad, losses):
+    _rows(0, x.shape[0], x, labels, centers, scale, g, grad, losses)
+    return loss_total(losses)
+
+
+def center_rows(x, labels, centers, scale, g, grad, T):
+    """Per-row losses (float ``T``) and their float64 sum; writes ``g`` when grad.
+
+    ``x`` is ``(N, D)`` kernel storage, ``centers`` ``(K, D)`` in ``T``.
+    """
+    losses = np.empty(x.shape[0], T)
+    run = _center_parallel if use_threads(x) else _center_serial
+    return losses, run(x, labels, centers, T(scale), g, grad, losses)
+
+
+# libgomp (the OpenMP runtime of the Cython update) cannot start threads in a
+# child forked after the parent used them: such a child updates serially.
+_openmp_used = False
+_openmp_forbidden = False
+
+
+def _after_fork_in_child():
+    global _openmp_forbidden
+    _openmp_forbidden = _openmp_forbidden or _openmp_used
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def update_centers(centers, features, labels, alpha):
+    """The Cython update on validated arrays: ``centers`` (K, D) float32/float64
+    is updated in place; ``features`` (N, D) any float dtype; int64 ``labels``
+    in [0, K).  Threads: Numba's count (``numba.set_num_threads`` and
+    ``NUMBA_NUM_THREADS`` apply), one for small batches."""
+    global _openmp_used
+    try:
+        from fastloss.cpu import _center_update
+    except ImportError as exc:  # a source tree that was never built
+        raise ImportError("fastloss's Cython extension fastloss.cpu._center_update is not built: "
+                          "install the package (pip install -e .)") from exc
+    if features.dtype == np.float16 or np.may_share_memory(features, centers):
+        features = features.astype(np.float32 if features.dtype == np.float16 else features.dtype)
+    x = np.ascontiguousarray(features)
+    c = centers if centers.flags.c_contiguous else np.ascontiguousarray(centers)
+    threads = 1 if _openmp_forbidden or not use_threads(x) else numba.get_num_threads()
+    _openmp_used = _openmp_used or threads > 1
+    _center_update.update_centers(c, x, np.ascontiguousarray(labels), float(alpha), threads)
+    if c is not centers:
+        np.copyto(centers, c)
+    return centers
