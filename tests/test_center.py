@@ -347,3 +347,26 @@ def test_center_loss_object_bad_arguments():
         fl.CenterLoss(2, 3, init=np.zeros((3, 2)))
     with pytest.raises(ValueError, match="labels"):
         fl.CenterLoss(2, 3)(np.zeros((2, 3), np.float32), [0, 2])
+
+
+def _update_in_child(x, labels, queue):
+    c = np.zeros((37, x.shape[1]), x.dtype)
+    fl.center_update(c, x, labels)
+    queue.put(c)
+
+
+def test_forked_child_updates_centers(rng):
+    """A child forked after the parent ran the threaded (OpenMP) update computes the
+    same centers (serially: libgomp cannot start threads in such a child)."""
+    import multiprocessing
+
+    x, labels, _ = make_batch(rng, n=4000, d=24, k=37, dtype=np.float32)
+    want = fl.center_update(np.zeros((37, 24), np.float32), x, labels)  # parent: threaded path
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_update_in_child, args=(x, labels, queue))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0
+    assert got.tobytes() == want.tobytes()
