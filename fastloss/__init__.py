@@ -10,16 +10,19 @@ from fastloss.center import CenterLoss, center_loss, center_update
 from fastloss.cross_entropy import softmax_cross_entropy
 from fastloss.focal import focal_loss, sigmoid_focal_loss
 from fastloss.huber import huber_loss
+from fastloss.triplet import batch_triplet_loss, triplet_margin_loss
 
 __all__ = [
     "CenterLoss",
     "LossGrad",
     "backend_of",
+    "batch_triplet_loss",
     "center_loss",
     "center_update",
     "focal_loss",
     "huber_loss",
     "sigmoid_focal_loss",
     "softmax_cross_entropy",
+    "triplet_margin_loss",
 ]
 __version__ = "0.1.0"

@@ -291,6 +291,170 @@ def center_update(centers, features, labels, *, alpha=0.5):
     return c
 
 
+# ------------------------------------------------------------- triplet
+
+
+def _triplet_distance(x, y, distance, eps):
+    """d(x, y) of two float64 vectors and its gradients (dd/dx, dd/dy).
+
+    euclidean: u = x - y + eps (torch.pairwise_distance's shift), d = ||u||,
+               dd/dx = u / d = -dd/dy (0 where d == 0, as torch's norm backward)
+    squared_euclidean: u = x - y, d = u.u, dd/dx = 2u = -dd/dy
+    cosine: X = max(|x|, eps), Y = max(|y|, eps), c = x.y / (X Y), d = 1 - c,
+            dd/dx = -(y / (X Y) - [|x| > eps] c x / X**2)   (d|x|/dx = x / |x|; the clamp
+            passes nothing below eps), dd/dy likewise with x and y exchanged
+    """
+    if distance == "euclidean":
+        u = x - y + eps
+        d = math.sqrt(float(u @ u))
+        g = u / d if d > 0 else np.zeros_like(u)
+        return d, g, -g
+    if distance == "squared_euclidean":
+        u = x - y
+        return float(u @ u), 2 * u, -2 * u
+    if distance == "cosine":
+        nx = math.sqrt(float(x @ x))
+        ny = math.sqrt(float(y @ y))
+        X = max(nx, eps)
+        Y = max(ny, eps)
+        c = float(x @ y) / (X * Y)
+        gx = -(y / (X * Y) - (c * x / X**2 if nx > eps else 0.0))
+        gy = -(x / (X * Y) - (c * y / Y**2 if ny > eps else 0.0))
+        return 1.0 - c, gx, gy
+    raise ValueError(distance)
+
+
+def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euclidean", swap=False,
+                        eps=1e-6, reduction="mean"):
+    """torch.nn.functional.triplet_margin_loss (p=2) and fastloss's other two distances.
+
+    Per row: d_neg = d(a, n), or with swap min(d(a, n), d(p, n)) (a tie splits the gradient
+    half/half, as torch.minimum's backward);  z = margin + d(a, p) - d_neg;  l = max(0, z),
+    dl/dz = [z >= 0] (torch's clamp_min passes the gradient at 0);  then the chain rule
+    through the distances above.  Returns (loss, (g_anchor, g_positive, g_negative)).
+    """
+    a = _f64(anchor)
+    p = _f64(positive)
+    n = _f64(negative)
+    batch = a.shape[:-1]
+    A, P, Nn = (v.reshape(-1, a.shape[-1]) for v in (a, p, n))
+    rows = A.shape[0]
+    per = np.zeros(rows)
+    ga, gp, gn = np.zeros_like(A), np.zeros_like(A), np.zeros_like(A)
+    for i in range(rows):
+        d_ap, dap_a, dap_p = _triplet_distance(A[i], P[i], distance, eps)
+        d_an, dan_a, dan_n = _triplet_distance(A[i], Nn[i], distance, eps)
+        w_an, w_pn, d_neg = 1.0, 0.0, d_an
+        if swap:
+            d_pn, dpn_p, dpn_n = _triplet_distance(P[i], Nn[i], distance, eps)
+            if d_pn == d_an:
+                w_an = w_pn = 0.5
+            elif d_pn < d_an:
+                w_an, w_pn, d_neg = 0.0, 1.0, d_pn
+        z = margin + d_ap - d_neg
+        per[i] = max(z, 0.0)
+        if z >= 0:
+            # dl = d(d_ap) - w_an d(d_an) - w_pn d(d_pn)
+            ga[i] += dap_a - w_an * dan_a
+            gp[i] += dap_p
+            gn[i] -= w_an * dan_n
+            if swap and w_pn:
+                gp[i] -= w_pn * dpn_p
+                gn[i] -= w_pn * dpn_n
+    loss, _ = _reduce(per, ga, rows, reduction, batch)
+    s = 1.0 if reduction != "mean" else (1.0 / rows if rows else 0.0)
+    return loss, tuple((s * g).reshape(a.shape) for g in (ga, gp, gn))
+
+
+def _batch_distance(x, y, distance):
+    """batch_triplet_loss's distances from the vectors themselves (not from a Gram matrix):
+    euclidean ||x - y|| (no eps; gradient 0 at 0), squared ||x - y||**2, cosine 1 - cos with
+    norms clamped at 1e-8.  Returns (d, dd/dx); dd/dy is the same with x and y exchanged.
+        euclidean  dd/dx = (x - y) / d;   squared  dd/dx = 2 (x - y)
+        cosine     dd/dx = -(y / (X Y) - [|x| > 1e-8] c x / X**2)
+    """
+    if distance == "cosine":
+        d, gx, _ = _triplet_distance(x, y, "cosine", 1e-8)
+        return d, gx
+    d, gx, _ = _triplet_distance(x, y, distance, 0.0)
+    return d, gx
+
+
+def _first_arg(values, best):
+    """Index (into values) of the first occurrence of best(values): lowest index on ties."""
+    target = best(values)
+    return next(k for k, v in enumerate(values) if v == target)
+
+
+def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distance="euclidean",
+                       soft=False, reduction="mean"):
+    """Online triplet mining by brute force over every (a, p, n), in float64.
+
+    Valid triplets: a != p, y_a == y_p, y_n != y_a.  Term f(z), z = d(a,p) - d(a,n) + margin,
+    f = max(0, z) with f' = [z > 0], or softplus with f' = sigmoid.
+        hard:     per anchor, the farthest positive and the nearest negative (first index on ties)
+        semihard: per (a, p), the nearest negative with d(a,n) > d(a,p), else the farthest one
+        all:      every valid triplet
+    d term / d e_a = f'(z) (dd(a,p)/de_a - dd(a,n)/de_a),  d/d e_p = f'(z) dd(p,a)/de_p,
+    d/d e_n = -f'(z) dd(n,a)/de_n.
+    "mean" divides by: anchors with a positive and a negative (hard), (a, p) pairs whose anchor
+    has a negative (semihard), terms > 0 (all; every valid triplet when soft).  An empty mean:
+    nan for hard/semihard, 0 for all; zero gradient either way.  "none": per anchor sums.
+    """
+    E = _f64(embeddings)
+    y = np.asarray(labels).reshape(-1)
+    N = E.shape[0]
+    dist = [[_batch_distance(E[i], E[j], distance)[0] for j in range(N)] for i in range(N)]
+
+    def f(z):
+        if soft:
+            return float(softplus(np.float64(z))), 1.0 / (1.0 + math.exp(-z))
+        return max(z, 0.0), 1.0 if z > 0 else 0.0
+
+    triplets = []
+    for a in range(N):
+        pos = [j for j in range(N) if j != a and y[j] == y[a]]
+        neg = [j for j in range(N) if y[j] != y[a]]
+        if not pos or not neg:
+            continue
+        if mining == "hard":
+            p = pos[_first_arg([dist[a][j] for j in pos], max)]
+            n = neg[_first_arg([dist[a][j] for j in neg], min)]
+            triplets.append((a, p, n))
+        elif mining == "semihard":
+            for p in pos:
+                farther = [j for j in neg if dist[a][j] > dist[a][p]]
+                if farther:
+                    n = farther[_first_arg([dist[a][j] for j in farther], min)]
+                else:
+                    n = neg[_first_arg([dist[a][j] for j in neg], max)]
+                triplets.append((a, p, n))
+        else:
+            triplets.extend((a, p, n) for p in pos for n in neg)
+
+    per = np.zeros(N)
+    G = np.zeros_like(E)
+    positive_terms = 0
+    for a, p, n in triplets:
+        z = dist[a][p] - dist[a][n] + margin
+        l, s = f(z)
+        per[a] += l
+        positive_terms += l > 0
+        if s:
+            G[a] += s * (_batch_distance(E[a], E[p], distance)[1] - _batch_distance(E[a], E[n], distance)[1])
+            G[p] += s * _batch_distance(E[p], E[a], distance)[1]
+            G[n] -= s * _batch_distance(E[n], E[a], distance)[1]
+    if mining == "hard":
+        denom = len(triplets)
+    elif mining == "semihard":
+        denom = len(triplets)
+    else:
+        denom = len(triplets) if soft else positive_terms
+    if mining == "all" and reduction == "mean" and denom == 0:
+        return np.float64(0.0), np.zeros_like(E)
+    return _reduce(per, G, denom, reduction, (N,))
+
+
 # ------------------------------------------------------------- test helpers
 
 #: (rtol, atol relative to the largest reference magnitude) per input dtype

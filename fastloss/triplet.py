@@ -1,0 +1,268 @@
+"""Triplet losses: the public wrappers (``triplet_margin_loss``, ``batch_triplet_loss``)."""
+import math
+
+import numpy as np
+
+from fastloss import _validation as check
+from fastloss._dispatch import select_backend
+from fastloss._reduction import grad_scale, reduce
+from fastloss._result import LossGrad
+from fastloss.cpu import _storage
+from fastloss.cpu.triplet import (COSINE_NORM_EPS, DISTANCES, MININGS, batch_backward, batch_mine,
+                                  triplet_margin_rows)
+
+
+def _choice(value, allowed, name):
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def _grad_outs(grad_out, shape, dtype):
+    """``grad_out`` of triplet_margin_loss: a tuple of three writable arrays of the inputs'
+    shape and dtype that do not overlap one another."""
+    if not isinstance(grad_out, (tuple, list)) or len(grad_out) != 3:
+        raise TypeError("grad_out must be a tuple of three arrays (d_anchor, d_positive, "
+                        f"d_negative), got {type(grad_out).__name__}")
+    for k, (g, name) in enumerate(zip(grad_out, ("anchor", "positive", "negative"))):
+        try:
+            check.grad_buffer(g, shape, dtype)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"grad_out[{k}] (gradient w.r.t. {name}): {exc}") from None
+    for k in range(3):
+        for m in range(k):
+            if np.may_share_memory(grad_out[k], grad_out[m]):
+                raise ValueError(f"grad_out[{k}] overlaps grad_out[{m}]: the three gradients "
+                                 "need separate buffers")
+    return tuple(grad_out)
+
+
+def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euclidean", swap=False,
+                        eps=1e-6, reduction="mean", grad=True, grad_out=None, backend="auto"):
+    r"""Triplet margin loss and its gradients w.r.t. all three inputs, in one pass.
+
+    Per row ``i`` (Schroff et al. 2015, "FaceNet"; Balntas et al. 2016 for ``swap``):
+
+    .. math::
+
+        \ell_i = \max\bigl(0,\; \text{margin} + d(a_i, p_i) - d(a_i, n_i)\bigr)
+
+    With ``distance="euclidean"`` (the default) this equals
+    ``torch.nn.functional.triplet_margin_loss(anchor, positive, negative, margin=margin,
+    p=2, eps=eps, swap=swap, reduction=reduction)``, value and autograd gradients,
+    including at ``margin=0`` (which torch's Python wrapper refuses but its operator
+    computes).  Distances, per row:
+
+    * ``"euclidean"``: ``||x - y + eps||_2``, eps added to every coordinate of the
+      difference (``torch.pairwise_distance``); its gradient is ``(x - y + eps) / d``,
+      and 0 where ``d == 0`` (torch's norm backward).
+    * ``"squared_euclidean"``: ``sum((x - y)**2)``, no eps (FaceNet's form, per row).
+    * ``"cosine"``: ``1 - x.y / (max(||x||, eps) * max(||y||, eps))``; the clamped
+      norm passes no gradient where ``||x|| <= eps``.
+
+    ``swap=True`` uses ``min(d(a, n), d(p, n))`` as the negative distance; on an exact
+    tie the gradient is split half/half, as ``torch.minimum``'s backward does.  The
+    hinge passes the gradient where ``z >= 0`` (``torch.clamp_min``'s backward), so a
+    row exactly at the margin still has a gradient.
+
+    Args:
+      anchor, positive, negative: float16/32/64 arrays of one shape ``(N, D)``, all of
+        one dtype; a 1-D ``(D,)`` input is one triplet (as in torch: the loss of
+        ``reduction="none"`` is then 0-d).  Non-contiguous arrays are fine.
+      margin: ``>= 0``.
+      distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+      swap: the distance swap of Balntas et al.
+      eps: ``>= 0``; the euclidean shift, and the cosine norms' clamp.
+      reduction: ``"mean"`` (divides by N; an empty batch gives ``nan`` and zero
+        gradients, as in PyTorch), ``"sum"`` or ``"none"`` (per-row losses ``(N,)``,
+        gradients of their sum).
+      grad: ``False`` skips the gradient pass (``grad`` of the result is ``None``).
+      grad_out: ``None`` or a tuple of three writable arrays of the inputs' shape and
+        dtype, one per gradient; passing the inputs themselves
+        (``grad_out=(anchor, positive, negative)``) overwrites them in place.
+      backend: ``"auto"``, ``"cpu"`` or ``"cuda"`` (see :func:`fastloss.backend_of`).
+
+    Returns:
+      ``LossGrad(loss, grad)`` with ``grad = (d_anchor, d_positive, d_negative)``, each
+      of the inputs' shape and dtype (or ``None`` when ``grad=False``).  float16 inputs
+      are computed in float32, float32 in float32, float64 in float64.
+
+    Example:
+      >>> import numpy as np, fastloss as fl
+      >>> a = np.array([[0.0, 0.0]]); p = np.array([[0.0, 4.0]]); n = np.array([[2.0, 0.0]])
+      >>> loss, (ga, gp, gn) = fl.triplet_margin_loss(a, p, n, margin=1.0, eps=0.0)
+      >>> float(loss), ga.tolist(), gp.tolist(), gn.tolist()
+      (3.0, [[1.0, -1.0]], [[0.0, 1.0]], [[-1.0, 0.0]])
+    """
+    select_backend(backend, anchor=anchor, positive=positive, negative=negative,
+                   **({} if grad_out is None or not isinstance(grad_out, (tuple, list))
+                      else {f"grad_out[{k}]": g for k, g in enumerate(grad_out)}))
+    anchor = check.float_array(anchor, "anchor")
+    if anchor.ndim not in (1, 2):
+        raise ValueError(f"anchor must have shape (N, D) (or (D,) for one triplet), got {anchor.shape}")
+    positive = check.float_array(positive, "positive")
+    negative = check.float_array(negative, "negative")
+    for x, name in ((positive, "positive"), (negative, "negative")):
+        if x.dtype != anchor.dtype:
+            raise TypeError(f"{name} must have the anchor's dtype {anchor.dtype}, got {x.dtype}")
+        check.shape_equal(x, anchor.shape, name, "the anchor's shape")
+    margin = check.nonnegative(margin, "margin")
+    eps = check.nonnegative(eps, "eps")
+    distance = _choice(distance, DISTANCES, "distance")
+    reduction = check.reduction(reduction)
+    if grad and grad_out is not None:
+        grad_out = _grad_outs(grad_out, anchor.shape, anchor.dtype)
+
+    batch_shape = anchor.shape[:-1]
+    D = anchor.shape[-1]
+    n = math.prod(batch_shape)
+    T = _storage.compute_type(anchor.dtype)
+    inputs = (anchor, positive, negative)
+    views = [_storage.kernel_view(x).reshape(n, D) for x in inputs]
+    if grad:
+        buffers = []
+        for k, x in enumerate(inputs):
+            out = None if grad_out is None else grad_out[k]
+            others = tuple(y for m, y in enumerate(inputs) if m != k)
+            if grad_out is not None:
+                others += tuple(g for m, g in enumerate(grad_out) if m != k)
+            buffers.append(_storage.gradient_arrays(True, out, x, (n, D), others))
+        gk = [b[0] for b in buffers]
+    else:
+        gk = [_storage.gradient_arrays(False, None, anchor, (n, D))[0]] * 3
+    losses = np.empty(n, T)
+    total = triplet_margin_rows(*views, distance, swap, margin, eps,
+                                grad_scale(reduction == "mean", n), *gk, bool(grad), losses)
+    loss = reduce(losses, total, reduction, n, batch_shape, anchor.dtype)
+    if not grad:
+        return LossGrad(loss, None)
+    return LossGrad(loss, tuple(_storage.finish_gradient(w, r) for _, w, r in buffers))
+
+
+def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distance="euclidean",
+                       soft=False, reduction="mean", grad=True, grad_out=None, backend="auto"):
+    r"""Triplet loss with online mining inside one batch, and its gradient w.r.t. the embeddings.
+
+    Every term is ``f(z)``, ``z = d(a, p) - d(a, n) + margin``, over triplets of rows
+    with ``a != p``, ``labels[a] == labels[p]`` and ``labels[n] != labels[a]``;
+    ``f(z) = max(0, z)`` (its gradient passes where ``z > 0``, in every mining mode), or
+    ``softplus(z)`` with ``soft=True`` (gradient ``sigmoid(z)``; pass ``margin=0`` for
+    Hermans et al.'s soft margin).  The triplets:
+
+    * ``mining="hard"`` (Hermans et al. 2017, "In Defense of the Triplet Loss"): per
+      anchor, its farthest positive and its nearest negative; anchors lacking a
+      positive or a negative contribute nothing.
+    * ``"semihard"`` (Schroff et al. 2015, FaceNet): for each anchor-positive pair, the
+      nearest negative with ``d(a, n) > d(a, p)`` strictly, else the farthest negative.
+    * ``"all"``: every valid ``(a, p, n)``.
+
+    Ties in these argmax/argmin choices go to the lowest row index.
+
+    Distances: ``"euclidean"`` is the plain ``||x - y||`` (no eps shift; its gradient is
+    0 at zero distance, so identical embeddings never give NaN),
+    ``"squared_euclidean"`` ``||x - y||**2``, ``"cosine"`` ``1 - cos(x, y)`` with norms
+    clamped at 1e-8 (``torch.nn.functional.cosine_similarity``'s default eps).
+
+    How it is computed: one Gram matrix ``G = E E^T`` by BLAS (float32 for float16 and
+    float32 input, float64 for float64), squared distances
+    ``max(0, |e_i|^2 + |e_j|^2 - 2 G_ij)`` (exactly 0 on the diagonal) and cosines
+    ``G_ij / (|e_i| |e_j|)`` from it, as ``torch.cdist``'s matmul path does.  Mining and
+    the loss value use these matrix distances; in float32 a distance ``d`` between
+    vectors of norm ``r`` carries an absolute error of about ``1e-7 r**2 / d``.  The
+    gradient touches only the selected pairs and uses, for euclidean, the exact
+    difference ``e_r - e_o`` over its exact norm, recomputed.  Memory is ``O(N**2)``
+    (the Gram matrix; for ``"all"`` also a dense ``N x N`` coefficient matrix), never
+    ``O(N**3)``; ``"all"``'s time is ``O(N**3)`` (every triplet).  The result does not
+    depend on the number of threads.
+
+    Args:
+      embeddings: float16/32/64 array ``(N, D)``.
+      labels: integer array ``(N,)`` of any integer dtype; the values are only compared
+        for equality (any integers, negative too).
+      mining: ``"hard"``, ``"semihard"`` or ``"all"``.
+      margin: ``>= 0``.
+      distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+      soft: ``softplus`` instead of the hinge.
+      reduction: ``"mean"`` divides the sum of the terms by the anchors that have a
+        positive and a negative (``"hard"``), by the anchor-positive pairs whose anchor
+        has a negative (``"semihard"``), or by the triplets with positive loss
+        (``"all"``; with ``soft=True`` every softplus term is positive, so by every valid
+        triplet).  With no such anchor or pair, ``"hard"``/``"semihard"`` give ``nan`` and
+        a zero gradient (an empty mean, as in PyTorch); ``"all"`` gives 0 (and a zero
+        gradient) when no triplet has positive loss.  ``"sum"``; ``"none"``: one loss
+        per anchor ``(N,)``, the sum of its selected terms (0 for an anchor with none),
+        and the gradient of their sum.
+      grad: ``False`` skips the backward pass (``grad`` of the result is ``None``).
+      grad_out: ``None`` or a writable array of the embeddings' shape and dtype;
+        ``grad_out=embeddings`` is allowed (the gradient is written through a
+        temporary, then copied over).
+      backend: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+      ``LossGrad(loss, grad)``, ``grad`` of the embeddings' shape and dtype.
+
+    Example:
+      >>> import numpy as np, fastloss as fl
+      >>> e = np.array([[0.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.5, 0.0]])
+      >>> loss, grad = fl.batch_triplet_loss(e, [0, 0, 1, 1], margin=1.0)
+      >>> round(float(loss), 4)  # (1.5 + (2 - sqrt(1.25)) + 0.5 + 2) / 4
+      1.2205
+    """
+    select_backend(backend, embeddings=embeddings, labels=labels, grad_out=grad_out)
+    embeddings = check.feature_rows(embeddings, "embeddings")
+    N, D = embeddings.shape
+    labels = check.row_labels(labels, N, "labels")
+    mining = _choice(mining, MININGS, "mining")
+    distance = _choice(distance, DISTANCES, "distance")
+    margin = check.nonnegative(margin, "margin")
+    reduction = check.reduction(reduction)
+    soft = bool(soft)
+    if grad and grad_out is not None:
+        check.grad_buffer(grad_out, embeddings.shape, embeddings.dtype)
+
+    T = _storage.compute_type(embeddings.dtype)
+    E = np.ascontiguousarray(embeddings, dtype=T)
+    # E @ E.T on a contiguous transposed copy: OpenBLAS's gemm, which is faster than the
+    # syrk that NumPy picks for E @ E.T
+    G = np.dot(E, np.ascontiguousarray(E.T))
+    sq = np.ascontiguousarray(np.diagonal(G))
+    inv = (1.0 / np.maximum(np.sqrt(sq), T(COSINE_NORM_EPS))).astype(T, copy=False)
+    _, cls, class_sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    cls = np.ascontiguousarray(cls.reshape(N), dtype=np.int32)
+    size = class_sizes[cls]  # size of each anchor's class
+    has_neg = size < N
+    if mining == "hard":
+        denom = float(np.count_nonzero((size > 1) & has_neg))
+        slots = np.full(N, 2, np.int64)
+    elif mining == "semihard":
+        pairs = np.where(has_neg, size - 1, 0)
+        denom = float(pairs.sum())
+        slots = 2 * pairs
+    else:
+        slots = np.zeros(N, np.int64)
+    rec_off = np.zeros(N + 1, np.int64)
+    np.cumsum(slots, out=rec_off[1:])
+    rec_j = np.empty(rec_off[-1], np.int64)
+    rec_c = np.empty(rec_off[-1], T)
+    S = np.zeros((N, N) if mining == "all" and grad else (0, 0), T)
+    losses = np.zeros(N, np.float64)
+    counts = np.zeros(N if mining == "all" else 0, np.int64)
+    total = batch_mine(G, sq, inv, cls, mining, distance, margin, soft, rec_off, rec_j, rec_c, S,
+                       grad, losses, counts)
+    if mining == "all":
+        denom = float(np.sum((size - 1) * (N - size))) if soft else float(counts.sum())
+
+    if reduction == "mean" and mining == "all" and denom == 0:
+        loss = np.asarray(0.0, dtype=embeddings.dtype)
+    else:
+        loss = reduce(losses, total, reduction, denom, (N,), embeddings.dtype)
+    if not grad:
+        return LossGrad(loss, None)
+    written, result = _storage.gradient_buffer(grad_out, embeddings.shape, embeddings.dtype, None,
+                                               (embeddings, E))
+    if mining == "all":
+        S += S.T  # row r: every coefficient of a pair touching r (NumPy buffers the overlap)
+    del G  # the backward works from the embeddings alone
+    batch_backward(E, inv, distance, rec_off, rec_j, rec_c, S,
+                   grad_scale(reduction == "mean", denom), _storage.kernel_view(written))
+    return LossGrad(loss, _storage.finish_gradient(written, result))
