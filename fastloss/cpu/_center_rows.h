@@ -15,10 +15,27 @@
 #define FL_CLONES
 #endif
 
+#if defined(__GNUC__)
+#define FL_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define FL_PREFETCH(p) ((void)(p))
+#endif
+
+/* `next` (the row summed after this one, or NULL) is prefetched one cache line
+ * per cache line of this row: rows of a class lie at random places, which the
+ * hardware prefetcher does not follow, and spreading the requests keeps them
+ * within the core's miss buffers. */
 #define FL_ACCUMULATE(NAME, CT, XT)                                                  \
     static FL_CLONES void NAME(double *restrict acc, const CT *restrict c,            \
-                               const XT *restrict x, ptrdiff_t n) {                   \
-        for (ptrdiff_t d = 0; d < n; d++) acc[d] += (double)c[d] - (double)x[d];      \
+                               const XT *restrict x, const XT *next, ptrdiff_t n) {   \
+        const ptrdiff_t line = 64 / sizeof(XT);                                       \
+        ptrdiff_t d = 0;                                                              \
+        for (; d + line <= n; d += line) {                                            \
+            if (next) FL_PREFETCH(next + d);                                        \
+            for (ptrdiff_t k = d; k < d + line; k++)                                  \
+                acc[k] += (double)c[k] - (double)x[k];                                \
+        }                                                                             \
+        for (; d < n; d++) acc[d] += (double)c[d] - (double)x[d];                     \
     }
 
 #define FL_MOVE(NAME, CT)                                                             \
@@ -33,16 +50,5 @@ FL_ACCUMULATE(fl_accumulate_ff, float, float)
 FL_ACCUMULATE(fl_accumulate_fd, float, double)
 FL_ACCUMULATE(fl_accumulate_df, double, float)
 FL_ACCUMULATE(fl_accumulate_dd, double, double)
-
-/* Ask for the next row while this one is summed: rows of a class lie at
- * random places, and the hardware prefetcher only follows sequential runs. */
-static inline void fl_prefetch(const void *p, ptrdiff_t bytes) {
-#if defined(__GNUC__)
-    const char *b = (const char *)p;
-    for (ptrdiff_t k = 0; k < bytes; k += 64) __builtin_prefetch(b + k, 0, 3);
-#else
-    (void)p; (void)bytes;
-#endif
-}
 
 #endif

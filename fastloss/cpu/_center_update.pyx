@@ -22,11 +22,10 @@ from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 cdef extern from "_center_rows.h" nogil:
-    void fl_accumulate_ff(double* acc, const float* c, const float* x, Py_ssize_t n)
-    void fl_accumulate_fd(double* acc, const float* c, const double* x, Py_ssize_t n)
-    void fl_accumulate_df(double* acc, const double* c, const float* x, Py_ssize_t n)
-    void fl_accumulate_dd(double* acc, const double* c, const double* x, Py_ssize_t n)
-    void fl_prefetch(const void* p, Py_ssize_t nbytes)
+    void fl_accumulate_ff(double* acc, const float* c, const float* x, const float* next, Py_ssize_t n)
+    void fl_accumulate_fd(double* acc, const float* c, const double* x, const double* next, Py_ssize_t n)
+    void fl_accumulate_df(double* acc, const double* c, const float* x, const float* next, Py_ssize_t n)
+    void fl_accumulate_dd(double* acc, const double* c, const double* x, const double* next, Py_ssize_t n)
     void fl_move_f(float* c, const double* acc, double scale, Py_ssize_t n)
     void fl_move_d(double* c, const double* acc, double scale, Py_ssize_t n)
 
@@ -63,20 +62,21 @@ cdef inline void _update_class(center_t[:, ::1] centers, const feature_t[:, ::1]
     cdef Py_ssize_t r, D = centers.shape[1]
     cdef center_t* c = &centers[j, 0]
     cdef const feature_t* x
+    cdef const feature_t* next_row
     cdef double scale = alpha / (1.0 + (starts[j + 1] - starts[j]))
     memset(acc, 0, D * sizeof(double))
     for r in range(starts[j], starts[j + 1]):
         x = &features[order[r], 0]
-        if r + 1 < starts[j + 1]:
-            fl_prefetch(&features[order[r + 1], 0], D * sizeof(feature_t))
+        # prefetched: the next row, of this class or of the class that follows
+        next_row = &features[order[r + 1], 0] if r + 1 < order.shape[0] else NULL
         if center_t is float and feature_t is float:
-            fl_accumulate_ff(acc, c, x, D)
+            fl_accumulate_ff(acc, c, x, next_row, D)
         elif center_t is float and feature_t is double:
-            fl_accumulate_fd(acc, c, x, D)
+            fl_accumulate_fd(acc, c, x, next_row, D)
         elif center_t is double and feature_t is float:
-            fl_accumulate_df(acc, c, x, D)
+            fl_accumulate_df(acc, c, x, next_row, D)
         else:
-            fl_accumulate_dd(acc, c, x, D)
+            fl_accumulate_dd(acc, c, x, next_row, D)
     if center_t is float:
         fl_move_f(c, acc, scale, D)
     else:
@@ -109,7 +109,7 @@ def update_centers(center_t[:, ::1] centers, const feature_t[:, ::1] features,
                 _update_class(centers, features, present[p], starts, order, alpha, &scratch[0, 0])
     else:
         with nogil:
-            for p in prange(n_present, schedule="dynamic", chunksize=4, num_threads=num_threads):
+            for p in prange(n_present, schedule="dynamic", chunksize=16, num_threads=num_threads):
                 _update_class(centers, features, present[p], starts, order, alpha,
                               &scratch[threadid(), 0])
     return n_present
