@@ -10,7 +10,7 @@ table goes into a saved benchmark JSON (``--benchmark-autosave`` /
 import pytest
 
 # Row order of the ratio table; bench_losses.py stores the role in extra_info.
-ROLE_ORDER = ("fastloss", "fastloss-grad_out", "numpy", "torch", "torch-compile", "copy")
+ROLE_ORDER = ("fastloss", "fastloss-grad_out", "numpy", "torch", "torch-compile", "matmul", "copy")
 BASE_ROLE = "fastloss"
 CEILING_ROLE = "copy"
 

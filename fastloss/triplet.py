@@ -18,6 +18,20 @@ def _choice(value, allowed, name):
     return value
 
 
+def _gram(E):
+    """E @ E.T as two row blocks: NumPy hands E @ E.T itself to BLAS's syrk, which
+    OpenBLAS runs about half as fast as gemm; a row block against E.T is a gemm
+    with a transposed operand (no transposed copy either)."""
+    N = E.shape[0]
+    G = np.empty((N, N), E.dtype)
+    half = N // 2
+    if half == 0:
+        return np.dot(E, E.T)
+    np.dot(E[:half], E.T, out=G[:half])
+    np.dot(E[half:], E.T, out=G[half:])
+    return G
+
+
 def _grad_outs(grad_out, shape, dtype):
     """``grad_out`` of triplet_margin_loss: a tuple of three writable arrays of the inputs'
     shape and dtype that do not overlap one another."""
@@ -222,9 +236,7 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
 
     T = _storage.compute_type(embeddings.dtype)
     E = np.ascontiguousarray(embeddings, dtype=T)
-    # E @ E.T on a contiguous transposed copy: OpenBLAS's gemm, which is faster than the
-    # syrk that NumPy picks for E @ E.T
-    G = np.dot(E, np.ascontiguousarray(E.T))
+    G = _gram(E)
     sq = np.ascontiguousarray(np.diagonal(G))
     inv = (1.0 / np.maximum(np.sqrt(sq), T(COSINE_NORM_EPS))).astype(T, copy=False)
     _, cls, class_sizes = np.unique(labels, return_inverse=True, return_counts=True)
