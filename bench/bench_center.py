@@ -16,7 +16,7 @@ against fastloss (loss, gradient and updated centers).
 import numpy as np
 import pytest
 
-from bench_losses import _bench
+from bench_losses import _bench, torch_or_skip
 
 N, D, K = 8192, 512, 1000
 ALPHA = 0.5
@@ -92,9 +92,7 @@ def test_center(benchmark, request, data, role):
             return numpy_center_loss(x, labels, centers)
         _agree(role, data, *run(), centers)
     elif role == "torch":
-        torch = pytest.importorskip("torch", reason="torch is not installed")
-        if request.config.getoption("--bench-no-torch"):
-            pytest.skip("--bench-no-torch")
+        torch = torch_or_skip(request.config)
         fn = torch_center_loss(torch)
         xt, yt, ct = torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(centers)
 

@@ -136,30 +136,43 @@ def _torch_losses():
     return {f.__name__: f for f in (softmax_cross_entropy, focal_loss, sigmoid_focal_loss, huber_loss)}
 
 
-_torch_state = {}
+_compiled = {}  # (id of an eager function) -> its torch.compile
 
 
-def _torch_fn(config, case, compiled):
+def torch_or_skip(config, compiled=False):
+    """torch, set up once for the bench (``--bench-torch-threads``); skips the entry when
+    torch is missing or its kind is switched off (``--bench-no-torch``, ``--bench-no-compile``).
+    Shared by every bench file."""
     if config.getoption("--bench-no-torch"):
         pytest.skip("--bench-no-torch")
     if compiled and config.getoption("--bench-no-compile"):
         pytest.skip("--bench-no-compile")
     torch = pytest.importorskip("torch", reason="torch is not installed")
-    if "eager" not in _torch_state:
-        threads = config.getoption("--bench-torch-threads")
-        if threads:
-            torch.set_num_threads(threads)
-        _torch_state["eager"] = _torch_losses()
-        _torch_state["compiled"] = {}
-    fn = _torch_state["eager"][case.loss]
-    if compiled:
-        if case.loss not in _torch_state["compiled"]:
-            try:
-                _torch_state["compiled"][case.loss] = torch.compile(fn)
-            except Exception as exc:  # pragma: no cover - depends on the torch install
-                pytest.skip(f"torch.compile unavailable: {type(exc).__name__}: {exc}")
-        fn = _torch_state["compiled"][case.loss]
-    return torch, fn
+    threads = config.getoption("--bench-torch-threads")
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch
+
+
+def compiled_or_skip(torch, fn):
+    """``torch.compile(fn)``, made once per function; skips the entry when compiling fails."""
+    if id(fn) not in _compiled:
+        try:
+            _compiled[id(fn)] = (fn, torch.compile(fn))  # fn kept alive: its id stays its own
+        except Exception as exc:  # pragma: no cover - depends on the torch install
+            pytest.skip(f"torch.compile unavailable: {type(exc).__name__}: {exc}")
+    return _compiled[id(fn)][1]
+
+
+_torch_eager = {}
+
+
+def _torch_fn(config, case, compiled):
+    torch = torch_or_skip(config, compiled)
+    if not _torch_eager:
+        _torch_eager.update(_torch_losses())
+    fn = _torch_eager[case.loss]
+    return torch, (compiled_or_skip(torch, fn) if compiled else fn)
 
 
 # --------------------------------------------------------------------- the suite

@@ -25,7 +25,7 @@ import pytest
 import fastloss
 from fastloss import _numpy_losses as npl
 
-from bench_losses import _bench  # noqa: E402  (same timing policy as the other losses)
+from bench_losses import _bench, compiled_or_skip, torch_or_skip  # noqa: E402  (same timing policy as the other losses)
 
 RTOL = 1e-4
 TRIPLET = ("triplet-65536x128", 65536, 128)
@@ -127,29 +127,16 @@ def _torch_fns():
     return triplet, batch_hard
 
 
-_torch_state = {}
+_torch_eager = []
 
 
 def _torch(config, compiled):
-    if config.getoption("--bench-no-torch"):
-        pytest.skip("--bench-no-torch")
-    if compiled and config.getoption("--bench-no-compile"):
-        pytest.skip("--bench-no-compile")
-    torch = pytest.importorskip("torch", reason="torch is not installed")
-    if "eager" not in _torch_state:
-        threads = config.getoption("--bench-torch-threads")
-        if threads:
-            torch.set_num_threads(threads)
-        _torch_state["eager"] = _torch_fns()
-    fns = _torch_state["eager"]
+    torch = torch_or_skip(config, compiled)
+    if not _torch_eager:
+        _torch_eager.extend(_torch_fns())
     if compiled:
-        if "compiled" not in _torch_state:
-            try:
-                _torch_state["compiled"] = tuple(torch.compile(f) for f in fns)
-            except Exception as exc:  # pragma: no cover - depends on the torch install
-                pytest.skip(f"torch.compile unavailable: {type(exc).__name__}: {exc}")
-        fns = _torch_state["compiled"]
-    return torch, fns
+        return torch, tuple(compiled_or_skip(torch, f) for f in _torch_eager)
+    return torch, tuple(_torch_eager)
 
 
 # ---------------------------------------------------------------- checks
