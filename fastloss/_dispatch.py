@@ -11,7 +11,8 @@ import numpy as np
 BACKENDS = ("auto", "cpu", "cuda")
 
 
-def _is_cuda(a):
+def on_device(a):
+    """Whether ``a`` is a CUDA array (checked without importing any CUDA machinery)."""
     return hasattr(a, "__cuda_array_interface__") or getattr(a, "__cuda_ndarray__", False)
 
 
@@ -21,7 +22,7 @@ def _device_of(a):
         return "cpu"
     if a is None or isinstance(a, (bool, int, float)):
         return None
-    return "cuda" if _is_cuda(a) else "cpu"
+    return "cuda" if on_device(a) else "cpu"
 
 
 def _devices(named):
@@ -59,8 +60,9 @@ def backend_of(*arrays):
 def select_backend(backend, **arrays):
     """Resolve ``backend=`` ("auto" reads ``FASTLOSS_BACKEND``) against the arrays.
 
-    Returns ``"cpu"`` or ``"cuda"``.  The CUDA kernels arrive with the GPU
-    backend; until then asking for them raises ``NotImplementedError``.
+    Returns ``"cpu"`` or ``"cuda"``.  Whether a GPU is really there is
+    checked later, by ``fastloss.cuda._arrays.cuda_module``, so that this
+    module never imports CUDA machinery.
     """
     if backend == "auto":
         backend = os.environ.get("FASTLOSS_BACKEND") or "auto"
@@ -74,9 +76,19 @@ def select_backend(backend, **arrays):
     if backend == "cpu" and where == "cuda":
         name = next(n for n, a in arrays.items() if _device_of(a) == "cuda")
         raise TypeError(f"backend='cpu' but {name} is a CUDA array; copy it to the host first")
-    if backend == "cuda" or where == "cuda":
-        raise NotImplementedError(
-            "fastloss: the CUDA backend is not implemented yet; pass NumPy arrays "
-            "(or backend='cpu')"
-        )
-    return "cpu"
+    return "cuda" if backend == "cuda" or where == "cuda" else "cpu"
+
+
+def on_gpu(main, grad_out=None):
+    """``(Device, grad_out)`` for a call dispatched to the GPU, importing the
+    CUDA machinery (``fastloss.cuda``) only now.  ``grad_out`` is the caller's
+    own object, kept to be returned (``Device.give_grad``) after the kernels
+    have written through its device view."""
+    from fastloss.cuda._arrays import Device
+    return Device(main), grad_out
+
+
+def rows(view, width, name):
+    """``fastloss.cuda._arrays.rows``, imported lazily."""
+    from fastloss.cuda._arrays import rows as device_rows
+    return device_rows(view, width, name)

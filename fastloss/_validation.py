@@ -3,19 +3,26 @@
 Each check runs before any kernel, raises ``TypeError`` (wrong kind or dtype)
 or ``ValueError`` (wrong shape or value) whose message names the argument and
 what was expected, and returns the argument in the form the kernels trust.
+
+The same checks serve the GPU: there the arrays are Numba device views
+(``fastloss.cuda._arrays.Device.view``), whose shape and dtype are read like
+NumPy's, whose data stay on the device (labels are range-checked by a small
+kernel that sends back one index), and which are never converted or copied.
 """
 import operator
 
 import numpy as np
 from numba import njit
 
+from fastloss._dispatch import on_device
+
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def float_array(x, name):
-    """``x`` as an ndarray of dtype float16, float32 or float64."""
-    if not isinstance(x, np.ndarray):
+    """``x`` as an ndarray (or device array) of dtype float16, float32 or float64."""
+    if not isinstance(x, np.ndarray) and not on_device(x):
         try:
             x = np.asarray(x)
         except Exception as exc:  # ragged lists, objects that refuse conversion
@@ -26,11 +33,14 @@ def float_array(x, name):
 
 
 def label_array(t, name):
-    """``t`` as an int64 ndarray of class indices (any integer dtype accepted)."""
-    if not isinstance(t, np.ndarray):
+    """``t`` as an int64 ndarray of class indices (any integer dtype accepted;
+    a device array keeps its dtype, the kernels widen on load)."""
+    if not isinstance(t, np.ndarray) and not on_device(t):
         t = np.asarray(t)
     if t.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer class indices, got dtype {t.dtype}")
+    if on_device(t):
+        return t
     if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} holds a class index too large for int64")
     return t.astype(np.int64, copy=False)
@@ -47,12 +57,21 @@ def _first_bad_label(labels, upper, ignore_index):
 
 def labels_in_range(labels, upper, name, ignore_index=None):
     """ValueError unless every label is in ``[0, upper)`` or equals ``ignore_index``."""
-    flat = labels.reshape(-1)
     skip = np.iinfo(np.int64).min if ignore_index is None else ignore_index
-    bad = _first_bad_label(flat, upper, skip)
+    if on_device(labels):
+        from fastloss.cuda._checks import first_bad_label
+        flat = labels.reshape(-1) if labels.ndim != 1 else labels
+        bad = first_bad_label(flat, upper, skip)
+        if bad >= 0:
+            flat = flat[bad:bad + 1].copy_to_host()
+            bad_value, bad = flat[0], bad
+    else:
+        flat = labels.reshape(-1)
+        bad = _first_bad_label(flat, upper, skip)
+        bad_value = flat[bad] if bad >= 0 else None
     if bad >= 0:
         allowed = f"[0, {upper})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
-        raise ValueError(f"{name}[{bad}] = {flat[bad]} is out of range: expected {allowed}")
+        raise ValueError(f"{name}[{bad}] = {bad_value} is out of range: expected {allowed}")
 
 
 def shape_equal(a, shape, name, expected):
@@ -108,7 +127,7 @@ def weight_vector(w, length, name, dtype):
         return None
     w = float_array(w, name)
     shape_equal(w, (length,), name, "one weight per class")
-    return np.ascontiguousarray(w, dtype=dtype)
+    return w if on_device(w) else np.ascontiguousarray(w, dtype=dtype)
 
 
 def sample_weights(w, shape, name, dtype):
@@ -117,18 +136,25 @@ def sample_weights(w, shape, name, dtype):
         return None
     w = float_array(w, name)
     shape_equal(w, shape, name, "one weight per sample")
+    if on_device(w):
+        from fastloss.cuda._arrays import rows
+        return rows(w, None, name)
     return np.ascontiguousarray(w, dtype=dtype).reshape(-1)
 
 
-def grad_buffer(grad_out, shape, dtype):
-    """Checks a caller's ``grad_out``: a writable ndarray of the gradient's shape and dtype."""
-    if not isinstance(grad_out, np.ndarray):
+def grad_buffer(grad_out, shape, dtype, device=False):
+    """Checks a caller's ``grad_out``: a writable array of the gradient's shape
+    and dtype, on the GPU when ``device`` (the inputs' Numba views are), else
+    a NumPy array."""
+    if device and not on_device(grad_out):
+        raise TypeError(f"grad_out must be a CUDA array (the inputs are), got {type(grad_out).__name__}")
+    if not device and not isinstance(grad_out, np.ndarray):
         raise TypeError(f"grad_out must be a NumPy array on the CPU, got {type(grad_out).__name__}")
     if grad_out.shape != tuple(shape):
         raise ValueError(f"grad_out must have shape {tuple(shape)}, got {grad_out.shape}")
     if grad_out.dtype != dtype:
         raise TypeError(f"grad_out must have dtype {dtype}, got {grad_out.dtype}")
-    if not grad_out.flags.writeable:
+    if not device and not grad_out.flags.writeable:
         raise ValueError("grad_out must be writable")
     return grad_out
 
@@ -137,7 +163,9 @@ def class_target(target, logits_shape, ignore_index):
     """``(labels, None)`` for integer class indices of shape ``logits_shape[:-1]``,
     checked against ``[0, C)``; ``(None, probs)`` for float probabilities of
     ``logits_shape``."""
-    target = np.asarray(target)
+    logits_shape = tuple(logits_shape)  # the simulator's shapes refuse negative indices
+    if not on_device(target):
+        target = np.asarray(target)
     if target.dtype.kind in "iu":
         labels = label_array(target, "target")
         shape_equal(labels, logits_shape[:-1], "target", "integer class indices, one per row of logits")
@@ -152,7 +180,7 @@ def class_target(target, logits_shape, ignore_index):
 def class_logits(logits):
     """Logits of shape ``(..., C)`` with ``C >= 1``."""
     logits = float_array(logits, "logits")
-    if logits.ndim < 1 or logits.shape[-1] == 0:
+    if logits.ndim < 1 or tuple(logits.shape)[-1] == 0:
         raise ValueError(f"logits must have shape (..., C) with C >= 1, got {logits.shape}")
     return logits
 
@@ -164,7 +192,7 @@ def class_batch(logits, target, sample_weight, grad_out, grad, ignore_index, T):
     sw = sample_weights(sample_weight, logits.shape[:-1], "sample_weight", T)
     labels, probs = class_target(target, logits.shape, ignore_index)
     if grad and grad_out is not None:
-        grad_buffer(grad_out, logits.shape, logits.dtype)
+        grad_buffer(grad_out, logits.shape, logits.dtype, on_device(logits))
     return labels, probs, sw
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 
 from fastloss import _validation as check
-from fastloss._dispatch import select_backend
+from fastloss._dispatch import on_gpu, rows, select_backend
 from fastloss._reduction import reduce
 from fastloss._result import LossGrad
 from fastloss.cpu import _storage
@@ -71,19 +71,32 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
       >>> grad.shape
       (2, 3)
     """
-    select_backend(backend, logits=logits, target=target, weight=weight,
-                   sample_weight=sample_weight, grad_out=grad_out)
+    dev = None
+    if select_backend(backend, logits=logits, target=target, weight=weight,
+                      sample_weight=sample_weight, grad_out=grad_out) == "cuda":
+        dev, caller_grad_out = on_gpu(logits, grad_out)
+        logits, target, weight, sample_weight, grad_out = dev.views(
+            logits=logits, target=target, weight=weight, sample_weight=sample_weight,
+            grad_out=grad_out)
     logits = check.class_logits(logits)
     reduction = check.reduction(reduction)
     eps = check.unit_interval(label_smoothing, "label_smoothing")
     zcoef = check.nonnegative(z_loss, "z_loss")
     cap = 0.0 if softcap is None else check.positive(softcap, "softcap")
     ignore_index = check.integer(ignore_index, "ignore_index")
-    batch_shape, C = logits.shape[:-1], logits.shape[-1]
+    batch_shape, C = tuple(logits.shape[:-1]), tuple(logits.shape)[-1]
     T = _storage.compute_type(logits.dtype)
     weight = check.weight_vector(weight, C, "weight", T)
     labels, probs, sw = check.class_batch(logits, target, sample_weight, grad_out, grad,
                                           ignore_index, T)
+
+    if dev is not None:
+        from fastloss.cuda import cross_entropy as gpu
+        loss, g = gpu.softmax_cross_entropy(
+            dev, rows(logits, C, "logits"), None if labels is None else rows(labels, None, "target"),
+            None if probs is None else rows(probs, C, "target"), weight, sw, ignore_index, eps,
+            zcoef, cap, reduction, grad, grad_out, batch_shape, logits.dtype)
+        return LossGrad(loss, dev.give_grad(g, caller_grad_out))
 
     x, labels, probs = _storage.class_rows(logits, labels, probs)
     n = x.shape[0]

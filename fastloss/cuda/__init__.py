@@ -1,0 +1,6 @@
+"""CUDA kernels (Numba, through the ``numba-cuda`` package) and their array plumbing.
+
+Nothing here is imported by ``import fastloss``: the public wrappers import
+these modules only when a call is dispatched to the GPU, so a machine without
+CUDA (or without ``numba-cuda``) pays nothing until it asks for the GPU.
+"""

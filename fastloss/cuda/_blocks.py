@@ -1,0 +1,270 @@
+"""Launch shapes and block-level building blocks shared by the CUDA kernels.
+
+Row kernels run one block per row, persistent: a grid sized to the GPU
+(``row_grid``) whose blocks loop over the rows, each thread loading
+``UNROLL`` elements before using them.  Elementwise kernels run a grid-stride
+loop.  Threads per block: 256 for elementwise kernels, up to 1024 for rows;
+``FASTLOSS_CUDA_THREADS`` (a power of two) or ``set_threads_per_block`` sets
+both, which the simulator tests use to run with 8 to 32 (it runs each thread
+of a block as a Python thread).
+
+Block reductions go through a shared float64 buffer of ``MAX_THREADS``
+entries with a tree of barriers (``syncthreads`` reached by every thread of
+the block).  They use no warp shuffles, which the simulator lacks; on the GPU
+the reductions are a sliver of each row's work, the memory traffic is the rest.
+"""
+import math
+import os
+
+from numba import cuda
+from numba.cuda.extending import overload
+
+MAX_THREADS = 1024  # size of every shared reduction buffer (a compile-time constant)
+DEFAULT_THREADS = 256  # elementwise (grid-stride) kernels
+DEFAULT_ROW_THREADS = 1024  # row kernels: one block per wide row, one block per SM
+UNROLL = 4  # row kernels load this many elements per thread before using them
+MAX_BLOCKS = 65535 * 16  # grid-stride kernels: enough blocks to fill any GPU
+
+
+def _check_threads(n, what):
+    if not isinstance(n, int) or n < 1 or n > MAX_THREADS or n & (n - 1):
+        raise ValueError(f"{what} must be a power of two in [1, {MAX_THREADS}], got {n!r}")
+    return n
+
+
+_ENV_THREADS = os.environ.get("FASTLOSS_CUDA_THREADS")
+if _ENV_THREADS:
+    THREADS = ROW_THREADS = _check_threads(int(_ENV_THREADS), "FASTLOSS_CUDA_THREADS")
+else:
+    THREADS, ROW_THREADS = DEFAULT_THREADS, DEFAULT_ROW_THREADS
+
+
+def threads_per_block():
+    """``(elementwise, row)`` threads per block now in use."""
+    return THREADS, ROW_THREADS
+
+
+def set_threads_per_block(n, rows=None):
+    """Threads per block for every kernel launched from now on (powers of two);
+    ``rows`` for the row kernels, ``n`` when not given."""
+    global THREADS, ROW_THREADS
+    THREADS = _check_threads(n, "threads per block")
+    ROW_THREADS = _check_threads(n if rows is None else rows, "threads per block")
+
+
+def threads_for(width):
+    """Threads for a one-block-per-row kernel: about one per ``UNROLL``
+    elements of the row (a power of two, at least 1), at most ``ROW_THREADS``."""
+    need = max(1, -(-width // UNROLL))
+    if need >= ROW_THREADS:
+        return ROW_THREADS
+    return 1 << math.ceil(math.log2(need))
+
+
+def _positive_env(name, default):
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    n = int(raw)
+    if n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {raw}")
+    return n
+
+
+# Row kernels keep about this many threads resident per SM: few enough rows in
+# flight that a row read by pass 1 is still in L2 when pass 2 reads it again.
+SM_THREADS = _positive_env("FASTLOSS_CUDA_SM_THREADS", 1024)
+_SM_COUNT = []
+
+
+def sm_count():
+    """Streaming multiprocessors of the current GPU (2 under the simulator,
+    so that its blocks loop over several rows as real ones do)."""
+    if not _SM_COUNT:
+        _SM_COUNT.append(getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", None) or 2)
+    return _SM_COUNT[0]
+
+
+def row_grid(n, threads):
+    """Blocks for a persistent one-block-per-row kernel over ``n`` rows: each
+    block loops over rows ``blockIdx.x, blockIdx.x + gridDim.x, ...``."""
+    per_sm = max(1, min(32, SM_THREADS // threads))
+    return max(1, min(n, per_sm * sm_count()))
+
+
+def grid_for(n):
+    """``(blocks, threads)`` for a grid-stride loop over ``n`` elements."""
+    return max(1, min(MAX_BLOCKS, -(-n // THREADS))), THREADS
+
+
+def cast_like(value, like):
+    """``value`` in the type of the scalar ``like``.  Kernels compute in the type
+    of a scalar argument (float32 for float16/32 data, float64 for float64),
+    while Numba types Python literals and int/float32 mixes as float64: every
+    constant and every value from a float64 buffer passes through here."""
+    return type(like)(value)
+
+
+@overload(cast_like, target="cuda")
+def _cast_like(value, like):
+    T = like
+
+    def impl(value, like):
+        return T(value)
+    return impl
+
+
+def element(a, i):
+    """Element ``i`` (C order) of a 1-D array, or of a 2-D one that may be
+    strided (``a[i // W, i % W]``): the elementwise kernels read and write
+    non-contiguous 2-D inputs this way, without a copy."""
+    if a.ndim == 1:
+        return a[i]
+    w = a.shape[1]
+    return a[i // w, i % w]
+
+
+@overload(element, target="cuda")
+def _element(a, i):
+    if a.ndim == 1:
+        def impl(a, i):
+            return a[i]
+    else:
+        def impl(a, i):
+            w = a.shape[1]
+            return a[i // w, i % w]
+    return impl
+
+
+def set_element(a, i, value):
+    """``element(a, i) = value``."""
+    if a.ndim == 1:
+        a[i] = value
+    else:
+        w = a.shape[1]
+        a[i // w, i % w] = value
+
+
+@overload(set_element, target="cuda")
+def _set_element(a, i, value):
+    if a.ndim == 1:
+        def impl(a, i, value):
+            a[i] = value
+    else:
+        def impl(a, i, value):
+            w = a.shape[1]
+            a[i // w, i % w] = value
+    return impl
+
+
+@cuda.jit(device=True)
+def block_sum(buf, value):
+    """Sum of ``value`` over the block (float64), returned to every thread."""
+    t = cuda.threadIdx.x
+    buf[t] = value
+    cuda.syncthreads()
+    half = cuda.blockDim.x // 2
+    while half > 0:
+        if t < half:
+            buf[t] += buf[t + half]
+        cuda.syncthreads()
+        half //= 2
+    total = buf[0]
+    cuda.syncthreads()  # buf is reused by the next reduction
+    return total
+
+
+@cuda.jit(device=True)
+def block_max(buf, value):
+    """Maximum of ``value`` over the block, returned to every thread; a NaN
+    anywhere gives NaN (as max(x) in PyTorch)."""
+    t = cuda.threadIdx.x
+    buf[t] = value
+    cuda.syncthreads()
+    half = cuda.blockDim.x // 2
+    while half > 0:
+        if t < half:
+            a = buf[t]
+            b = buf[t + half]
+            buf[t] = a if (a >= b or a != a) else b
+        cuda.syncthreads()
+        half //= 2
+    m = buf[0]
+    cuda.syncthreads()
+    return m
+
+
+@cuda.jit(device=True)
+def block_logsumexp(mbuf, sbuf, m, s):
+    """Merge every thread's online-softmax pair ``(m, s)``, ``s = sum exp(z - m)``
+    over its share of the row, into the row's ``(max, sum exp(z - max))``."""
+    t = cuda.threadIdx.x
+    mbuf[t] = m
+    sbuf[t] = s
+    cuda.syncthreads()
+    half = cuda.blockDim.x // 2
+    while half > 0:
+        if t < half:
+            m1, s1 = mbuf[t], sbuf[t]
+            m2, s2 = mbuf[t + half], sbuf[t + half]
+            mbuf[t], sbuf[t] = merge_online(m1, s1, m2, s2)
+        cuda.syncthreads()
+        half //= 2
+    m = mbuf[0]
+    s = sbuf[0]
+    cuda.syncthreads()
+    return m, s
+
+
+@cuda.jit(device=True)
+def online_add(m, s, z, counted, ninf):
+    """The online-softmax pair (max, sum exp(. - max)) after element z, which
+    adds to the sum only when ``counted``; a -inf adds 0 (no exp(-inf - -inf)
+    = NaN), a NaN makes the sum NaN."""
+    if z > m:
+        s *= math.exp(m - z)
+        m = z
+    if counted and z != ninf:
+        s += math.exp(z - m)
+    return m, s
+
+
+@cuda.jit(device=True)
+def ignored_row(row, losses, g, zero):
+    """A row that ``ignore_index`` skips: loss 0 and, when ``g`` is given, a
+    zero gradient row (the block's threads share the columns)."""
+    if cuda.threadIdx.x == 0:
+        losses[row] = zero
+    if g is not None:
+        for c in range(cuda.threadIdx.x, g.shape[1], cuda.blockDim.x):
+            g[row, c] = zero
+
+
+@cuda.jit(device=True)
+def merge_online(m1, s1, m2, s2):
+    """(max, rescaled sum) of two online-softmax pairs; -inf maxima carry sum 0
+    (no exp(-inf - -inf) = NaN), a NaN maximum stays NaN."""
+    if m1 != m1 or m2 != m2:
+        return m1 + m2, s1 + s2
+    if m2 > m1:
+        m1, s1, m2, s2 = m2, s2, m1, s1
+    if s2 == 0.0:
+        return m1, s1
+    return m1, s1 + s2 * math.exp(m2 - m1)
+
+
+@cuda.jit(cache=True)
+def fill_kernel(out, value):
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < out.shape[0]:
+        out[i] = value
+        i += stride
+
+
+def ptx_signatures():
+    """Argument types of every kernel here, for the compile check."""
+    from numba import types
+    return ([(fill_kernel, (T[::1], types.float64))
+             for T in (types.float16, types.float32, types.float64, types.int64)]
+            + [(fill_kernel, (types.int64[::1], types.int64))])
