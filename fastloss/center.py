@@ -2,7 +2,7 @@
 import numpy as np
 
 from fastloss import _validation as check
-from fastloss._dispatch import select_backend
+from fastloss._dispatch import on_device, on_gpu, select_backend
 from fastloss._reduction import grad_scale, reduce
 from fastloss._result import LossGrad
 from fastloss.cpu import _storage
@@ -16,6 +16,76 @@ def _checked(features, labels, centers, alpha, update):
     labels = check.row_labels(labels, features.shape[0], "labels", upper=centers.shape[0])
     alpha = check.unit_interval(alpha, "alpha")
     return features, labels, centers, alpha
+
+
+def _device_centers(original, centers, width, writable):
+    """The checks of ``check.centers_array`` on a device view of the centers;
+    "writable" is the read-only flag of ``__cuda_array_interface__``, where the
+    caller's array has one."""
+    if centers.dtype not in check.FLOAT_DTYPES[1:]:
+        raise TypeError(f"centers must have dtype float32 or float64, got {centers.dtype}")
+    if centers.ndim != 2 or centers.shape[1] != width:
+        raise ValueError(f"centers must have shape (K, {width}) (one row per class, as wide as "
+                         f"the features), got {tuple(centers.shape)}")
+    iface = getattr(original, "__cuda_array_interface__", None)
+    if writable and iface is not None and iface["data"][1]:
+        raise ValueError("centers must be writable: it is updated in place (or pass update=False)")
+    return centers
+
+
+def _gpu_checked(features, labels, centers, alpha, update):
+    """The GPU's ``_checked``: ``(dev, features, labels, centers, host centers, alpha)``
+    with device views of the arrays.  With NumPy inputs (``backend="cuda"``)
+    the host centers are checked as on the CPU, then copied over; the caller
+    copies them back after an update (``host centers`` is None otherwise)."""
+    dev, _ = on_gpu(features)
+    features, labels = dev.views(features=features, labels=labels)
+    features = check.feature_rows(features, "features")
+    width = features.shape[1]
+    host = None
+    if dev.kind == "numpy":
+        host = check.centers_array(centers, width, writable=update)
+        view = dev.view(host, "centers")
+    else:
+        view = _device_centers(centers, dev.view(centers, "centers"), width, update)
+    labels = check.row_labels(labels, features.shape[0], "labels", upper=view.shape[0])
+    alpha = check.unit_interval(alpha, "alpha")
+    return dev, features, labels, view, host, alpha
+
+
+def _update_on_gpu(centers, features, labels, alpha):
+    dev, features, labels, view, host, alpha = _gpu_checked(features, labels, centers, alpha, True)
+    from fastloss.cuda import center as gpu
+    gpu.center_update(dev, view, features, labels, alpha)
+    if host is not None:
+        np.copyto(host, view.copy_to_host())
+    return centers
+
+
+def _loss_on_gpu(features, labels, centers, alpha, update, reduction, grad, grad_out):
+    dev, features, labels, view, host, alpha = _gpu_checked(features, labels, centers, alpha, update)
+    reduction = check.reduction(reduction)
+    from fastloss.cuda import center as gpu
+    g_view = None
+    if grad and grad_out is not None:
+        if dev.kind == "numpy":  # checked on the host; the gradient is copied into it at the end
+            check.grad_buffer(grad_out, features.shape, features.dtype)
+            if np.may_share_memory(grad_out, host):
+                raise ValueError("grad_out must not share memory with centers")
+        else:
+            g_view = check.grad_buffer(dev.view(grad_out, "grad_out"), features.shape,
+                                       features.dtype, device=True)
+            if gpu.shares_memory(g_view, view):
+                raise ValueError("grad_out must not share memory with centers")
+    loss, g = gpu.center_loss(dev, features, labels, view, alpha, update, reduction, grad, g_view,
+                              features.dtype)
+    if update and host is not None:
+        np.copyto(host, view.copy_to_host())
+    if not grad:
+        return LossGrad(loss, None)
+    if dev.kind == "numpy":
+        return LossGrad(loss, dev.give_grad(g, grad_out))
+    return LossGrad(loss, g if grad_out is None else grad_out)
 
 
 def center_update(centers, features, labels, *, alpha=0.5, backend="auto"):
@@ -37,8 +107,19 @@ def center_update(centers, features, labels, *, alpha=0.5, backend="auto"):
     thread count, and a permutation of the rows changes them by round-off at
     most.  NaN or inf in a row reaches only the center of that row's label.
 
+    On the GPU (CUDA arrays, or ``backend="cuda"``) the same rule runs as
+    Numba CUDA kernels with no float atomics: a stable counting sort of the
+    rows by label on the device, then one block per class (and tile of
+    features) whose threads each sum one feature over the class's rows in
+    ascending row order, in float64; the bits do not depend on the threads
+    per block, and equal the CPU's up to the rounding of the last step.
+    ``centers`` is then a CUDA array (CuPy, Numba device array, ...) updated
+    in place, or a NumPy array when ``backend="cuda"`` is given NumPy inputs
+    (copied over and back).
+
     Args:
-      centers: ``(K, D)`` float32 or float64 NumPy array, updated in place.
+      centers: ``(K, D)`` float32 or float64 array, updated in place (a
+        NumPy array on the CPU, a CUDA array on the GPU).
       features: ``(N, D)`` float16/32/64 array.
       labels: ``(N,)`` integers in ``[0, K)``; duplicates are the normal case.
       alpha: center learning rate, in ``[0, 1]`` (the paper's range).
@@ -53,7 +134,8 @@ def center_update(centers, features, labels, *, alpha=0.5, backend="auto"):
       >>> fl.center_update(centers, np.array([[2.0, 4.0], [4.0, 8.0]]), [1, 1], alpha=0.5).tolist()
       [[0.0, 0.0], [1.0, 2.0]]
     """
-    select_backend(backend, centers=centers, features=features, labels=labels)
+    if select_backend(backend, centers=centers, features=features, labels=labels) == "cuda":
+        return _update_on_gpu(centers, features, labels, alpha)
     features, labels, centers, alpha = _checked(features, labels, centers, alpha, update=True)
     return update_centers(centers, features, labels, alpha)
 
@@ -77,7 +159,8 @@ def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction=
       features: ``(N, D)`` float16/32/64 array.
       labels: ``(N,)`` integers in ``[0, K)``.
       centers: ``(K, D)`` float32/float64 array; updated in place when
-        ``update=True`` (so it must be a writable NumPy array), only read otherwise.
+        ``update=True`` (so it must be a writable NumPy array, or a CUDA
+        array beside CUDA features), only read otherwise.
         The loss is computed in the features' precision (float32 for float16).
       alpha: center learning rate in ``[0, 1]``.
       update: whether to apply the center update after the loss.
@@ -85,8 +168,17 @@ def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction=
       grad: whether to compute the gradient.
       grad_out: optional ``(N, D)`` array of the features' dtype to write the
         gradient into; it may be ``features`` itself (written after the update
-        has read them) but must not share memory with ``centers``.
-      backend: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        has read them) but must not share memory with ``centers``.  On the
+        GPU, "sharing memory" is decided from the device pointers, shapes and
+        strides of ``__cuda_array_interface__`` (byte ranges that intersect,
+        as ``np.may_share_memory``); under Numba's CUDA simulator from the
+        NumPy arrays its device arrays wrap.
+      backend: ``"auto"``, ``"cpu"`` or ``"cuda"``.  On the GPU (CUDA arrays,
+        every array argument on the device, ``centers`` included) the loss and
+        gradient come from one CUDA kernel (one block per row) and the update
+        is :func:`center_update`'s deterministic CUDA one; the results are
+        arrays of the features' kind.  ``backend="cuda"`` with NumPy inputs
+        copies them over and the results, and the updated centers, back.
 
     Returns:
       ``LossGrad(loss, grad)``.  Bad input raises before anything is computed
@@ -102,7 +194,9 @@ def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction=
       >>> centers.tolist()   # each present class moved by alpha * (x - c) / (1 + 1)
       [[0.25, 0.5], [0.0, 0.0], [0.75, 1.0]]
     """
-    select_backend(backend, features=features, labels=labels, centers=centers, grad_out=grad_out)
+    if select_backend(backend, features=features, labels=labels, centers=centers,
+                      grad_out=grad_out) == "cuda":
+        return _loss_on_gpu(features, labels, centers, alpha, update, reduction, grad, grad_out)
     features, labels, centers, alpha = _checked(features, labels, centers, alpha, update)
     reduction = check.reduction(reduction)
     if grad and grad_out is not None:
@@ -136,6 +230,14 @@ class CenterLoss:
     ``state_dict()`` / ``load_state_dict()`` round-trip through plain NumPy
     arrays, copied both ways.
 
+    With ``device="cuda"``, ``cl.centers`` is a Numba device array
+    (``numba.cuda.DeviceNDArray``; CuPy is not needed), updated in place on
+    the GPU; the features and labels passed to ``cl(...)`` must then be CUDA
+    arrays too (CuPy, Numba, PyTorch...: mixing devices is a TypeError), and
+    the results are of the features' kind.  ``state_dict()`` copies the
+    centers to the host; ``load_state_dict()`` checks the NumPy array on the
+    host and copies it to the device.
+
     Args:
       num_classes: K, the number of centers.
       num_features: D, their width.
@@ -164,11 +266,13 @@ class CenterLoss:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda":
-            select_backend("cuda")  # the GPU backend's own error until it exists
         self.alpha = check.unit_interval(alpha, "alpha")
         self.device = device
-        self.centers = np.zeros((num_classes, num_features), dtype)
+        if device == "cuda":
+            from fastloss.cuda._arrays import cuda_module
+            self.centers = cuda_module().to_device(np.zeros((num_classes, num_features), dtype))
+        else:
+            self.centers = np.zeros((num_classes, num_features), dtype)
         if init is not None:
             self.load_state_dict({"centers": init})
 
@@ -178,7 +282,10 @@ class CenterLoss:
                            reduction=reduction, grad=grad, grad_out=grad_out)
 
     def state_dict(self):
-        """``{"centers": copy of the centers, "alpha": alpha}``, plain NumPy."""
+        """``{"centers": copy of the centers, "alpha": alpha}``, plain NumPy
+        (copied from the GPU with ``device="cuda"``)."""
+        if self.device == "cuda":
+            return {"centers": self.centers.copy_to_host(), "alpha": self.alpha}
         return {"centers": np.array(self.centers, copy=True), "alpha": self.alpha}
 
     def load_state_dict(self, state):
@@ -187,9 +294,17 @@ class CenterLoss:
         if "centers" not in state:
             raise ValueError("state must have a 'centers' entry")
         new = check.float_array(state["centers"], "centers")
-        check.shape_equal(new, self.centers.shape, "centers", "num_classes x num_features")
+        if on_device(new):  # a CUDA array given anyway: read it through a Numba view
+            from fastloss.cuda._arrays import Device
+            new = Device(new).view(new, "centers").copy_to_host()
+        check.shape_equal(new, tuple(self.centers.shape), "centers", "num_classes x num_features")
         alpha = check.unit_interval(state.get("alpha", self.alpha), "alpha")
-        np.copyto(self.centers, new, casting="same_kind")
+        if self.device == "cuda":
+            host = np.empty(tuple(self.centers.shape), self.centers.dtype)
+            np.copyto(host, new, casting="same_kind")
+            self.centers.copy_to_device(host)
+        else:
+            np.copyto(self.centers, new, casting="same_kind")
         self.alpha = alpha
 
     def __repr__(self):

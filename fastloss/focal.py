@@ -2,11 +2,17 @@
 import numpy as np
 
 from fastloss import _validation as check
-from fastloss._dispatch import select_backend
+from fastloss._dispatch import on_device, on_gpu, rows, select_backend
 from fastloss._reduction import grad_scale, reduce
 from fastloss._result import LossGrad
 from fastloss.cpu import _storage
 from fastloss.cpu.focal import focal_rows, sigmoid_focal_elements
+
+
+def _is_scalar(value):
+    """A Python or NumPy number, or a 0-d NumPy array (not a device array)."""
+    return (isinstance(value, (int, float, np.number))
+            or (isinstance(value, np.ndarray) and value.ndim == 0))
 
 
 def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ignore_index=-100,
@@ -46,6 +52,12 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
     With probability targets, a class with zero target mass contributes 0
     (even when its probability is 0).
 
+    On the GPU (CUDA arrays in, or ``backend="cuda"``) the same semantics run
+    in one fused kernel per call, one block per row; ``alpha`` may be a
+    number, a NumPy scalar or a ``(C,)`` device array (a 0-d device array is
+    read back to the host, one synchronisation).  Logits of more than two
+    dimensions must be C-contiguous there.
+
     Example:
       >>> import numpy as np, fastloss as fl
       >>> logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]], np.float32)
@@ -53,14 +65,42 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
       >>> round(float(loss), 4)
       0.2497
     """
-    select_backend(backend, logits=logits, target=target, alpha=alpha,
-                   sample_weight=sample_weight, grad_out=grad_out)
+    dev = None
+    # a scalar alpha lives nowhere (a NumPy scalar or 0-d array with CUDA logits is no mix)
+    scalar_alpha = alpha is None or _is_scalar(alpha)
+    if select_backend(backend, logits=logits, target=target,
+                      alpha=None if scalar_alpha else alpha, sample_weight=sample_weight,
+                      grad_out=grad_out) == "cuda":
+        dev, caller_grad_out = on_gpu(logits, grad_out)
+        logits, target, sample_weight, grad_out = dev.views(
+            logits=logits, target=target, sample_weight=sample_weight, grad_out=grad_out)
+        if not scalar_alpha:
+            alpha = dev.view(alpha, "alpha")
     logits = check.class_logits(logits)
     reduction = check.reduction(reduction)
     gamma = check.nonnegative(gamma, "gamma")
     ignore_index = check.integer(ignore_index, "ignore_index")
-    batch_shape, C = logits.shape[:-1], logits.shape[-1]
+    batch_shape, C = tuple(logits.shape[:-1]), tuple(logits.shape)[-1]
     T = _storage.compute_type(logits.dtype)
+
+    if dev is not None:
+        # alpha as a scale and an optional (C,) device vector: nothing allocated for a scalar
+        ascale, alpha_vec = 1.0, None
+        if alpha is not None and on_device(alpha) and alpha.ndim != 0:
+            alpha_vec = check.weight_vector(alpha, C, "alpha", T)
+        elif on_device(alpha):  # a 0-d device array: its one value is read back
+            ascale = check.scalar(float(alpha.copy_to_host()), "alpha")
+        elif alpha is not None:
+            ascale = check.scalar(alpha, "alpha")
+        labels, probs, sw = check.class_batch(logits, target, sample_weight, grad_out, grad,
+                                              ignore_index, T)
+        from fastloss.cuda import focal as gpu
+        loss, g = gpu.focal_loss(
+            dev, rows(logits, C, "logits"), None if labels is None else rows(labels, None, "target"),
+            None if probs is None else rows(probs, C, "target"), alpha_vec, ascale, sw,
+            ignore_index, gamma, reduction, grad, grad_out, batch_shape, logits.dtype)
+        return LossGrad(loss, dev.give_grad(g, caller_grad_out))
+
     if alpha is None:
         alpha = _storage.ones(C, T)
     elif np.ndim(alpha) == 0:
@@ -103,7 +143,11 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mea
       gamma: focusing parameter, ``>= 0``.
       reduction: ``"mean"`` over all elements, ``"sum"``, or ``"none"``
         (per-element losses of the logits' shape).
-      grad, grad_out, backend: as in :func:`softmax_cross_entropy`.
+      grad, grad_out, backend: as in :func:`softmax_cross_entropy`;
+        ``grad_out=logits`` works in place.
+
+    On the GPU the elementwise kernel reads 1-D and 2-D arrays as they are
+    (strided or not) and arrays of more dimensions when C-contiguous.
 
     Example:
       >>> import numpy as np, fastloss as fl
@@ -113,17 +157,27 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mea
       >>> round(float(loss), 4)
       0.075
     """
-    select_backend(backend, logits=logits, targets=targets, grad_out=grad_out)
+    dev = None
+    if select_backend(backend, logits=logits, targets=targets, grad_out=grad_out) == "cuda":
+        dev, caller_grad_out = on_gpu(logits, grad_out)
+        logits, targets, grad_out = dev.views(logits=logits, targets=targets, grad_out=grad_out)
     logits = check.float_array(logits, "logits")
     reduction = check.reduction(reduction)
     alpha = check.scalar(alpha, "alpha")
     gamma = check.nonnegative(gamma, "gamma")
-    targets = np.asarray(targets)
+    if not on_device(targets):
+        targets = np.asarray(targets)
     if targets.dtype.kind not in "fiub":
         raise TypeError(f"targets must be float (or 0/1 integer or bool) labels, got dtype {targets.dtype}")
     check.shape_equal(targets, logits.shape, "targets", "the logits' shape")
     if grad and grad_out is not None:
-        check.grad_buffer(grad_out, logits.shape, logits.dtype)
+        check.grad_buffer(grad_out, logits.shape, logits.dtype, dev is not None)
+
+    if dev is not None:
+        from fastloss.cuda import focal as gpu
+        loss, g = gpu.sigmoid_focal_loss(dev, logits, targets, alpha, gamma, reduction, grad,
+                                         grad_out, logits.dtype)
+        return LossGrad(loss, dev.give_grad(g, caller_grad_out))
 
     T = _storage.compute_type(logits.dtype)
     n = logits.size

@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from fastloss import _validation as check
-from fastloss._dispatch import select_backend
+from fastloss._dispatch import on_gpu, select_backend
 from fastloss._reduction import grad_scale, reduce
 from fastloss._result import LossGrad
 from fastloss.cpu import _storage
@@ -60,14 +60,25 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
       grad, grad_out, backend: as in :func:`softmax_cross_entropy`;
         ``grad_out=input`` works in place.
 
+    On the GPU the weights stay on the device, never broadcast to the
+    input's size (a view of them is read per element; only weights that vary
+    along axes separated by a broadcast one, say ``(N, 1, K)`` against
+    ``(N, M, K)``, are compacted on the host first), and the ``"mean"``
+    denominator is summed there.  Arrays of more than two dimensions must be
+    C-contiguous there.
+
     Example:
       >>> import numpy as np, fastloss as fl
       >>> loss, grad = fl.huber_loss(np.array([0.5, 3.0]), np.array([0.0, 0.0]))
       >>> float(loss), grad.tolist()
       (1.3125, [0.25, 0.5])
     """
-    select_backend(backend, input=input, target=target, sample_weight=sample_weight,
-                   grad_out=grad_out)
+    dev = None
+    if select_backend(backend, input=input, target=target, sample_weight=sample_weight,
+                      grad_out=grad_out) == "cuda":
+        dev, caller_grad_out = on_gpu(input, grad_out)
+        input, target, sample_weight, grad_out = dev.views(
+            input=input, target=target, sample_weight=sample_weight, grad_out=grad_out)
     input = check.float_array(input, "input")
     target = check.float_array(target, "target")
     check.shape_equal(target, input.shape, "target", "the input's shape")
@@ -77,7 +88,7 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
     n = input.size
     if sample_weight is None:
         sw, inner, period, denom = _storage.no_weights(T), 1, 1, float(n)
-    else:
+    else:  # shapes only: the same checks serve device arrays
         sample_weight = check.float_array(sample_weight, "sample_weight")
         try:
             np.broadcast_shapes(sample_weight.shape, input.shape)
@@ -87,10 +98,18 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
         if np.broadcast_shapes(sample_weight.shape, input.shape) != input.shape:
             raise ValueError(f"sample_weight of shape {sample_weight.shape} would broadcast "
                              f"input of shape {input.shape} to a larger shape")
+    if grad and grad_out is not None:
+        check.grad_buffer(grad_out, input.shape, input.dtype, dev is not None)
+
+    if dev is not None:
+        # the weights stay on the device: compacted there, summed there for "mean"
+        from fastloss.cuda import huber as gpu
+        loss, g = gpu.huber_loss(dev, input, target, sample_weight, delta, reduction, grad,
+                                 grad_out, input.dtype)
+        return LossGrad(loss, dev.give_grad(g, caller_grad_out))
+    if sample_weight is not None:
         sw, inner, period = _compact_weights(sample_weight, input.shape, T)
         denom = float(np.sum(sample_weight, dtype=np.float64)) * (n / max(sample_weight.size, 1))
-    if grad and grad_out is not None:
-        check.grad_buffer(grad_out, input.shape, input.dtype)
 
     x = _storage.kernel_view(input).reshape(n)
     t = _storage.kernel_view(target.astype(input.dtype, copy=False)).reshape(n)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from fastloss import _validation as check
-from fastloss._dispatch import select_backend
+from fastloss._dispatch import on_gpu, select_backend
 from fastloss._reduction import grad_scale, reduce
 from fastloss._result import LossGrad
 from fastloss.cpu import _storage
@@ -32,20 +32,26 @@ def _gram(E):
     return G
 
 
-def _grad_outs(grad_out, shape, dtype):
+def _grad_outs(grad_out, shape, dtype, dev=None):
     """``grad_out`` of triplet_margin_loss: a tuple of three writable arrays of the inputs'
-    shape and dtype that do not overlap one another."""
+    shape and dtype that do not overlap one another; on the GPU (``dev`` given, device
+    inputs) three device arrays, returned as Numba views."""
     if not isinstance(grad_out, (tuple, list)) or len(grad_out) != 3:
         raise TypeError("grad_out must be a tuple of three arrays (d_anchor, d_positive, "
                         f"d_negative), got {type(grad_out).__name__}")
     for k, (g, name) in enumerate(zip(grad_out, ("anchor", "positive", "negative"))):
         try:
-            check.grad_buffer(g, shape, dtype)
+            check.grad_buffer(g, shape, dtype, dev is not None)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"grad_out[{k}] (gradient w.r.t. {name}): {exc}") from None
+    if dev is None:
+        shared = np.may_share_memory
+    else:
+        from fastloss.cuda.triplet import overlap as shared
+        grad_out = dev.views(**{f"grad_out[{k}]": g for k, g in enumerate(grad_out)})
     for k in range(3):
         for m in range(k):
-            if np.may_share_memory(grad_out[k], grad_out[m]):
+            if shared(grad_out[k], grad_out[m]):
                 raise ValueError(f"grad_out[{k}] overlaps grad_out[{m}]: the three gradients "
                                  "need separate buffers")
     return tuple(grad_out)
@@ -95,6 +101,10 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
         dtype, one per gradient; passing the inputs themselves
         (``grad_out=(anchor, positive, negative)``) overwrites them in place.
       backend: ``"auto"``, ``"cpu"`` or ``"cuda"`` (see :func:`fastloss.backend_of`).
+        On the GPU one block per row sums the row (float64 block reductions of the
+        compute type's per-thread sums), then writes its three gradient rows; ``grad_out``
+        is then a tuple of three device arrays (the inputs themselves allowed, in any
+        order; a buffer overlapping an input otherwise is written through a temporary).
 
     Returns:
       ``LossGrad(loss, grad)`` with ``grad = (d_anchor, d_positive, d_negative)``, each
@@ -108,9 +118,12 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
       >>> float(loss), ga.tolist(), gp.tolist(), gn.tolist()
       (3.0, [[1.0, -1.0]], [[0.0, 1.0]], [[-1.0, 0.0]])
     """
-    select_backend(backend, anchor=anchor, positive=positive, negative=negative,
-                   **({} if grad_out is None or not isinstance(grad_out, (tuple, list))
-                      else {f"grad_out[{k}]": g for k, g in enumerate(grad_out)}))
+    dev = None
+    if select_backend(backend, anchor=anchor, positive=positive, negative=negative,
+                      **({} if grad_out is None or not isinstance(grad_out, (tuple, list))
+                         else {f"grad_out[{k}]": g for k, g in enumerate(grad_out)})) == "cuda":
+        dev, _ = on_gpu(anchor)
+        anchor, positive, negative = dev.views(anchor=anchor, positive=positive, negative=negative)
     anchor = check.float_array(anchor, "anchor")
     if anchor.ndim not in (1, 2):
         raise ValueError(f"anchor must have shape (N, D) (or (D,) for one triplet), got {anchor.shape}")
@@ -125,7 +138,24 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
     distance = _choice(distance, DISTANCES, "distance")
     reduction = check.reduction(reduction)
     if grad and grad_out is not None:
-        grad_out = _grad_outs(grad_out, anchor.shape, anchor.dtype)
+        caller_grad_out = tuple(grad_out) if isinstance(grad_out, (tuple, list)) else grad_out
+        on_device = dev is not None and dev.kind != "numpy"
+        grad_out = _grad_outs(grad_out, anchor.shape, anchor.dtype, dev if on_device else None)
+
+    if dev is not None:
+        from fastloss.cuda import triplet as gpu
+        host_outs = grad_out if grad and grad_out is not None and dev.kind == "numpy" else None
+        loss, grads = gpu.triplet_margin_loss(
+            dev, anchor, positive, negative, distance, swap, margin, eps, reduction, grad,
+            grad_out if grad and host_outs is None else None, tuple(anchor.shape)[:-1],
+            anchor.dtype)
+        if not grad:
+            return LossGrad(loss, None)
+        if host_outs is not None:  # NumPy in, backend="cuda": copied back into the caller's
+            return LossGrad(loss, tuple(dev.give_grad(g, h) for g, h in zip(grads, host_outs)))
+        if grad_out is not None:  # written on the device: the caller's own arrays
+            return LossGrad(loss, caller_grad_out)
+        return LossGrad(loss, tuple(dev.give_grad(g, None) for g in grads))
 
     batch_shape = anchor.shape[:-1]
     D = anchor.shape[-1]
@@ -212,6 +242,14 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
         temporary, then copied over).
       backend: ``"auto"``, ``"cpu"`` or ``"cuda"``.
 
+    On the GPU (``fastloss.cuda.triplet``) the ``N x N`` matrix comes from tiled
+    kernels rather than BLAS: squared distances summed from the differences
+    themselves (euclidean, squared: no cancellation, exactly 0 between equal rows)
+    or the Gram matrix (cosine), in the compute type; then one block per anchor
+    mines (same choices, same ties, same NaN rules as on the CPU) and writes its
+    row of pair coefficients, and one block per embedding row gathers the pairs
+    that touch it: ``O(N**2)`` memory, no atomics, the same bits on every run.
+
     Returns:
       ``LossGrad(loss, grad)``, ``grad`` of the embeddings' shape and dtype.
 
@@ -222,7 +260,10 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
       >>> round(float(loss), 4)  # (1.5 + (2 - sqrt(1.25)) + 0.5 + 2) / 4
       1.2205
     """
-    select_backend(backend, embeddings=embeddings, labels=labels, grad_out=grad_out)
+    dev = None
+    if select_backend(backend, embeddings=embeddings, labels=labels, grad_out=grad_out) == "cuda":
+        dev, _ = on_gpu(embeddings)
+        embeddings, labels = dev.views(embeddings=embeddings, labels=labels)
     embeddings = check.feature_rows(embeddings, "embeddings")
     N, D = embeddings.shape
     labels = check.row_labels(labels, N, "labels")
@@ -232,7 +273,21 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
     reduction = check.reduction(reduction)
     soft = bool(soft)
     if grad and grad_out is not None:
-        check.grad_buffer(grad_out, embeddings.shape, embeddings.dtype)
+        on_device = dev is not None and dev.kind != "numpy"
+        check.grad_buffer(grad_out, embeddings.shape, embeddings.dtype, on_device)
+
+    if dev is not None:
+        from fastloss.cuda import triplet as gpu
+        device_out = None
+        if grad and grad_out is not None and dev.kind != "numpy":
+            device_out = dev.view(grad_out, "grad_out")
+        loss, g = gpu.batch_triplet_loss(dev, embeddings, labels, mining, distance, margin, soft,
+                                         reduction, grad, device_out, embeddings.dtype)
+        if not grad:
+            return LossGrad(loss, None)
+        if device_out is not None:
+            return LossGrad(loss, grad_out)  # written in place: the caller's own array
+        return LossGrad(loss, dev.give_grad(g, grad_out))
 
     T = _storage.compute_type(embeddings.dtype)
     E = np.ascontiguousarray(embeddings, dtype=T)

@@ -1,0 +1,389 @@
+r"""Center loss (CUDA): the fused loss+gradient kernel and a deterministic center update.
+
+Loss and gradient, one block per row ``i`` with label ``y = y_i``, the centers
+as they are before any update (``T`` the compute type: float32 for
+float16/float32 features, float64 for float64; centers are read in ``T``)::
+
+    L_i = 0.5 * ||x_i - c_y||^2                (float64 block sum of T partials)
+    dL/dx_i = scale * (x_i - c_y)              (scale = 1/N for "mean", else 1)
+
+Each element of the gradient is written by the thread that read the same
+element of the features, after its read: the gradient may be the features
+themselves when the centers are not updated afterwards.
+
+The update (Wen et al. 2016), for every class ``j`` present with ``n_j`` rows::
+
+    c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j)
+
+is built like the CPU's Cython one, with no float atomics:
+
+1. group the rows by label, a stable counting sort on the device.  The rows
+   are cut into ``P`` contiguous chunks; ``counts[p, j]`` (integer atomics:
+   the counts do not depend on timing) is turned, one thread per class, into
+   the rows of class ``j`` in the chunks before ``p``; one block then scans
+   the per-class totals into ``starts`` (``K + 1`` offsets).  Finally one
+   block per chunk walks its rows in tiles of ``blockDim`` rows, in order: a
+   row's place is ``starts[j] + (rows of j in earlier chunks and tiles) +
+   (rows of j before it in its tile)``, the last by a loop over the tile's
+   labels in shared memory.  ``order[starts[j]:starts[j+1]]`` is then the
+   rows of class ``j`` in ascending row index, whatever the block size, the
+   chunking or the scheduling.
+2. one block per (class, tile of features): each thread owns features ``d``
+   and sums ``c_j[d] - x_i[d]`` in float64 over the class's rows in that
+   ascending order, then writes ``c_j[d]`` once.  A class absent from the
+   batch returns before touching its center; no two threads write the same
+   element, and no sum depends on the number of threads: the same bits for
+   any threads per block and any run, the CPU's sum in the CPU's order (equal
+   up to FMA contraction of the last step).
+
+Costs: the counting sort reads the labels twice and writes ``N`` row
+indices, plus ``P x K`` int64 counters (``P`` is kept so that they stay under
+16 MiB) and a single-block scan over ``K``.  Each class's rows are summed
+serially per feature (like the CPU's one thread per class), so one class with
+very many rows and few features leaves most of the GPU idle.
+"""
+import numpy as np
+from numba import cuda, float64, int64, types
+
+from fastloss._reduction import grad_scale
+from fastloss.cuda import _blocks
+from fastloss.cuda._arrays import compute_type, fill
+from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, grid_for, threads_for
+from fastloss.cuda._reduction import class_denominator, finish, per_row_losses
+
+#: at most this many int64 chunk counters (P x K): 16 MiB
+MAX_COUNTERS = 1 << 21
+#: at most this many chunks (the per-class scan over chunks is serial)
+MAX_CHUNKS = 1024
+#: rows per chunk of the counting sort, None: chosen from N and K (tests set it)
+CHUNK_ROWS = None
+MAX_GRID_Y = 65535
+
+
+# ----------------------------------------------------------------- loss and gradient
+
+
+@cuda.jit(cache=True)
+def center_rows(x, labels, centers, scale, g, losses):
+    """One block per row of ``x`` (n, D): ``losses[row] = 0.5 ||x_row - c_y||^2``
+    and, when ``g`` is not None, ``g[row] = scale * (x_row - c_y)``.  ``scale``
+    carries the compute type; ``centers`` (K, D) may be float32 or float64."""
+    buf = cuda.shared.array(MAX_THREADS, float64)
+    row = int64(cuda.blockIdx.x)
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    D = x.shape[1]
+    zero = scale - scale
+    half = cast_like(0.5, zero)
+    y = int64(labels[row])
+    s = zero
+    for d in range(t, D, nt):
+        diff = cast_like(x[row, d], zero) - cast_like(centers[y, d], zero)
+        s += diff * diff
+        if g is not None:
+            g[row, d] = diff * scale
+    total = block_sum(buf, s)
+    if t == 0:
+        losses[row] = half * cast_like(total, zero)
+
+
+# ----------------------------------------------------------------- grouping rows by label
+
+
+@cuda.jit(cache=True)
+def count_labels(labels, chunk, counts):
+    """counts[p, j] += 1 for every row i of label j in chunk p = i // chunk
+    (integer atomics: the totals do not depend on the order)."""
+    i = int64(cuda.grid(1))
+    stride = int64(cuda.gridsize(1))
+    while i < labels.shape[0]:
+        cuda.atomic.add(counts, (i // chunk, int64(labels[i])), 1)
+        i += stride
+
+
+@cuda.jit(cache=True)
+def chunk_offsets(counts, totals):
+    """One thread per class j: counts[p, j] <- sum_{q < p} counts[q, j] (in
+    place), totals[j] <- the class's row count."""
+    j = int64(cuda.grid(1))
+    stride = int64(cuda.gridsize(1))
+    P = counts.shape[0]
+    while j < totals.shape[0]:
+        run = int64(0)
+        for p in range(P):
+            c = counts[p, j]
+            counts[p, j] = run
+            run += c
+        totals[j] = run
+        j += stride
+
+
+@cuda.jit(cache=True)
+def exclusive_scan(totals, starts):
+    """One block: starts[0] = 0, starts[j + 1] = totals[0] + ... + totals[j]."""
+    buf = cuda.shared.array(MAX_THREADS, int64)
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    K = totals.shape[0]
+    if t == 0:
+        starts[0] = 0
+    carry = int64(0)
+    for base in range(0, K, nt):
+        j = base + t
+        v = int64(0)
+        if j < K:
+            v = totals[j]
+        buf[t] = v
+        cuda.syncthreads()
+        off = 1
+        while off < nt:  # Hillis-Steele inclusive scan of the tile
+            add = int64(0)
+            if t >= off:
+                add = buf[t - off]
+            cuda.syncthreads()
+            buf[t] += add
+            cuda.syncthreads()
+            off *= 2
+        if j < K:
+            starts[j + 1] = carry + buf[t]
+        carry += buf[nt - 1]
+        cuda.syncthreads()  # buf is rewritten by the next tile
+
+
+@cuda.jit(cache=True)
+def scatter_rows(labels, starts, offsets, chunk, order):
+    """One block per chunk p of rows [p * chunk, (p + 1) * chunk), walked in
+    tiles of blockDim rows, in order: order[starts[j] + k] = the k-th row of
+    label j (ascending).  ``offsets[p, j]`` enters as the rows of j in chunks
+    before p and is advanced tile by tile (only this block touches row p)."""
+    lab = cuda.shared.array(MAX_THREADS, int64)
+    p = int64(cuda.blockIdx.x)
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    lo = p * chunk
+    hi = min(int64(labels.shape[0]), lo + chunk)
+    for base in range(lo, hi, nt):
+        i = base + t
+        m = min(int64(nt), hi - base)
+        y = int64(-1)
+        if i < hi:
+            y = int64(labels[i])
+        lab[t] = y
+        cuda.syncthreads()
+        rank = int64(0)  # rows of label y before row i in this tile
+        last = True  # no row of label y after row i in this tile
+        for k in range(m):
+            if lab[k] == y:
+                if k < t:
+                    rank += 1
+                elif k > t:
+                    last = False
+        at = int64(0)
+        if i < hi:
+            at = offsets[p, y]
+            order[starts[y] + at + rank] = i
+        cuda.syncthreads()  # every read of offsets[p, .] for this tile is done
+        if i < hi and last:
+            offsets[p, y] = at + rank + 1
+        cuda.syncthreads()  # the new offsets are seen by the next tile; lab is free
+
+
+# ----------------------------------------------------------------- the update
+
+
+@cuda.jit(cache=True)
+def update_classes(x, order, starts, alpha, centers):
+    """Block (j, f): class j, features f * blockDim + t, stepping by
+    blockDim * gridDim.y.  Absent classes (starts[j] == starts[j + 1]) return
+    at once; the others get c_j -= alpha * sum (c_j - x_i) / (1 + n_j), the sum
+    in float64 over the rows ``order[starts[j]:starts[j + 1]]`` in that order."""
+    j = int64(cuda.blockIdx.x)
+    lo = starts[j]
+    hi = starts[j + 1]
+    if hi == lo:
+        return
+    scale = alpha / (1.0 + float64(hi - lo))
+    D = centers.shape[1]
+    step = int64(cuda.blockDim.x) * int64(cuda.gridDim.y)
+    d = int64(cuda.blockIdx.y) * int64(cuda.blockDim.x) + int64(cuda.threadIdx.x)
+    while d < D:
+        c = float64(centers[j, d])
+        acc = 0.0
+        for r in range(lo, hi):
+            acc += c - float64(x[order[r], d])
+        centers[j, d] = c - scale * acc
+        d += step
+
+
+@cuda.jit(cache=True)
+def copy_rows(src, dst):
+    """dst[r, c] = src[r, c] for 2-D arrays of one shape (any strides)."""
+    i = int64(cuda.grid(1))
+    stride = int64(cuda.gridsize(1))
+    D = int64(src.shape[1])
+    total = int64(src.shape[0]) * D
+    while i < total:
+        r = i // D
+        dst[r, i - r * D] = src[r, i - r * D]
+        i += stride
+
+
+# ----------------------------------------------------------------- host side
+
+
+def _extent(a):
+    """[lo, hi) of the bytes a device array spans (its pointer and strides)."""
+    iface = a.__cuda_array_interface__
+    lo = hi = iface["data"][0]
+    for n, s in zip(a.shape, a.strides):
+        if s >= 0:
+            hi += (n - 1) * s
+        else:
+            lo += (n - 1) * s
+    return lo, hi + a.dtype.itemsize
+
+
+def shares_memory(a, b):
+    """Whether two device arrays may overlap (None or empty: never).
+
+    On a GPU: the byte ranges from ``__cuda_array_interface__``'s pointer,
+    shape and strides intersect (conservative, as ``np.may_share_memory``).
+    Under the simulator: ``np.may_share_memory`` of the NumPy arrays that its
+    device arrays wrap."""
+    if a is None or b is None or a.size == 0 or b.size == 0:
+        return False
+    if not hasattr(a, "__cuda_array_interface__") or not hasattr(b, "__cuda_array_interface__"):
+        return bool(np.may_share_memory(a._ary, b._ary))
+    lo_a, hi_a = _extent(a)
+    lo_b, hi_b = _extent(b)
+    return lo_a < hi_b and lo_b < hi_a
+
+
+def same_view(a, b):
+    """Whether two device arrays are the same elements in the same layout."""
+    if a is b:
+        return True
+    if tuple(a.shape) != tuple(b.shape) or tuple(a.strides) != tuple(b.strides) or a.dtype != b.dtype:
+        return False
+    if not hasattr(a, "__cuda_array_interface__") or not hasattr(b, "__cuda_array_interface__"):
+        return (a._ary.__array_interface__["data"][0] == b._ary.__array_interface__["data"][0])
+    return a.__cuda_array_interface__["data"][0] == b.__cuda_array_interface__["data"][0]
+
+
+def _copy(src, dst):
+    blocks, threads = grid_for(src.shape[0] * src.shape[1])
+    copy_rows[blocks, threads](src, dst)
+
+
+def _chunks(n, K):
+    """(P, rows per chunk) of the counting sort."""
+    if CHUNK_ROWS is not None:
+        chunk = max(1, int(CHUNK_ROWS))
+    else:
+        tiles = -(-n // (4 * _blocks.THREADS))  # about four tiles of rows per chunk
+        P = max(1, min(tiles, MAX_CHUNKS, MAX_COUNTERS // max(K, 1)))
+        chunk = -(-n // P)
+    return -(-n // chunk), chunk
+
+
+def group_rows(dev, labels, K):
+    """``(order, starts)``: device int64 arrays, ``order[starts[j]:starts[j+1]]``
+    the rows of label ``j`` in ascending order (``labels`` in ``[0, K)``, n > 0)."""
+    n = labels.shape[0]
+    P, chunk = _chunks(n, K)
+    counts = dev.cuda.device_array((P, K), np.int64)
+    totals = dev.cuda.device_array(K, np.int64)
+    starts = dev.cuda.device_array(K + 1, np.int64)
+    order = dev.cuda.device_array(n, np.int64)
+    fill(counts.reshape(P * K), 0)
+    blocks, threads = grid_for(n)
+    count_labels[blocks, threads](labels, chunk, counts)
+    blocks, threads = grid_for(K)
+    chunk_offsets[blocks, threads](counts, totals)
+    exclusive_scan[1, _blocks.THREADS](totals, starts)
+    scatter_rows[P, _blocks.THREADS](labels, starts, counts, chunk, order)
+    return order, starts
+
+
+def _apply_update(dev, centers, x, order, starts, alpha):
+    K, D = tuple(centers.shape)
+    if shares_memory(x, centers):  # the features are read while the centers are written
+        x_copy = dev.cuda.device_array(tuple(x.shape), x.dtype)
+        _copy(x, x_copy)
+        x = x_copy
+    threads = threads_for(D)
+    tiles = max(1, min(-(-D // threads), MAX_GRID_Y))
+    update_classes[(K, tiles), threads](x, order, starts, np.float64(alpha), centers)
+
+
+def center_update(dev, centers, x, labels, alpha):
+    """The update on checked device views: ``centers`` (K, D) in place from
+    ``x`` (n, D) and ``labels`` (n,) in ``[0, K)``."""
+    if x.shape[0] == 0:
+        return
+    order, starts = group_rows(dev, labels, centers.shape[0])
+    _apply_update(dev, centers, x, order, starts, alpha)
+
+
+def center_loss(dev, x, labels, centers, alpha, update, reduction, grad, grad_out, dtype):
+    """Loss (and gradient) with the centers as given, then the update when
+    ``update``.  ``grad_out`` is a checked device view or None; it must not
+    overlap ``centers`` (the wrapper refuses that).  Returns ``(loss, g)``,
+    ``g`` the native gradient array (``grad_out`` itself when given), None
+    when not ``grad``.
+
+    The kernel writes ``grad_out`` directly unless it overlaps what is read
+    after it is written: the labels, the features other than element for
+    element, or the features at all when the update reads them afterwards
+    (``grad_out=features``); then it writes a scratch array, copied into
+    ``grad_out`` after the update."""
+    n, D = tuple(x.shape)
+    T = compute_type(dtype)
+    stats = class_denominator(dev, n, None, None, None, 0) if reduction == "mean" else None
+    losses = per_row_losses(dev, n, reduction, dtype, T)
+    g_native = g = scratch_for = None
+    if grad:
+        if grad_out is None:
+            g_native, g = dev.empty((n, D), dtype)
+        elif (shares_memory(grad_out, labels)
+              or (shares_memory(grad_out, x) and (update or not same_view(grad_out, x)))):
+            g = dev.cuda.device_array((n, D), dtype)
+            g_native = scratch_for = grad_out
+        else:
+            g_native = g = grad_out
+    if n:
+        grouped = group_rows(dev, labels, centers.shape[0]) if update else None
+        scale = T(grad_scale(reduction == "mean", n))
+        center_rows[n, threads_for(D)](x, labels, centers, scale, g, losses[1])
+        if update:
+            _apply_update(dev, centers, x, grouped[0], grouped[1], alpha)
+        if scratch_for is not None:
+            _copy(g, scratch_for)
+    return finish(dev, losses, stats, reduction, (n,), dtype), g_native
+
+
+def ptx_signatures():
+    """Every kernel of this module with the argument types it is launched with:
+    per dtype, the loss pass with and without a gradient (centers of the
+    other float width in one of them), the update on strided and contiguous
+    arrays; the grouping kernels once per label width."""
+    f16, f32, f64, i64 = types.float16, types.float32, types.float64, types.int64
+    sigs = []
+    for X in (f16, f32, f64):
+        T = f64 if X is f64 else f32
+        other = f32 if T is f64 else f64
+        sigs.append((center_rows, (X[:, ::1], i64[::1], T[:, ::1], T, types.none, T[::1])))
+        sigs.append((center_rows, (X[:, :], types.int32[:], other[:, :], T, X[:, :], X[::1])))
+        sigs.append((update_classes, (X[:, :], i64[::1], i64[::1], f64, other[:, :])))
+        sigs.append((update_classes, (X[:, ::1], i64[::1], i64[::1], f64, T[:, ::1])))
+        sigs.append((copy_rows, (X[:, :], X[:, ::1])))
+    for L in (i64, types.uint8):
+        sigs.append((count_labels, (L[:], i64, i64[:, ::1])))
+        sigs.append((scatter_rows, (L[:], i64[::1], i64[:, ::1], i64, i64[::1])))
+    sigs.append((chunk_offsets, (i64[:, ::1], i64[::1])))
+    sigs.append((exclusive_scan, (i64[::1], i64[::1])))
+    return sigs
+
+
+__all__ = ["center_loss", "center_update", "group_rows", "ptx_signatures", "same_view",
+           "shares_memory"]

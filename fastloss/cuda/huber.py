@@ -1,0 +1,175 @@
+r"""Fused Huber loss kernel (CUDA), elementwise, grid-stride.
+
+With ``r = input - target``, threshold ``delta`` and weight ``w`` (as in
+``cpu/huber``)::
+
+    L = w * (0.5 r^2              if |r| <= delta
+             delta (|r| - delta/2) otherwise)
+    dL/dinput = w * clip(r, -delta, delta)   (NaN stays NaN)
+
+Sample weights reach the kernel compactly, never broadcast to the input's
+size, as on the CPU: element ``i`` has weight ``w[(i // inner) % period]``,
+where ``w`` is a view of the caller's weights (1-D, or 2-D strided: see
+``_blocks.element``) holding the axes along which they vary, and ``inner``
+the number of elements over the trailing axes they are broadcast along.
+Weights that vary along two groups of axes with a broadcast axis between
+them (shape ``(N, 1, K)`` against ``(N, M, K)``, say), or along several
+non-contiguous axes, are the exception: they are copied to the host once and
+compacted there, by the CPU path's ``_compact_weights``.
+
+"mean" divides by the sum of the broadcast weights, computed on the device
+before the fused kernel (each block sums a share of ``w``, in float64, times
+the number of times each weight repeats; one block adds the partial sums),
+so that nothing waits for the host.  The target is rounded to the input's
+dtype first, as the CPU path does.
+"""
+import math
+
+import numpy as np
+from numba import cuda, float64, int64
+
+from fastloss._reduction import grad_scale
+from fastloss.cuda import _blocks
+from fastloss.cuda._arrays import compute_type, flat
+from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, element, set_element
+from fastloss.cuda._reduction import _total, count_denominator, elementwise_outputs, finish
+
+
+@cuda.jit(cache=True)
+def huber_elements(x, t, n, sw, inner, period, delta, stats, g, losses, partials):
+    """Elements ``0 <= i < n`` of ``x`` and ``t`` (1-D, or 2-D strided).
+    ``sw`` (None: weight 1) gives element i the weight
+    ``sw[(i // inner) % period]``; ``losses`` (n,) gets every element's loss
+    ("none"), ``partials`` (blocks,) each block's float64 sum (otherwise);
+    ``stats`` (the "mean" denominator) and ``g`` are optional."""
+    buf = cuda.shared.array(MAX_THREADS, float64)
+    zero = cast_like(0, delta)
+    one = cast_like(1, zero)
+    half = cast_like(0.5, zero)
+    scale = one if stats is None else cast_like(grad_scale(True, stats[0]), zero)
+    acc = 0.0
+    i = int64(cuda.grid(1))
+    stride = int64(cuda.gridsize(1))
+    while i < n:
+        xr = element(x, i)
+        r = cast_like(xr, zero) - cast_like(cast_like(element(t, i), xr), zero)
+        a = abs(r)
+        quad = a <= delta
+        w = one
+        if sw is not None:
+            j = i % period if inner == 1 else (i // inner) % period
+            w = cast_like(element(sw, j), zero)
+        loss = w * (half * r * r if quad else delta * (a - half * delta))
+        if losses is not None:
+            losses[i] = loss
+        if partials is not None:
+            acc += float64(loss)
+        if g is not None:
+            set_element(g, i, scale * w * (r if quad else (delta if r > zero else
+                                                          (-delta if r < zero else r))))
+        i += stride
+    if partials is not None:
+        total = block_sum(buf, acc)
+        if cuda.threadIdx.x == 0:
+            partials[cuda.blockIdx.x] = total
+
+
+@cuda.jit(cache=True)
+def weight_partials(w, period, reps, partials):
+    """partials[b] = reps * (float64 sum of block b's share of w[0:period])."""
+    buf = cuda.shared.array(MAX_THREADS, float64)
+    acc = 0.0
+    j = int64(cuda.grid(1))
+    stride = int64(cuda.gridsize(1))
+    while j < period:
+        acc += float64(element(w, j))
+        j += stride
+    total = block_sum(buf, acc)
+    if cuda.threadIdx.x == 0:
+        partials[cuda.blockIdx.x] = total * reps
+
+
+def compact_weights(dev, sw, shape, T):
+    """``(w, inner, period)`` for device weights ``sw`` broadcasting against
+    ``shape`` (of at least one element): element i (C order) has weight
+    ``w[(i // inner) % period]``, ``w`` a view of ``sw`` without a copy, except
+    in the cases the module docstring names."""
+    nd = len(shape)
+    ws = (1,) * (nd - sw.ndim) + tuple(sw.shape)
+    varying = [k for k in range(nd) if ws[k] != 1]  # there ws[k] == shape[k] > 1
+    if not varying:
+        one = sw.reshape((1,)) if sw.ndim == 0 else sw[(slice(0, 1),) * sw.ndim].reshape((1,))
+        return one, 1, 1
+    lo, hi = varying[0], varying[-1]
+    broadcast_between = any(ws[k] == 1 and shape[k] > 1 for k in range(lo, hi + 1))
+    if not broadcast_between:
+        inner = math.prod(shape[hi + 1:])
+        period = math.prod(shape[k] for k in varying)
+        if sw.is_c_contiguous():
+            return sw.reshape((period,)), inner, period
+        # the same elements, with the size-1 axes indexed away: a strided view
+        pad = nd - sw.ndim
+        v = sw[tuple(slice(None) if ws[k + pad] != 1 else 0 for k in range(sw.ndim))]
+        if v.ndim <= 2:
+            return v, inner, period
+    # several groups of varying axes (or a strided view of more than 2 axes)
+    from fastloss.huber import _compact_weights
+    w, inner, period = _compact_weights(sw.copy_to_host(), shape, T)
+    return dev.cuda.to_device(w), inner, period
+
+
+def weight_denominator(dev, w, period, n):
+    """Device ``stats`` (float64, 1): the sum of the weights broadcast to ``n``
+    elements, each of the ``period`` weights ``w`` repeating ``n / period`` times."""
+    blocks, threads = _blocks.grid_for(period)
+    partials = dev.cuda.device_array(blocks, np.float64)
+    weight_partials[blocks, threads](w, period, float(n // period), partials)
+    stats = dev.cuda.device_array(1, np.float64)
+    _total[1, _blocks.THREADS](partials, None, stats)
+    return stats
+
+
+def huber_loss(dev, input, target, sample_weight, delta, reduction, grad, grad_out, dtype):
+    """Launch the elementwise kernel on checked device views of any shape;
+    ``(loss, grad)`` as native arrays of the call's kind.  ``sample_weight``
+    is None or a device view broadcasting against ``input``."""
+    shape = tuple(input.shape)
+    n = math.prod(shape)
+    T = compute_type(dtype)
+    x, t = flat(input, "input"), flat(target, "target")
+    sw, inner, period = None, 1, 1
+    if sample_weight is not None and n:
+        sw, inner, period = compact_weights(dev, sample_weight, shape, T)
+    stats = None
+    if reduction == "mean":
+        stats = weight_denominator(dev, sw, period, n) if sw is not None else count_denominator(
+            dev, n)
+    losses, partials, g_native, g, blocks, threads = elementwise_outputs(
+        dev, n, shape, reduction, grad, grad_out, dtype)
+    if n:
+        huber_elements[blocks, threads](x, t, n, sw, inner, period, T(delta), stats, g,
+                                        losses[1], partials[1])
+    return finish(dev, losses if reduction == "none" else partials, stats, reduction, shape,
+                  dtype), g_native
+
+
+def ptx_signatures():
+    """Argument types of every kernel here, for the compile check (tests/test_cuda_compile.py)."""
+    from numba import types
+    i64, f64, N = types.int64, types.float64, types.none
+    sigs = []
+    for X, T in ((types.float16, types.float32), (types.float32, types.float32),
+                 (types.float64, types.float64)):
+        # x, t, sw, stats, g, losses, partials
+        for case in ((X[::1], X[::1], N, f64[::1], X[::1], N, f64[::1]),  # "mean"
+                     (X[::1], X[::1], X[::1], f64[::1], X[::1], N, f64[::1]),
+                     (X[::1], X[::1], X[:], N, X[::1], X[::1], N),  # "none"
+                     (X[:, :], X[:], X[:, :], N, X[:, :], N, f64[::1]),  # strided, "sum"
+                     (X[::1], f64[::1], T[::1], f64[::1], N, N, f64[::1]),  # no gradient
+                     (X[:], X[:, :], f64[::1], N, X[::1], X[::1], N)):
+            x, t, sw, stats, g, losses, partials = case
+            sigs.append((huber_elements, (x, t, i64, sw, i64, i64, T, stats, g, losses, partials)))
+        for w in (X[::1], X[:], X[:, :]):
+            sigs.append((weight_partials, (w, i64, f64, f64[::1])))
+    sigs.append((weight_partials, (f64[::1], i64, f64, f64[::1])))
+    return sigs
