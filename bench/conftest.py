@@ -9,8 +9,9 @@ table goes into a saved benchmark JSON (``--benchmark-autosave`` /
 """
 import pytest
 
-# Row order of the ratio table; bench_losses.py stores the role in extra_info.
-ROLE_ORDER = ("fastloss", "fastloss-grad_out", "numpy", "torch", "torch-compile", "matmul", "copy")
+# Row order of the ratio table; bench/_suite.py stores the role in extra_info.
+ROLE_ORDER = ("fastloss", "fastloss-grad_out", "fastloss-cuda", "numpy", "torch", "torch-compile", "jax",
+              "matmul", "copy")
 BASE_ROLE = "fastloss"
 CEILING_ROLE = "copy"
 
@@ -21,6 +22,8 @@ def pytest_addoption(parser):
                     help="skip the torch entries even when torch is importable")
     group.addoption("--bench-no-compile", action="store_true", default=False,
                     help="skip the torch.compile entries (their first compile takes ~5-30 s)")
+    group.addoption("--bench-no-jax", action="store_true", default=False,
+                    help="skip the jax entries even when jax is importable")
     group.addoption("--bench-torch-threads", type=int, default=None, metavar="N",
                     help="torch.set_num_threads(N) for the torch entries (default: torch's own, "
                          "one per core)")
@@ -112,6 +115,8 @@ def _threads_note():
 
         if "torch" in sys.modules:
             parts.append(f"torch threads {sys.modules['torch'].get_num_threads()}")
+        if "jax" in sys.modules:
+            parts.append("jax: XLA's default thread pool")
     except Exception:
         pass
     parts.append("numpy single-threaded ufuncs")

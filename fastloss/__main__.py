@@ -11,6 +11,10 @@ medium size, it
 
 and prints one table.  The exit status is 1 when any check fails.
 
+``bench`` (``fastloss._bench``) times every loss beside NumPy, PyTorch eager,
+``torch.compile`` and JAX (those installed) and a memory-copy ceiling, after
+checking that they agree, and writes the table as JSON, Markdown and a chart.
+
 The same entry point is the ``fastloss`` console script (``fastloss.__main__:main``).
 Subcommands are registered in ``_build_parser``; ``check`` is the default.
 """
@@ -135,13 +139,32 @@ def _build_parser():
                                          "data and time both.")
     _add_check_args(p_check, suppress=True)
     p_check.set_defaults(func=_cmd_check)
+    p_bench = sub.add_parser(
+        "bench", help="time every loss beside NumPy, torch, torch.compile, JAX and a copy ceiling",
+        description="Time fastloss's fused loss+gradient beside NumPy, PyTorch eager, torch.compile "
+                    "and jax.jit(value_and_grad) (those installed; the others are shown as missing) "
+                    "and a memory-copy ceiling, on synthetic data, after checking that every "
+                    "competitor's loss and gradient agree with fastloss's. Prints one table of "
+                    "medians and ratios and writes results.json, results.md and (with matplotlib) "
+                    "results.png to --out. Exit status 1 when something disagrees.")
+    from . import _bench
+    _bench.add_arguments(p_bench)
+    p_bench.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cmd_bench(args):
+    from . import _bench
+    argv = getattr(args, "_argv", None)
+    command = "python -m fastloss" + ("" if argv is None else "".join(" " + a for a in argv))
+    return _bench.cmd_bench(args, command=command)
 
 
 def main(argv=None):
     """Entry point of ``python -m fastloss`` and of the ``fastloss`` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
-    if getattr(args, "repeat", 1) < 1:
+    args._argv = list(sys.argv[1:] if argv is None else argv)
+    if args.func is _cmd_check and args.repeat < 1:
         print("--repeat must be at least 1", file=sys.stderr)
         return 2
     return args.func(args)

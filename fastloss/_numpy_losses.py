@@ -12,24 +12,37 @@ arguments to avoid the worst temporaries), with fixed hyper-parameters and
 * ``sigmoid_focal_loss(logits, targets)``: ``torchvision.ops.sigmoid_focal_loss``
   with ``alpha=0.25, gamma=2``, mean over all elements.
 * ``huber_loss(input, target)``: ``torch.nn.functional.huber_loss``, ``delta=1``.
+* ``center_loss(features, labels, centers)``: ``0.5 * ||x_i - c_{y_i}||**2`` per
+  sample, then the update of Wen et al. (``alpha=0.5``) with ``np.add.at``,
+  **in place** on ``centers``.
+* ``triplet_margin_loss(anchor, positive, negative)``:
+  ``torch.nn.functional.triplet_margin_loss`` (``p=2``, ``margin=1``, ``eps=1e-6``);
+  the gradient is a tuple of three arrays.
+* ``batch_triplet_loss(embeddings, labels)``: Hermans et al.'s batch-hard loss
+  (``mining="hard"``, euclidean, ``margin=1``) from one Gram matrix.
 
 Each takes float32 arrays (integer labels where they apply) and returns
 ``(loss, grad)``: ``loss`` a Python float, ``grad`` a float32 array of the
-first argument's shape, the gradient of the mean loss.  Logits may have any
-leading shape ``(..., C)``; they are treated as ``reshape(-1, C)``.
+first argument's shape (a tuple of three for the triplet margin loss), the
+gradient of the mean loss.  Logits may have any leading shape ``(..., C)``;
+they are treated as ``reshape(-1, C)``.  The hyper-parameters are keyword
+arguments whose defaults are the values above.
 
 This module imports nothing but NumPy.
 """
 import numpy as np
 
 __all__ = [
-    "softmax_cross_entropy",
+    "LOSSES",
+    "agreement",
+    "batch_triplet_loss",
+    "center_loss",
     "focal_loss",
-    "sigmoid_focal_loss",
     "huber_loss",
     "make_inputs",
-    "agreement",
-    "LOSSES",
+    "sigmoid_focal_loss",
+    "softmax_cross_entropy",
+    "triplet_margin_loss",
 ]
 
 
@@ -63,11 +76,11 @@ def softmax_cross_entropy(logits, labels):
     return loss, p.reshape(x.shape)
 
 
-def focal_loss(logits, labels):
-    """Mean multi-class softmax focal loss, ``gamma=2``, no alpha.
+def focal_loss(logits, labels, gamma=2.0):
+    """Mean multi-class softmax focal loss (``gamma=2`` by default), no alpha.
 
-    ``L = -(1 - p_y)**2 * log p_y``; with ``l = log p_y`` and ``q = 1 - p_y``,
-    ``dL/dz_j = c * (delta_jy - p_j)`` where ``c = 2 q p_y l - q**2``.
+    ``L = -(1 - p_y)**gamma * log p_y``; with ``l = log p_y`` and ``q = 1 - p_y``,
+    ``dL/dz_j = c * (delta_jy - p_j)`` where ``c = gamma q**(gamma-1) p_y l - q**gamma``.
     ``q`` is ``-expm1(l)`` so that it keeps its digits when ``p_y`` is near 1.
     """
     x, x2, y, rows = _rows(logits, labels)
@@ -76,8 +89,13 @@ def focal_loss(logits, labels):
     logpy = x2[rows, y] - lse
     py = np.exp(logpy)
     q = -np.expm1(logpy)
-    loss = float(np.mean(-(q * q) * logpy, dtype=np.float64))
-    c = (2 * q * py * logpy - q * q) * x.dtype.type(1.0 / n)    # (N,)
+    if gamma == 2.0:
+        qg1, qg = q, q * q
+    else:
+        qg1 = q ** (gamma - 1) if gamma != 1.0 else np.ones_like(q)
+        qg = q ** gamma
+    loss = float(np.mean(-qg * logpy, dtype=np.float64))
+    c = (gamma * qg1 * py * logpy - qg) * x.dtype.type(1.0 / n)    # (N,)
     p *= -c[:, None]
     p[rows, y] += c
     return loss, p.reshape(x.shape)
@@ -151,20 +169,109 @@ def huber_loss(input, target, delta=1.0):
     return loss, c
 
 
+def center_loss(features, labels, centers, alpha=0.5):
+    """Mean center loss and its gradient, then the center update of Wen et al., in place.
+
+    ``L = mean_i 0.5 * ||x_i - c_{y_i}||**2``, ``grad = (x - c[y]) / N``; the loss and
+    the gradient use the centers as they were; then
+    ``c_j += alpha * sum_{i: y_i = j} (x_i - c_j) / (1 + n_j)`` with ``np.add.at``.
+    """
+    x = np.asarray(features)
+    n = x.shape[0]
+    diff = x - centers[labels]
+    loss = 0.5 * float(np.einsum("ij,ij->", diff, diff, dtype=np.float64)) / n if n else float("nan")
+    grad = diff * x.dtype.type(1.0 / max(n, 1))
+    counts = np.bincount(labels, minlength=centers.shape[0]).astype(x.dtype)
+    step = np.zeros_like(centers)
+    np.add.at(step, labels, diff)  # sum_i (x_i - c_j) per class
+    centers += (x.dtype.type(alpha) / (1 + counts))[:, None] * step
+    return loss, grad
+
+
+def triplet_margin_loss(anchor, positive, negative, margin=1.0, eps=1e-6):
+    """``torch.nn.functional.triplet_margin_loss`` (``p=2``, mean) and its three gradients.
+
+    ``d(a, b) = ||a - b + eps||``, ``L = mean max(0, margin + d(a, p) - d(a, n))``.
+    """
+    a = np.asarray(anchor)
+    f = a.dtype.type
+    u = a - positive + f(eps)
+    v = a - negative + f(eps)
+    d_ap = np.sqrt(np.einsum("ij,ij->i", u, u))
+    d_an = np.sqrt(np.einsum("ij,ij->i", v, v))
+    z = f(margin) + d_ap - d_an
+    loss = float(np.mean(np.maximum(z, 0.0), dtype=np.float64))
+    c = (z >= 0).astype(a.dtype) / f(a.shape[0])
+    cp = np.divide(c, d_ap, out=np.zeros_like(c), where=d_ap > 0)[:, None]
+    cn = np.divide(c, d_an, out=np.zeros_like(c), where=d_an > 0)[:, None]
+    u *= cp
+    v *= cn
+    return loss, (u - v, -u, v)
+
+
+def batch_triplet_loss(embeddings, labels, margin=1.0):
+    """Hermans et al.'s batch-hard triplet loss (euclidean, no eps) and its gradient.
+
+    Distances from one Gram matrix (``E @ E.T`` as a gemm on a transposed copy),
+    each anchor's farthest positive and nearest negative; ``"mean"`` over the
+    anchors that have both.  The gradient runs over the selected pairs only, from
+    the exact differences.
+    """
+    e = np.asarray(embeddings)
+    labels = np.asarray(labels)
+    n = e.shape[0]
+    g = e @ np.ascontiguousarray(e.T)
+    sq = np.diagonal(g).copy()
+    d2 = sq[:, None] + sq[None, :] - 2 * g
+    np.maximum(d2, 0, out=d2)
+    same = labels[:, None] == labels[None, :]
+    rows = np.arange(n)
+    pos = np.where(same, d2, e.dtype.type(-1.0))
+    pos[rows, rows] = -1.0
+    p = np.argmax(pos, axis=1)
+    neg = np.where(same, e.dtype.type(np.inf), d2)
+    q = np.argmin(neg, axis=1)
+    valid = (pos[rows, p] >= 0) & np.isfinite(neg[rows, q])
+    z = np.sqrt(d2[rows, p]) - np.sqrt(d2[rows, q]) + margin
+    terms = np.where(valid, np.maximum(z, 0.0), 0.0)
+    count = np.count_nonzero(valid)
+    loss = float(terms.sum(dtype=np.float64) / count) if count else float("nan")
+    c = np.where(valid & (z > 0), 1.0 / max(count, 1), 0.0).astype(e.dtype)[:, None]
+    grad = np.zeros_like(e)
+    for other, sign in ((p, 1.0), (q, -1.0)):
+        diff = e - e[other]
+        norm = np.linalg.norm(diff, axis=1, keepdims=True)
+        w = sign * np.divide(c, norm, out=np.zeros_like(norm), where=norm > 0) * diff
+        grad += w
+        np.add.at(grad, other, -w)
+    return loss, grad
+
+
 LOSSES = {
     "softmax_cross_entropy": softmax_cross_entropy,
     "focal_loss": focal_loss,
     "sigmoid_focal_loss": sigmoid_focal_loss,
     "huber_loss": huber_loss,
+    "center_loss": center_loss,
+    "triplet_margin_loss": triplet_margin_loss,
+    "batch_triplet_loss": batch_triplet_loss,
 }
 
 
-def make_inputs(name, shape, seed=0, dtype=np.float32):
-    """Synthetic inputs ``(x, y)`` for loss ``name`` (a key of ``LOSSES``).
+def make_inputs(name, shape, seed=0, dtype=np.float32, classes=None):
+    """Synthetic positional inputs for loss ``name`` (a key of ``LOSSES``), as a tuple.
 
-    Logits are ``N(0, 2**2)``; class labels uniform int64 in ``[0, C)``;
-    sigmoid targets are 0/1 with about 10 % positives (detection-like);
-    Huber's input and target are both ``N(0, 1)``, so both branches are hit.
+    * cross entropy, focal: ``(logits, labels)``; logits ``N(0, 2**2)`` of ``shape``,
+      labels uniform int64 in ``[0, C)``;
+    * sigmoid focal: ``(logits, targets)``, 0/1 targets with about 10 % positives
+      (detection-like);
+    * Huber: ``(input, target)``, both ``N(0, 1)``, so both branches are hit;
+    * center: ``(features, labels, centers)``, ``shape = (N, D)``, ``classes`` centers
+      (default 1000), all ``N(0, 1)``;
+    * triplet margin: ``(anchor, positive, negative)`` of ``shape``; positives near the
+      anchors, negatives a little farther, so that about half of the rows are active;
+    * batch triplet: ``(embeddings, labels)``, ``shape = (N, D)``, ``classes`` classes
+      (default 64) of equal size, shuffled; embeddings clustered by class.
     """
     rng = np.random.default_rng(seed)
     shape = tuple(shape)
@@ -172,16 +279,38 @@ def make_inputs(name, shape, seed=0, dtype=np.float32):
         x = rng.standard_normal(shape, dtype=np.float32)
         x *= 2
         y = rng.integers(0, shape[-1], size=shape[:-1], dtype=np.int64)
+        out = (x, y)
     elif name == "sigmoid_focal_loss":
         x = rng.standard_normal(shape, dtype=np.float32)
         x *= 2
         y = (rng.random(shape, dtype=np.float32) < 0.1).astype(np.float32)
+        out = (x, y)
     elif name == "huber_loss":
         x = rng.standard_normal(shape, dtype=np.float32)
         y = rng.standard_normal(shape, dtype=np.float32)
+        out = (x, y)
+    elif name == "center_loss":
+        k = 1000 if classes is None else classes
+        x = rng.standard_normal(shape, dtype=np.float32)
+        labels = rng.integers(0, k, size=shape[0], dtype=np.int64)
+        centers = rng.standard_normal((k, shape[1]), dtype=np.float32)
+        out = (x, labels, centers)
+    elif name == "triplet_margin_loss":
+        a = rng.standard_normal(shape, dtype=np.float32)
+        p = a + 0.12 * rng.standard_normal(shape, dtype=np.float32)
+        q = a + 0.21 * rng.standard_normal(shape, dtype=np.float32)
+        out = (a, p, q)
+    elif name == "batch_triplet_loss":
+        k = 64 if classes is None else classes
+        n, d = shape
+        centers = rng.standard_normal((k, d), dtype=np.float32)
+        labels = np.repeat(np.arange(k, dtype=np.int64), -(-n // k))[:n]
+        rng.shuffle(labels)
+        e = 0.12 * centers[labels] + 0.1 * rng.standard_normal((n, d), dtype=np.float32)
+        out = (e, labels)
     else:
         raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
-    return x.astype(dtype, copy=False), (y if y.dtype.kind == "i" else y.astype(dtype, copy=False))
+    return tuple(a if a.dtype.kind == "i" else a.astype(dtype, copy=False) for a in out)
 
 
 def agreement(loss, grad, ref_loss, ref_grad, rtol=1e-4):

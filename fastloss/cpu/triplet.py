@@ -29,6 +29,9 @@ anchor).  The backward runs over rows ``r`` (in parallel likewise): row ``r`` ga
 records it is an endpoint of (its own, and the ``incoming`` ones, sorted by
 endpoint with a stable counting sort) and writes only its own gradient row:
 race-free and deterministic without atomics.
+
+``batch_hard_blocked``: hard mining (the records of ``batch_mine``) from the upper
+triangle of the Gram matrix, by column blocks mined while in cache; see its section.
 """
 import math
 
@@ -471,6 +474,297 @@ def _hard_anchor(i, Gi, sq, inv, cls, dist, margin, soft, ik, hi, lo, rec_j, rec
     rec_j[2 * i + 1] = bn
     rec_c[2 * i + 1] = -slope
     return loss
+
+
+# ---------------------------------------------------------------- hard mining, blocked
+#
+# batch_triplet_loss(mining="hard") without the full Gram matrix.  The columns are cut into
+# HARD_GEMM_BLOCKS gemm blocks [J0, J1), each computed as G[:J1, J0:J1] (one gemm: the block's
+# columns against the rows before J1): together the upper triangle and the diagonal blocks,
+# 5/8 of the product for 4 blocks.  Every pair i != j lies in exactly one gemm block, as G[i, j] with
+# i < J0 or inside the diagonal block (there in both orders).  Each gemm block is mined in
+# column slices of HARD_BLOCK columns, each slice while it is in cache, from both sides, its
+# distance keys computed once:
+#
+# * as columns: anchor j of the slice against every row i < J1, i != j, rows in increasing
+#   order: the running (key, index) of its farthest positive and of its nearest negative,
+#   replaced on a strictly better key, so that ties keep the lowest index (elementwise over
+#   the slice's columns: vectorized, two rows at a time);
+# * as rows: anchor i < J0 against the slice's columns, all above its candidates so far: the
+#   row's extremes (vectorized integer max / min), and when one strictly beats the anchor's
+#   running one, its first column in the row.
+#
+# An anchor's candidates thus arrive in increasing index order (every row below J1 in its own
+# gemm block, then the columns of each later slice), and strict comparisons keep the lowest
+# index on ties, as _hard_pick does.  Keys are the bits of the distance clamped at 0, as in
+# _hard_keys.  Distances come from d = (u_i + u_j) - g (w_i w_j): u = |e|^2, w_i w_j = 2 (the
+# squared distance, exactly sq_i + sq_j - 2 g), or u = 1/2, w = the inverse clamped norm (the
+# cosine distance), by the same operations for (i, j) and (j, i).  The squared norms are the
+# gemm's diagonal, read from the block that holds it (a block needs those of the rows below
+# J1 only).  A NaN distance anywhere sends the call back to the full-Gram path (the wrapper
+# does it), whose NaN rule (the first NaN wins) needs every NaN's position.
+#
+# Few gemm calls: OpenBLAS's threads meet at the end of each, and on a loaded machine each
+# meeting can wait for a scheduler slice.  Measured at 2048 x 128 on 2 cores, whole calls:
+# idle, 16 gemm blocks ~7.7 ms, 4 ~8.6-9 ms, the full-Gram path ~14.5 ms (one gemm ~8.5 ms);
+# with both cores also busy with other work, 16 blocks 64-125 ms, 8 ~21-64 ms, 4 ~16-32 ms,
+# the full-Gram path ~30-35 ms.  A slice's column state stays in L1; slices much narrower than
+# their gemm block read short runs of far-apart rows, which the prefetcher follows badly
+# (128-column slices of 1024-column blocks: ~14 ms at 2048 x 128).
+
+HARD_BLOCK = 256  # columns per mining slice, at most HARD_BLOCK_MAX
+HARD_GEMM_BLOCKS = 4  # gemm blocks per batch, of equal widths (multiples of 16 columns)
+# A slice's column state lives in one integer buffer at these constant offsets, so that the
+# compiler sees its parts apart (no run-time alias checks between them); the stride is not a
+# multiple of 1024 elements (no 4K aliasing between the parts).
+HARD_BLOCK_MAX = 520
+_PK, _PI, _NK, _NI, _K0, _K1 = (k * HARD_BLOCK_MAX for k in range(6))
+# rows of the per-row float table F and of the integer table K of batch_hard_blocked
+_SQ, _INV, _U, _WR, _WC, _PG, _NG = range(7)
+_BP, _BI, _BN, _BNI = range(4)
+
+
+@jit
+def _gram_distance(g, u_i, u_j, w_i, w_j):
+    """(u_i + u_j) - g (w_i w_j): the squared or cosine distance from the Gram entry g (see
+    above), by the same operations for (i, j) and (j, i)."""
+    return (u_i + u_j) - g * (w_i * w_j)
+
+
+@jit
+def _distance_key(d, zero):
+    return _magnitude_bits(zero if d < zero else d)  # clamp at 0 (NaN passes)
+
+
+@jit
+def _hard_rows(blk, i0, i1, c0, c1, r0, r1, U, Wr, cls, ub, wb, cb, st):
+    """Rows i0 <= i1 (i1 == i0 for one row) of the slice blk[:, c0:c1]: updates the column
+    anchors' running extremes in ``st`` with the candidates i0 then i1, skipping the diagonal
+    entries t == r0 and t == r1; the rows' keys go to st[_K0:], st[_K1:].  Returns (largest
+    key of a positive of i0, of i1, smallest key of a negative of i0, of i1, largest key),
+    the sentinels where there are none."""
+    T = blk.dtype.type
+    zero = T(0.0)
+    lowest = _bits(-zero)
+    highest = _bits(T(np.nan))
+    I = st.dtype.type
+    a0 = I(i0)
+    a1 = I(i1)
+    x0 = blk[i0, c0:c1]
+    x1 = blk[i1, c0:c1]
+    u0 = U[i0]
+    u1 = U[i1]
+    w0 = Wr[i0]
+    w1 = Wr[i1]
+    c_0 = cls[i0]
+    c_1 = cls[i1]
+    h0 = lowest
+    h1 = lowest
+    m0 = highest
+    m1 = highest
+    top = lowest
+    for t in range(ub.shape[0]):
+        uj = ub[t]
+        wj = wb[t]
+        cj = cb[t]
+        k0 = _distance_key(_gram_distance(x0[t], u0, uj, w0, wj), zero)
+        k1 = _distance_key(_gram_distance(x1[t], u1, uj, w1, wj), zero)
+        st[_K0 + t] = k0
+        st[_K1 + t] = k1
+        s0 = cj == c_0
+        s1 = cj == c_1
+        p0 = k0 if s0 & (t != r0) else lowest
+        p1 = k1 if s1 & (t != r1) else lowest
+        n0 = highest if s0 else k0
+        n1 = highest if s1 else k1
+        h0 = max(h0, p0)
+        h1 = max(h1, p1)
+        m0 = min(m0, n0)
+        m1 = min(m1, n1)
+        top = max(top, max(k0, k1))
+        # the column anchors: candidate i0, then i1, each taken on a strictly better key only
+        pk = st[_PK + t]
+        pi = st[_PI + t]
+        pi = a0 if p0 > pk else pi
+        pk = max(pk, p0)
+        pi = a1 if p1 > pk else pi
+        pk = max(pk, p1)
+        st[_PK + t] = pk
+        st[_PI + t] = pi
+        nk = st[_NK + t]
+        ni = st[_NI + t]
+        ni = a0 if n0 < nk else ni
+        nk = min(nk, n0)
+        ni = a1 if n1 < nk else ni
+        nk = min(nk, n1)
+        st[_NK + t] = nk
+        st[_NI + t] = ni
+    return h0, h1, m0, m1, top
+
+
+@jit
+def _hard_block(blk, J0, B, dist, cls, st, K, F):
+    """Mine gemm block ``blk`` = G[:J1, J0:J1] in slices of B columns (see above): fills the
+    norms of rows J0:J1 from its diagonal (F[_SQ], F[_INV], F[_U], F[_WR], F[_WC]), the
+    running extremes (keys K[_BP], K[_BN], indices K[_BI], K[_BNI], Gram entries F[_PG],
+    F[_NG]) of the anchors J0:J1 (as columns: complete below J1) and of the anchors below J0
+    (as rows).  Returns the largest key (above +inf's when a distance is NaN)."""
+    T = blk.dtype.type
+    zero = T(0.0)
+    one = T(1.0)
+    lowest = _bits(-zero)
+    highest = _bits(T(np.nan))
+    eps = T(COSINE_NORM_EPS)
+    J1, width = blk.shape
+    for t in range(width):
+        j = J0 + t
+        s = blk[j, t]
+        n = T(math.sqrt(s))
+        v = one / (eps if n < eps else n)  # np.maximum's clamp: NaN passes
+        F[_SQ, j] = s
+        F[_INV, j] = v
+        if dist == COSINE:
+            F[_U, j] = T(0.5)
+            F[_WR, j] = v
+            F[_WC, j] = v
+        else:
+            F[_U, j] = s
+            F[_WR, j] = one
+            F[_WC, j] = T(2.0)
+    U = F[_U]
+    Wr = F[_WR]
+    bp = K[_BP]
+    bi = K[_BI]
+    bn = K[_BN]
+    bni = K[_BNI]
+    pg = F[_PG]
+    ng = F[_NG]
+    top = lowest
+    for c0 in range(0, width, B):
+        c1 = min(width, c0 + B)
+        b = c1 - c0
+        S0 = J0 + c0  # the slice's first column
+        ub = U[S0:S0 + b]
+        wb = F[_WC, S0:S0 + b]
+        cb = cls[S0:S0 + b]
+        for t in range(b):
+            st[_PK + t] = lowest
+            st[_PI + t] = -1
+            st[_NK + t] = highest
+            st[_NI + t] = -1
+        for i in range(0, S0 + b, 2):
+            i1 = i + 1 if i + 1 < J1 else i
+            h0, h1, m0, m1, tp = _hard_rows(blk, i, i1, c0, c1, i - S0, i1 - S0, U, Wr, cls, ub,
+                                            wb, cb, st)
+            top = max(top, tp)
+            # anchors below J0 as rows: the slice's columns, all above their candidates so far
+            for q in range(2 if i1 > i else 1):
+                r = i + q
+                if r >= J0:
+                    break
+                h = h0 if q == 0 else h1
+                m = m0 if q == 0 else m1
+                keys = _K0 if q == 0 else _K1
+                cr = cls[r]
+                if h > bp[r]:
+                    for t in range(b):
+                        if cb[t] == cr and st[keys + t] == h:
+                            bp[r] = h
+                            bi[r] = S0 + t
+                            pg[r] = blk[r, c0 + t]
+                            break
+                if m < bn[r]:
+                    for t in range(b):
+                        if cb[t] != cr and st[keys + t] == m:
+                            bn[r] = m
+                            bni[r] = S0 + t
+                            ng[r] = blk[r, c0 + t]
+                            break
+        for t in range(b):  # the slice's anchors, with their Gram entries while at hand
+            j = S0 + t
+            p = st[_PI + t]
+            n = st[_NI + t]
+            bp[j] = st[_PK + t]
+            bi[j] = p
+            bn[j] = st[_NK + t]
+            bni[j] = n
+            pg[j] = blk[p, c0 + t] if p >= 0 else zero
+            ng[j] = blk[n, c0 + t] if n >= 0 else zero
+    return top
+
+
+@jit
+def _hard_distance(g, u_i, u_j, w_i, w_j, dist, zero):
+    """d(i, j) from the Gram entry, as the blocks' keys order it: the clamped squared distance
+    (its root for euclidean) or the (unclamped) cosine distance."""
+    d = _gram_distance(g, u_i, u_j, w_i, w_j)
+    if dist == COSINE:
+        return d
+    d = zero if d < zero else d
+    if dist == EUCLIDEAN:
+        return math.sqrt(d)
+    return d
+
+
+@jit
+def _hard_finish(dist, margin, soft, K, F, rec_j, rec_c, losses):
+    """Per anchor, from its farthest positive and nearest negative: the loss term and the two
+    records (as _hard_anchor).  Returns the float64 sum of the losses."""
+    T = F.dtype.type
+    zero = T(0.0)
+    one = T(1.0)
+    margin = T(margin)
+    U = F[_U]
+    Wr = F[_WR]
+    Wc = F[_WC]
+    for a in range(F.shape[1]):
+        p = K[_BI, a]
+        n = K[_BNI, a]
+        rec_j[2 * a] = -1
+        rec_j[2 * a + 1] = -1
+        losses[a] = 0.0
+        if p < 0 or n < 0:
+            continue
+        d_ap = _hard_distance(F[_PG, a], U[a], U[p], Wr[a], Wc[p], dist, zero)
+        d_an = _hard_distance(F[_NG, a], U[a], U[n], Wr[a], Wc[n], dist, zero)
+        loss, slope = _term(d_ap - d_an + margin, soft, one)
+        losses[a] = loss
+        rec_j[2 * a] = p
+        rec_c[2 * a] = slope
+        rec_j[2 * a + 1] = n
+        rec_c[2 * a + 1] = -slope
+    return loss_total(losses)
+
+
+def batch_hard_blocked(E, cls, distance, margin, soft, rec_j, rec_c, losses):
+    """Hard mining of the rows ``E`` (N, D) (compute type, C-contiguous), class ids ``cls``
+    (int32), by blocks of the Gram matrix's upper triangle (see above): the per-anchor losses
+    (float64) into ``losses``, two records per anchor into ``rec_j, rec_c`` (as batch_mine).
+    Returns ``(total, sq, inv)``: the float64 sum of the losses, the squared norms and the
+    inverse clamped norms; or None when a distance is NaN (then nothing usable has been
+    written: take batch_mine's path)."""
+    N = E.shape[0]
+    I = np.int32 if E.dtype == np.float32 else np.int64
+    B = max(1, min(int(HARD_BLOCK), N))
+    if B > HARD_BLOCK_MAX:
+        raise ValueError(f"HARD_BLOCK must be at most {HARD_BLOCK_MAX}, got {HARD_BLOCK}")
+    width = -(-N // max(1, int(HARD_GEMM_BLOCKS)))
+    width = min(N, -(-width // 16) * 16)  # columns per gemm block
+    dist = DISTANCES[distance]
+    F = np.empty((7, N), E.dtype)
+    K = np.empty((4, N), I)
+    st = np.empty(6 * HARD_BLOCK_MAX, I)
+    buf = np.empty(N * min(width, N), E.dtype)
+    inf_key = int(np.array(np.inf, E.dtype).view(I))
+    for J0 in range(0, N, width):
+        J1 = min(N, J0 + width)
+        blk = buf[:J1 * (J1 - J0)].reshape(J1, J1 - J0)
+        np.dot(E[:J1], E[J0:J1].T, out=blk)
+        slice_width = -(-(J1 - J0) // -(-(J1 - J0) // B))  # equal slices of at most B columns
+        if _hard_block(blk, J0, slice_width, dist, cls, st, K, F) > inf_key:
+            return None
+    total = _hard_finish(dist, float(margin), bool(soft), K, F, rec_j, rec_c, losses)
+    return total, F[_SQ], F[_INV]
 
 
 SEMIHARD_LINEAR_MAX = 128  # positives per anchor up to which counting beats a binary search

@@ -1,0 +1,909 @@
+"""``python -m fastloss bench``: fastloss beside what a user would otherwise run.
+
+For each chosen loss, size, dtype and backend (a *case*), on synthetic data
+(``fastloss._numpy_losses.make_inputs``), it times, in the same run:
+
+* ``fastloss``           the fused call, a fresh gradient array each call;
+* ``fastloss-grad_out``  the same call writing into a preallocated ``grad_out=``;
+* ``copy``               the memory-copy ceiling: the least a one-pass kernel must
+                         move (see ``ceiling`` below);
+* ``numpy``              the vectorized NumPy implementation (``fastloss._numpy_losses``;
+                         CPU only);
+* ``torch``, ``torch-compile``, ``jax``  the competitors of ``fastloss._competitors``
+                         (loss AND gradient), when installed.
+
+Every competitor's ``(loss, gradient)`` (and, for the center loss, the updated
+centers) is first checked against fastloss's; a disagreement is reported as
+``mismatch`` and not timed.  That first call is also the warm-up (Numba JIT or
+cache load, ``torch.compile``, ``jax.jit``).  A competitor that is not installed
+is reported as ``missing``: the command runs with nothing but fastloss installed.
+
+The table gives each entry's median time and ratios: every competitor's median
+over fastloss's (above 1: fastloss is faster by that factor), ``grad_out``'s over
+fastloss's, and fastloss's over the copy ceiling (1.0 is the bandwidth floor).
+It is printed and written to ``--out`` as ``results.json`` and ``results.md``,
+with a bar chart ``results.png`` when matplotlib is installed.
+
+This module also serves the pytest-benchmark suite in ``bench/`` (the cases,
+their inputs, the entries and the checks live here, once).
+"""
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import _competitors
+from . import _numpy_losses as _npl
+
+# ---------------------------------------------------------------------- the cases
+
+SIZES = ("small", "medium", "large")
+HIDDEN_SIZES = ("tiny",)  # for the tests: seconds, not minutes
+DTYPES = ("float32", "float16")
+BACKENDS = ("cpu", "cuda")
+COMPETITORS = ("numpy",) + _competitors.NAMES
+ENTRIES = ("fastloss", "fastloss-grad_out", "copy") + COMPETITORS
+RTOL = {"float32": 1e-4, "float16": 2e-3}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One loss as the benchmarks run it."""
+    short: str                 # name in --losses, prefix of the pytest-benchmark group
+    name: str                  # the fastloss function (and key of _numpy_losses.LOSSES)
+    sizes: dict                # size -> shape passed to make_inputs
+    kwargs: dict = field(default_factory=dict)     # hyper-parameters, the same for every entry
+    fl_kwargs: dict = field(default_factory=dict)  # spelled out for fastloss only
+    classes: dict = field(default_factory=dict)    # size -> number of classes (center, batch)
+    float16: bool = False      # also benchmarked in float16 (at the medium size in the suite)
+    what: str = ""             # one line for the docs
+
+
+_ROWS = dict(tiny=(8, 5), small=(64, 10), medium=(8192, 1000), large=(2048, 32000))
+
+SPECS = (
+    LossSpec("ce", "softmax_cross_entropy", _ROWS, float16=True,
+             what="softmax_cross_entropy(logits, labels)"),
+    LossSpec("focal", "focal_loss", _ROWS, {"gamma": 2.0}, float16=True,
+             what="focal_loss(logits, labels, gamma=2) (multi-class softmax focal)"),
+    LossSpec("sigmoid_focal", "sigmoid_focal_loss",
+             dict(tiny=(8, 5), small=(64, 10), medium=(8192, 1000), large=(16384, 1000)),
+             {"alpha": 0.25, "gamma": 2.0}, float16=True,
+             what="sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2), 0/1 targets, ~10 % positive"),
+    LossSpec("huber", "huber_loss", dict(tiny=(40,), small=(4096,), medium=(2 ** 24,), large=(2 ** 26,)),
+             {"delta": 1.0}, float16=True, what="huber_loss(input, target, delta=1)"),
+    LossSpec("center", "center_loss",
+             dict(tiny=(8, 4), small=(64, 32), medium=(8192, 512), large=(32768, 512)),
+             {"alpha": 0.5}, classes=dict(tiny=3, small=10, medium=1000, large=10000),
+             what="center_loss(features, labels, centers, alpha=0.5): loss, gradient, in-place update"),
+    LossSpec("triplet", "triplet_margin_loss",
+             dict(tiny=(8, 4), small=(64, 128), medium=(65536, 128), large=(131072, 128)),
+             {"margin": 1.0, "eps": 1e-6},
+             what="triplet_margin_loss(anchor, positive, negative), euclidean, three gradients"),
+    LossSpec("batch_hard", "batch_triplet_loss",
+             dict(tiny=(8, 4), small=(64, 128), medium=(2048, 128), large=(4096, 128)),
+             {"margin": 1.0}, {"mining": "hard"}, classes=dict(tiny=2, small=8, medium=64, large=128),
+             what="batch_triplet_loss(embeddings, labels, mining='hard'), classes of equal size"),
+)
+SPEC_BY_NAME = {**{s.short: s for s in SPECS}, **{s.name: s for s in SPECS}}
+LOSS_CHOICES = tuple(s.short for s in SPECS)
+
+
+def shape_str(shape):
+    return "x".join(str(s) for s in shape)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One loss at one size, dtype and backend."""
+    spec: LossSpec
+    size: str
+    dtype: str = "float32"
+    backend: str = "cpu"
+
+    @property
+    def shape(self):
+        return self.spec.sizes[self.size]
+
+    @property
+    def classes(self):
+        return self.spec.classes.get(self.size)
+
+    @property
+    def group(self):
+        """The pytest-benchmark group: ``ce-8192x1000``, ``center-8192x512-k1000``, ``...-float16``."""
+        g = f"{self.spec.short}-{shape_str(self.shape)}"
+        if self.spec.name == "center_loss":
+            g += f"-k{self.classes}"
+        if self.dtype != "float32":
+            g += f"-{self.dtype}"
+        if self.backend != "cpu":
+            g += f"-{self.backend}"
+        return g
+
+    @property
+    def label(self):
+        return f"{self.spec.short} {self.size} {shape_str(self.shape)} {self.dtype} {self.backend}"
+
+    @property
+    def rtol(self):
+        return RTOL.get(self.dtype, 1e-4)
+
+
+def make_args(case, seed=0):
+    """The case's positional inputs (NumPy arrays, on the host)."""
+    return _npl.make_inputs(case.spec.name, case.shape, seed=seed, dtype=np.dtype(case.dtype),
+                            classes=case.classes)
+
+
+def n_grads(spec):
+    return 3 if spec.name == "triplet_margin_loss" else 1
+
+
+def bytes_moved(case, args):
+    """Bytes a one-pass kernel reads and writes: every input once, every gradient once
+    (and, for the center loss, the centers written back)."""
+    grads = sum(a.nbytes for a in args[:n_grads(case.spec)])
+    extra = args[2].nbytes if case.spec.name == "center_loss" else 0
+    return sum(a.nbytes for a in args) + grads + extra
+
+
+# ---------------------------------------------------------------------- outcomes and checks
+
+
+@dataclass
+class Outcome:
+    """What one call computed, on the host: the loss, the gradient(s), the updated centers."""
+    loss: float
+    grads: tuple
+    centers: np.ndarray | None = None
+
+    def flat(self):
+        return np.concatenate([np.asarray(g, dtype=np.float64).ravel() for g in self.grads])
+
+
+def _host(a):
+    if a is None or isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    if hasattr(a, "__cuda_array_interface__"):
+        from numba import cuda
+        return cuda.as_cuda_array(a).copy_to_host()
+    if hasattr(a, "get"):  # CuPy
+        return a.get()
+    return np.asarray(a)
+
+
+def _grads_tuple(g):
+    return tuple(g) if isinstance(g, (tuple, list)) else (g,)
+
+
+def agreement(case, got, ref):
+    """``(loss_err, grad_err, ok, what)``: ``got`` against ``ref`` (``Outcome``s) at the
+    case's tolerance (``_numpy_losses.agreement``: the loss relative to itself, the
+    gradient relative to its largest entry), and the updated centers where there are."""
+    ref_flat = ref.flat()
+    got_flat = got.flat()
+    loss_err, grad_err, ok = _npl.agreement(got.loss, got_flat, ref.loss, ref_flat, rtol=case.rtol)
+    what = ""
+    if not ok:
+        what = (f"loss {got.loss:.7g} vs {ref.loss:.7g} (|d|={loss_err:.3g}), max|dgrad|={grad_err:.3g} "
+                f"(max|grad| {float(np.max(np.abs(ref_flat))) if ref_flat.size else 0.0:.3g}), "
+                f"rtol={case.rtol:g}")
+    if ok and ref.centers is not None and got.centers is not None:
+        c_err = float(np.max(np.abs(np.subtract(got.centers, ref.centers, dtype=np.float64))))
+        scale = float(np.max(np.abs(ref.centers)))
+        if not c_err <= case.rtol * max(1.0, scale):
+            ok = False
+            what = f"updated centers differ by {c_err:.3g} (max|c| {scale:.3g})"
+    return loss_err, grad_err, ok, what
+
+
+# ---------------------------------------------------------------------- CUDA
+
+
+def cuda_status():
+    """``(True, "")`` when a real CUDA GPU is usable, else ``(False, why)``."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False, "Numba's CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): no real GPU to time"
+    try:
+        from numba import cuda
+        if cuda.is_available():
+            return True, ""
+    except Exception as exc:  # numba-cuda missing or broken
+        return False, f"numba.cuda unusable ({type(exc).__name__}: {exc})"
+    return False, "no CUDA GPU (numba.cuda.is_available() is False)"
+
+
+def _cuda():
+    from numba import cuda
+    return cuda
+
+
+# ---------------------------------------------------------------------- entries
+
+
+@dataclass
+class Prepared:
+    """An entry ready to time: ``run()`` is one call (waiting for the device on CUDA);
+    ``result(run())`` gives its ``Outcome`` (``None`` for ceilings, which are not checked)."""
+    run: Callable
+    result: Callable | None = None
+    bytes_moved: int | None = None  # when it differs from the case's
+    threads: object = None
+
+
+def _own(case, args):
+    """The entry's own copy of what a call mutates (the centers), the rest shared."""
+    if case.spec.name == "center_loss":
+        return args[:2] + (args[2].copy(),)
+    return args
+
+
+def _fastloss(case, args, grad_out, device):
+    import fastloss
+    spec = case.spec
+    fn = getattr(fastloss, spec.name)
+    kw = {**spec.kwargs, **spec.fl_kwargs}
+    args = _own(case, args)
+    centers = args[2] if spec.name == "center_loss" else None
+    sync = None
+    if device == "cuda":
+        cuda = _cuda()
+        args = tuple(cuda.to_device(a) for a in args)
+        centers = args[2] if spec.name == "center_loss" else None
+        sync = cuda.synchronize
+    if grad_out:
+        if device == "cuda":
+            outs = tuple(_cuda().device_array_like(a) for a in args[:n_grads(spec)])
+        else:
+            outs = tuple(np.empty_like(a) for a in args[:n_grads(spec)])
+        kw["grad_out"] = outs if len(outs) > 1 else outs[0]
+
+    def run():
+        res = fn(*args, **kw)
+        if sync is not None:
+            sync()
+        return res
+
+    def result(res):  # copies: later calls overwrite grad_out and update the centers
+        loss = float(np.asarray(_host(res.loss)))
+        return Outcome(loss, tuple(np.array(_host(g)) for g in _grads_tuple(res.grad)),
+                       None if centers is None else np.array(_host(centers)))
+    return Prepared(run, result)
+
+
+def _numpy(case, args):
+    spec = case.spec
+    fn = _npl.LOSSES[spec.name]
+    args = _own(case, args)
+    centers = args[2] if spec.name == "center_loss" else None
+    half = np.dtype(case.dtype) == np.float16
+    kw = spec.kwargs
+
+    if half:  # compute in float32, return float16 gradients: fastloss's float16 contract
+        def run():
+            loss, g = fn(*(a.astype(np.float32) if a.dtype == np.float16 else a for a in args), **kw)
+            return loss, tuple(x.astype(np.float16) for x in _grads_tuple(g))
+    else:
+        def run():
+            return fn(*args, **kw)
+
+    def result(out):
+        return Outcome(float(out[0]), _grads_tuple(out[1]), None if centers is None else centers.copy())
+    return Prepared(run, result)
+
+
+def ceiling(case, args, device="cpu"):
+    """The memory-copy ceiling (entry ``copy``): the least a one-pass kernel must move.
+
+    * cross entropy, focal, center: ``np.copyto`` of the first input into a preallocated
+      array (read it once, write a gradient of its size once);
+    * sigmoid focal, Huber: ``np.subtract(x, t, out=g)`` (read both inputs, write the
+      gradient); in float16, a bitwise XOR of their int16 views (NumPy's float16
+      arithmetic is emulated, far below bandwidth);
+    * triplet margin: ``np.copyto`` of each of the three inputs;
+    * batch-hard: one Gram matrix ``E @ E.T`` as a gemm on a transposed copy made
+      beforehand (the product fastloss itself forms), not a copy.
+
+    On CUDA: a device-to-device copy of every input that gets a gradient.
+    """
+    spec = case.spec
+    if device == "cuda":
+        cuda = _cuda()
+        srcs = [cuda.to_device(a) for a in args[:n_grads(spec)]]
+        dsts = [cuda.device_array_like(a) for a in srcs]
+
+        def run():
+            for d, s in zip(dsts, srcs):
+                d.copy_to_device(s)
+            cuda.synchronize()
+        return Prepared(run, bytes_moved=2 * sum(a.nbytes for a in args[:n_grads(spec)]))
+    x = args[0]
+    if spec.name == "batch_triplet_loss":
+        et = np.ascontiguousarray(x.T)
+
+        def run():
+            return x @ et
+        return Prepared(run, bytes_moved=x.nbytes + x.shape[0] ** 2 * x.itemsize)
+    if spec.name in ("sigmoid_focal_loss", "huber_loss"):
+        t = args[1]
+        g = np.empty_like(x)
+        if x.dtype == np.float16:
+            xi, ti, gi = x.view(np.int16), t.view(np.int16), g.view(np.int16)
+
+            def run():
+                return np.bitwise_xor(xi, ti, out=gi)
+        else:
+            def run():
+                return np.subtract(x, t, out=g)
+        return Prepared(run, bytes_moved=x.nbytes + t.nbytes + g.nbytes)
+    srcs = args[:n_grads(spec)]
+    dsts = [np.empty_like(a) for a in srcs]
+
+    def run():
+        for d, s in zip(dsts, srcs):
+            np.copyto(d, s)
+    return Prepared(run, bytes_moved=2 * sum(a.nbytes for a in srcs))
+
+
+def numpy_matmul(case, args):
+    """NumPy's literal ``E @ E.T`` (handed to syrk): the suite's ``matmul`` entry (batch-hard)."""
+    e = args[0]
+
+    def run():
+        return e @ e.T
+    return Prepared(run)
+
+
+def prepare_entry(case, entry, args, device=None):
+    """Entry ``entry`` of ``ENTRIES`` for ``case`` on its host inputs ``args``.
+
+    ``device`` defaults to the case's backend.  Raises ``_competitors.Missing`` (the
+    library is not installed) or ``_competitors.Unavailable`` (it cannot run here).
+    """
+    device = case.backend if device is None else device
+    if entry in ("fastloss", "fastloss-grad_out"):
+        return _fastloss(case, args, entry == "fastloss-grad_out", device)
+    if entry == "copy":
+        return ceiling(case, args, device)
+    if entry == "numpy":
+        if device != "cpu":
+            raise _competitors.Unavailable("NumPy runs on the CPU")
+        return _numpy(case, args)
+    if entry == "matmul":
+        return numpy_matmul(case, args)
+    if entry in _competitors.NAMES:
+        p = _competitors.prepare(entry, case.spec.name, _own(case, args), case.spec.kwargs, device)
+
+        def result(out, p=p):
+            loss, grads, centers = p.result(out)
+            return Outcome(loss, grads, centers)
+        return Prepared(p.run, result, threads=p.threads)
+    raise ValueError(f"unknown entry {entry!r}; expected one of {ENTRIES}")
+
+
+def numpy_reference(case, args):
+    """NumPy's ``Outcome`` on the case (float16 computed in float32), the check of fastloss itself."""
+    p = _numpy(case, args)
+    return p.result(p.run())
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def time_calls(run, repeat=None, min_sample_s=1e-3, budget_s=3.0, fast_budget_s=0.25):
+    """``(seconds per call of each sample, calls per sample)``, ``run`` already warmed up.
+
+    One untimed call estimates the duration; a call shorter than ``min_sample_s`` is
+    repeated inside each sample so that a sample lasts about that long.  ``repeat``
+    samples are taken; ``None`` means 10, more (up to 50) while they fit in
+    ``fast_budget_s``, fewer (at least 3) when 10 would take more than ``budget_s``.
+    """
+    t0 = time.perf_counter()
+    run()
+    est = max(time.perf_counter() - t0, 1e-7)
+    iters = 1 if est >= min_sample_s else min(10_000, math.ceil(min_sample_s / est))
+    if repeat is None:
+        sample = est * iters
+        n = max(3, min(10, int(budget_s / sample))) if sample * 10 > budget_s else \
+            max(10, min(50, int(fast_budget_s / sample)))
+    else:
+        n = repeat
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            run()
+        samples.append((time.perf_counter() - t0) / iters)
+    return samples, iters
+
+
+# ---------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A plain-text progress bar on ``stream`` (stderr): redrawn in place on a terminal,
+    one line per step otherwise."""
+
+    def __init__(self, total, stream=None, width=24):
+        self.total = max(total, 1)
+        self.stream = sys.stderr if stream is None else stream
+        self.width = width
+        self.done = 0
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last = 0
+        self.t0 = time.perf_counter()
+
+    def show(self, label):
+        filled = int(self.width * self.done / self.total)
+        bar = "#" * filled + "-" * (self.width - filled)
+        text = f"[{bar}] {self.done:>3}/{self.total} {time.perf_counter() - self.t0:6.1f}s  {label}"
+        if self.tty:
+            pad = max(0, self._last - len(text))
+            self.stream.write("\r" + text + " " * pad)
+            self._last = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def step(self, label=""):
+        self.done += 1
+        self.show(label)
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------- one case
+
+
+def _brief(exc):
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def run_case(case, entries, repeat=None, progress=None, skip=()):
+    """Run every entry of ``case``; returns the case's result dict (see ``run_bench``)."""
+    args = make_args(case)
+    res = {"loss": case.spec.name, "short": case.spec.short, "size": case.size,
+           "shape": list(case.shape), "classes": case.classes, "dtype": case.dtype,
+           "backend": case.backend, "group": case.group, "bytes_moved": bytes_moved(case, args),
+           "entries": {}}
+    out = res["entries"]
+    ref = None
+    for entry in entries:
+        if progress is not None:
+            progress.show(f"{case.label}: {entry}")
+        out[entry] = _run_entry(case, entry, args, ref, repeat, skip)
+        if entry == "fastloss":
+            ref = out[entry].pop("_outcome", None)
+        if progress is not None:
+            progress.step(f"{case.label}: {entry} {out[entry]['status']}")
+    base = out.get("fastloss", {}).get("median_s")
+    copy = out.get("copy", {}).get("median_s")
+    for name, e in out.items():
+        m = e.get("median_s")
+        e["vs_fastloss"] = (m / base) if (m and base and name != "copy") else None
+        if name in ("fastloss", "fastloss-grad_out"):
+            e["vs_copy"] = (m / copy) if (m and copy) else None
+    return res
+
+
+def _run_entry(case, entry, args, ref, repeat, skip):
+    e = {"status": None, "median_s": None}
+    if entry in skip:
+        e.update(status="skipped", note="--skip")
+        return e
+    if entry != "fastloss" and entry != "copy" and ref is None:
+        e.update(status="failed", note="fastloss failed on this case: nothing to check against")
+        return e
+    try:
+        p = prepare_entry(case, entry, args)
+    except _competitors.Missing as exc:
+        e.update(status="missing", note=str(exc))
+        return e
+    except _competitors.Unavailable as exc:
+        e.update(status="n/a" if entry == "numpy" else "unavailable", note=str(exc))
+        return e
+    except Exception as exc:
+        e.update(status="failed", note=_brief(exc))
+        return e
+    try:
+        first = p.run()  # warm-up: JIT compile / cache load, torch.compile, jax.jit
+        if p.result is not None:
+            got = p.result(first)
+            if entry == "fastloss":
+                check_ref, against = numpy_reference(case, args), "numpy"
+            else:
+                check_ref, against = ref, "fastloss"
+            loss_err, grad_err, ok, what = agreement(case, got, check_ref)
+            e.update(loss_err=loss_err, grad_err=grad_err, checked_against=against)
+            if entry == "fastloss":
+                e["_outcome"] = got
+                if not ok:  # fastloss itself disagrees with NumPy: still the reference, but say so
+                    e["note"] = f"disagrees with numpy: {what}"
+                    e["check"] = "mismatch"
+            elif not ok:
+                e.update(status="mismatch", note=f"disagrees with fastloss: {what}")
+                return e
+        del first
+        samples, iters = time_calls(p.run, repeat)
+    except Exception as exc:
+        e.update(status="failed", note=_brief(exc))
+        e.pop("_outcome", None)
+        return e
+    e.update(status="ok", median_s=statistics.median(samples), samples_s=samples, calls_per_sample=iters,
+             bytes_moved=p.bytes_moved)
+    if p.threads is not None:
+        e["threads"] = p.threads
+    return e
+
+
+# ---------------------------------------------------------------------- the table
+
+
+def _ms(seconds):
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+def _cell(e, ratio_key="vs_fastloss"):
+    if e is None:
+        return "-"
+    st = e.get("status")
+    if st == "ok":
+        r = e.get(ratio_key)
+        return _ms(e["median_s"]) + (f" ({r:.2f}x)" if r is not None else "")
+    return "-" if st == "n/a" else st
+
+
+COLUMNS = ("loss", "size", "shape", "dtype", "backend", "fastloss ms", "grad_out ms (ratio)", "copy ms",
+           "fastloss/copy", "numpy ms (ratio)", "torch ms (ratio)", "torch-compile ms (ratio)",
+           "jax ms (ratio)")
+
+
+def table_rows(results):
+    rows = []
+    for c in results["cases"]:
+        en = c["entries"]
+        fl = en.get("fastloss", {})
+        shape = shape_str(c["shape"]) + (f" k{c['classes']}" if c["loss"] == "center_loss" else "")
+        fl_cell = _ms(fl["median_s"]) if fl.get("status") == "ok" else (fl.get("status") or "-")
+        if fl.get("check") == "mismatch":
+            fl_cell += " (mismatch vs numpy)"
+        vs_copy = fl.get("vs_copy")
+        rows.append([c["short"], c["size"], shape, c["dtype"], c["backend"], fl_cell,
+                     _cell(en.get("fastloss-grad_out")), _cell(en.get("copy"), None),
+                     f"{vs_copy:.2f}x" if vs_copy is not None else "-",
+                     *(_cell(en.get(name)) for name in COMPETITORS)])
+    return rows
+
+
+def format_text(results):
+    rows = table_rows(results)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(COLUMNS)]
+    right = set(range(5, len(COLUMNS)))
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(COLUMNS), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def format_markdown(results):
+    meta = results["meta"]
+    lines = ["# fastloss benchmark", "",
+             f"`{meta['command']}`, {meta['date']}", "",
+             f"* machine: {meta['machine']}",
+             f"* versions: {meta['versions']}",
+             f"* threads: {meta['threads']}",
+             f"* timing: {meta['timing']}", ""]
+    lines.append("| " + " | ".join(COLUMNS) + " |")
+    lines.append("|" + "|".join("---" if i < 5 else "---:" for i in range(len(COLUMNS))) + "|")
+    for r in table_rows(results):
+        lines.append("| " + " | ".join(r) + " |")
+    lines += ["", LEGEND]
+    if results["notes"]:
+        lines += ["", "Notes:", ""] + [f"* {n}" for n in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+LEGEND = ("Medians in milliseconds. `(ratio)` = the entry's median / fastloss's median: above 1, "
+          "fastloss is faster by that factor (for grad_out, below 1: reusing the gradient buffer "
+          "pays). `fastloss/copy` = fastloss's median / the memory-copy ceiling's (1.0 is the "
+          "bandwidth floor of a one-pass kernel; for batch_hard the ceiling is one gemm). "
+          "`missing`: not installed; `mismatch`: its loss or gradient disagrees with fastloss "
+          "(not timed); `unavailable`/`failed`/`skipped`: see the notes; `-`: does not apply.")
+
+
+def collect_notes(results):
+    notes = list(results.get("notes", []))
+    seen = set()
+    for c in results["cases"]:
+        for name, e in c["entries"].items():
+            st = e.get("status")
+            note = e.get("note")
+            if not note or st == "n/a":
+                continue
+            if st == "missing":
+                key = (name, note)
+                if key in seen:
+                    continue
+                seen.add(key)
+                notes.append(f"{name}: missing ({note})")
+            elif st in ("mismatch", "failed", "unavailable") or e.get("check") == "mismatch":
+                notes.append(f"{c['short']} {c['size']} {c['dtype']} {c['backend']}, {name}: {st}: {note}")
+    return notes
+
+
+# ---------------------------------------------------------------------- the chart
+
+
+def draw_chart(results, path):
+    """A horizontal bar chart of the ratios (log scale); ``False`` when matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    series = [(name, f"{name} / fastloss") for name in COMPETITORS] + [("copy", "fastloss / copy")]
+    cases = results["cases"]
+    labels, values = [], {name: [] for name, _ in series}
+    for c in cases:
+        labels.append(f"{c['short']} {c['size']} {c['dtype']} {c['backend']}")
+        for name, _ in series:
+            if name == "copy":
+                v = c["entries"].get("fastloss", {}).get("vs_copy")
+            else:
+                e = c["entries"].get(name, {})
+                v = e.get("vs_fastloss") if e.get("status") == "ok" else None
+            values[name].append(v)
+    n = len(labels)
+    fig = Figure(figsize=(9, 1.0 + 0.55 * n * max(1, len(series)) / 3))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    h = 0.8 / len(series)
+    for k, (name, label) in enumerate(series):
+        ys = [i + (k - (len(series) - 1) / 2) * h for i in range(n)]
+        xs = [v if v else 0 for v in values[name]]
+        ax.barh(ys, xs, height=h, label=label)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio of medians (competitor / fastloss: >1 means fastloss is faster)")
+    ax.set_title("fastloss vs competitors (same run)")
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def _machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        mem = f", {pages / 2 ** 30:.0f} GiB RAM"
+    except (ValueError, OSError, AttributeError):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs{mem}; {platform.system()} {platform.release()}; " \
+           f"Python {platform.python_version()}"
+
+
+def _versions(backends):
+    import numba
+
+    import fastloss
+    parts = [f"fastloss {fastloss.__version__}", f"numpy {np.__version__}", f"numba {numba.__version__}"]
+    for name in ("torch", "jax"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "__version__"):
+            parts.append(f"{name} {mod.__version__}")
+        else:
+            parts.append(f"{name} not used")
+    if "cuda" in backends:
+        try:
+            from importlib.metadata import version
+            parts.append(f"numba-cuda {version('numba-cuda')}")
+        except Exception:
+            parts.append("numba-cuda (version unknown)")
+    return ", ".join(parts)
+
+
+def _threads_desc(jax_note):
+    import numba
+    parts = [f"numba {numba.get_num_threads()}"]
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        parts.append(f"torch {torch.get_num_threads()}")
+    if sys.modules.get("jax") is not None:
+        parts.append(jax_note or "jax: XLA's default thread pool")
+    parts.append("numpy: single-threaded ufuncs (BLAS threads for the gemm)")
+    return ", ".join(parts)
+
+
+def select_cases(losses, sizes, dtypes, backends):
+    cases = []
+    for backend in backends:
+        for spec in losses:
+            for size in sizes:
+                for dtype in dtypes:
+                    if dtype == "float16" and not spec.float16:
+                        continue
+                    cases.append(Case(spec, size, dtype, backend))
+    return cases
+
+
+def run_bench(losses=None, sizes=("medium",), dtypes=("float32",), backends=("cpu",), repeat=None,
+              threads=None, out_dir="fastloss-bench", plot=True, skip=(), command=None,
+              stdout=None, stderr=None):
+    """Run the benchmark, print the table, write the files; returns ``(results, exit status)``.
+
+    The exit status is 1 when an entry disagrees with fastloss or fastloss fails
+    (a ``mismatch``), else 0; missing competitors do not count.
+    """
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    specs = [SPEC_BY_NAME[n] for n in (losses or LOSS_CHOICES)]
+    notes = []
+    jax_note = None
+    if threads:
+        import numba
+        numba.set_num_threads(threads)
+        jax_note = _competitors.set_threads(threads)
+    backends = list(backends)
+    if "cuda" in backends:
+        ok, why = cuda_status()
+        if not ok:
+            backends.remove("cuda")
+            notes.append(f"cuda backend skipped: {why}")
+            print(f"note: cuda backend skipped: {why}", file=stderr)
+    skipped_f16 = [s.short for s in specs if not s.float16] if "float16" in dtypes else []
+    if skipped_f16:
+        notes.append(f"float16 is benchmarked only for losses that take it in the suite: not for "
+                     f"{', '.join(skipped_f16)}")
+    cases = select_cases(specs, sizes, dtypes, backends)
+    entries = ENTRIES
+    progress = Progress(len(cases) * len(entries), stderr)
+    results = {"meta": {}, "cases": [], "notes": notes}
+    for case in cases:
+        results["cases"].append(run_case(case, entries, repeat, progress, skip))
+        gc.collect()
+    progress.close()
+    results["notes"] = collect_notes(results)
+    results["meta"] = {
+        "command": command or "python -m fastloss bench",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(),
+        "versions": _versions(backends),
+        "threads": _threads_desc(jax_note),
+        "timing": (f"median of {repeat} samples" if repeat else
+                   "median of 10 samples (up to 50 for calls under 5 ms, 3-9 for calls over 0.3 s)") +
+                  " after a checked warm-up call and one untimed call; calls under 1 ms are repeated "
+                  "within a sample; fresh gradient per call unless grad_out",
+        "rtol": RTOL,
+    }
+    mismatch = any(e.get("status") == "mismatch" or e.get("check") == "mismatch"
+                   or (name == "fastloss" and e.get("status") == "failed")
+                   for c in results["cases"] for name, e in c["entries"].items())
+
+    print(f"fastloss bench: {results['meta']['versions']}; threads: {results['meta']['threads']}", file=stdout)
+    print(format_text(results), file=stdout)
+    print(LEGEND, file=stdout)
+    for n in results["notes"]:
+        print(f"note: {n}", file=stdout)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+    (out / "results.md").write_text(format_markdown(results))
+    written = ["results.json", "results.md"]
+    if plot:
+        if draw_chart(results, out / "results.png"):
+            written.append("results.png")
+        else:
+            print("note: results.png not drawn: matplotlib is not installed", file=stdout)
+    print(f"wrote {', '.join(str(out / w) for w in written)}", file=stdout)
+    if mismatch:
+        print("SOME ENTRIES DISAGREE WITH FASTLOSS (mismatch): see the notes", file=stdout)
+    return results, (1 if mismatch else 0)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+# ---------------------------------------------------------------------- argparse
+
+
+def _size(value):
+    if value not in SIZES + HIDDEN_SIZES:
+        raise argparse.ArgumentTypeError(f"invalid size {value!r} (choose from {', '.join(SIZES)})")
+    return value
+
+
+def _loss(value):
+    if value not in SPEC_BY_NAME:
+        raise argparse.ArgumentTypeError(f"invalid loss {value!r} (choose from {', '.join(LOSS_CHOICES)})")
+    return SPEC_BY_NAME[value].short
+
+
+def add_arguments(p):
+    ce = SPEC_BY_NAME["ce"]
+    sizes = ", ".join(f"{s} (ce {shape_str(ce.sizes[s])})" for s in SIZES)
+    p.add_argument("--losses", nargs="+", type=_loss, default=None, metavar="LOSS",
+                   help=f"losses to run (default: all): {', '.join(LOSS_CHOICES)} "
+                        "(or the function names)")
+    p.add_argument("--sizes", nargs="+", type=_size, default=["medium"], metavar="SIZE",
+                   help=f"sizes: {sizes}; every loss's shapes are in bench/README.md (default: medium)")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["float32"],
+                   help="input dtypes (default: float32; float16 for ce, focal, sigmoid_focal, huber)")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["cpu"],
+                   help="cpu (NumPy arrays) and/or cuda (device arrays; skipped with a note "
+                        "without a GPU) (default: cpu)")
+    p.add_argument("--repeat", type=int, default=None, metavar="N",
+                   help="timed samples per entry, the median reported (default: 10; up to 50 "
+                        "for calls under 5 ms, down to 3 for calls over 0.3 s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="numba.set_num_threads(N), torch.set_num_threads(N), and 1 thread for "
+                        "XLA when N is 1 (default: each library's own)")
+    p.add_argument("--skip", nargs="+", default=[], choices=COMPETITORS, metavar="NAME",
+                   help=f"competitors not to run: {', '.join(COMPETITORS)} (shown as skipped)")
+    p.add_argument("--out", default="fastloss-bench", metavar="DIR",
+                   help="folder for results.json, results.md, results.png (default: ./fastloss-bench)")
+    p.add_argument("--no-plot", action="store_true", help="do not draw results.png")
+
+
+def cmd_bench(args, command=None):
+    if args.repeat is not None and args.repeat < 1:
+        print("--repeat must be at least 1", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        import numba
+        top = numba.config.NUMBA_NUM_THREADS
+        if not 1 <= args.threads <= top:
+            print(f"--threads must be between 1 and {top} (NUMBA_NUM_THREADS)", file=sys.stderr)
+            return 2
+    losses = list(dict.fromkeys(args.losses)) if args.losses else None
+    _, status = run_bench(losses=losses, sizes=list(dict.fromkeys(args.sizes)),
+                          dtypes=list(dict.fromkeys(args.dtypes)), backends=list(dict.fromkeys(args.backends)),
+                          repeat=args.repeat, threads=args.threads, out_dir=args.out, plot=not args.no_plot,
+                          skip=tuple(args.skip), command=command)
+    return status
