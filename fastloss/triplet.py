@@ -8,8 +8,8 @@ from fastloss._dispatch import on_gpu, select_backend
 from fastloss._reduction import grad_scale, reduce
 from fastloss._result import LossGrad
 from fastloss.cpu import _storage
-from fastloss.cpu.triplet import (COSINE_NORM_EPS, DISTANCES, MININGS, batch_backward, batch_mine,
-                                  triplet_margin_rows)
+from fastloss.cpu.triplet import (COSINE_NORM_EPS, DISTANCES, MININGS, batch_backward,
+                                  batch_hard_blocked, batch_mine, triplet_margin_rows)
 
 
 def _choice(value, allowed, name):
@@ -219,6 +219,15 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
     ``O(N**3)``; ``"all"``'s time is ``O(N**3)`` (every triplet).  The result does not
     depend on the number of threads.
 
+    ``mining="hard"`` never forms the whole Gram matrix: its upper triangle (with the
+    diagonal blocks) comes in four column blocks ``G[:J1, J0:J1]``, about 5/8 of the
+    product, each mined from both sides (its columns' anchors against every row before
+    ``J1``, its rows' anchors against its columns) while in cache, ``O(N**2 / 4)``
+    memory; the squared norms are the gemm's diagonal, and the cosine is
+    ``G_ij (1/|e_i|) (1/|e_j|)`` with the inverse norms multiplied first, so that both
+    orders of a pair give the same bits.  A NaN distance sends the call to the full-Gram
+    path, where the first NaN wins the selection and reaches the loss.
+
     Args:
       embeddings: float16/32/64 array ``(N, D)``.
       labels: integer array ``(N,)`` of any integer dtype; the values are only compared
@@ -291,9 +300,6 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
 
     T = _storage.compute_type(embeddings.dtype)
     E = np.ascontiguousarray(embeddings, dtype=T)
-    G = _gram(E)
-    sq = np.ascontiguousarray(np.diagonal(G))
-    inv = (1.0 / np.maximum(np.sqrt(sq), T(COSINE_NORM_EPS))).astype(T, copy=False)
     _, cls, class_sizes = np.unique(labels, return_inverse=True, return_counts=True)
     cls = np.ascontiguousarray(cls.reshape(N), dtype=np.int32)
     size = class_sizes[cls]  # size of each anchor's class
@@ -314,8 +320,19 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
     S = np.zeros((N, N) if mining == "all" and grad else (0, 0), T)
     losses = np.zeros(N, np.float64)
     counts = np.zeros(N if mining == "all" else 0, np.int64)
-    total = batch_mine(G, sq, inv, cls, mining, distance, margin, soft, rec_off, rec_j, rec_c, S,
-                       grad, losses, counts)
+    # hard: the upper triangle of the Gram matrix by blocks, each mined while in cache (None
+    # when a distance is NaN: the full-Gram path then applies its NaN rule)
+    mined = (batch_hard_blocked(E, cls, distance, margin, soft, rec_j, rec_c, losses)
+             if mining == "hard" else None)
+    if mined is not None:
+        total, sq, inv = mined
+    else:
+        G = _gram(E)
+        sq = np.ascontiguousarray(np.diagonal(G))
+        inv = (1.0 / np.maximum(np.sqrt(sq), T(COSINE_NORM_EPS))).astype(T, copy=False)
+        total = batch_mine(G, sq, inv, cls, mining, distance, margin, soft, rec_off, rec_j, rec_c,
+                           S, grad, losses, counts)
+        del G  # the backward works from the embeddings alone
     if mining == "all":
         denom = float(np.sum((size - 1) * (N - size))) if soft else float(counts.sum())
 
@@ -329,7 +346,6 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
                                                (embeddings, E))
     if mining == "all":
         S += S.T  # row r: every coefficient of a pair touching r (NumPy buffers the overlap)
-    del G  # the backward works from the embeddings alone
     batch_backward(E, inv, distance, rec_off, rec_j, rec_c, S,
                    grad_scale(reduction == "mean", denom), _storage.kernel_view(written))
     return LossGrad(loss, _storage.finish_gradient(written, result))

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import fastloss as fl
+import fastloss.triplet as wrapper
 import naive
 from fastloss.cpu import triplet as kernels
 from naive import check_result, finite_difference
@@ -227,6 +228,178 @@ def test_nan_propagates(rng):
     e[2, 1] = np.nan
     for mining in ["hard", "all"]:
         assert np.isnan(float(fl.batch_triplet_loss(e, labels, mining=mining).loss))
+
+
+# ---------------------------------------------------------------- hard mining by blocks
+#
+# mining="hard" takes the upper triangle of the Gram matrix in kernels.HARD_GEMM_BLOCKS column
+# blocks, each mined from both sides in slices of at most kernels.HARD_BLOCK columns; a NaN
+# distance sends it back to the full-Gram path (kernels.batch_mine).  Small slices and many
+# blocks make small batches span many of them.
+
+
+def both_paths(monkeypatch, e, labels, block, gemm_blocks=None, **kw):
+    """(blocked: slices of ``block`` columns, ``gemm_blocks`` gemm blocks (default: one per
+    slice); full-Gram) results of one hard-mining call."""
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "HARD_BLOCK", block)
+        m.setattr(kernels, "HARD_GEMM_BLOCKS",
+                  -(-e.shape[0] // block) if gemm_blocks is None else gemm_blocks)
+        blocked = fl.batch_triplet_loss(e, labels, **kw)
+        m.setattr(wrapper, "batch_hard_blocked", lambda *args: None)
+        full = fl.batch_triplet_loss(e, labels, **kw)
+    return blocked, full
+
+
+def assert_same(a, b):
+    np.testing.assert_array_equal(np.asarray(a.loss), np.asarray(b.loss))
+    if a.grad is None:
+        assert b.grad is None
+    else:
+        assert a.grad.dtype == b.grad.dtype
+        np.testing.assert_array_equal(a.grad, b.grad)
+
+
+def integer_batch(rng, n, d, classes, dtype):
+    """Small-integer embeddings: the Gram matrix is exact (either path, any block), and exact
+    ties between distances abound (so does the tie rule's work)."""
+    e = rng.integers(-2, 3, size=(n, d)).astype(dtype)
+    labels = rng.integers(0, classes, size=n)
+    labels[:classes] = np.arange(classes)
+    return e, labels
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("block, gemm_blocks", [(1, None), (2, None), (3, None), (8, None),
+                                                (32, None), (256, 4), (5, 3), (8, 2), (16, 1),
+                                                (7, 4), (kernels.HARD_BLOCK_MAX, 1)])
+def test_hard_blocks_equal_the_full_gram_path_bit_for_bit(rng, monkeypatch, block, gemm_blocks,
+                                                          distance, dtype):
+    # exact distances: the same selections (lowest index on ties) and the same bits, whatever
+    # the blocks and slices; odd sizes leave partial last blocks and odd row counts
+    for n, d, classes in [(77, 3, 5), (64, 2, 4), (9, 1, 3), (2, 2, 2), (1, 3, 1)]:
+        e, labels = integer_batch(rng, n, d, classes, dtype)
+        for soft, reduction in [(False, "none"), (False, "mean"), (True, "sum")]:
+            kw = dict(distance=distance, margin=MARGIN[distance], soft=soft, reduction=reduction)
+            blocked, full = both_paths(monkeypatch, e, labels, block, gemm_blocks, **kw)
+            assert_same(blocked, full)
+        blocked, full = both_paths(monkeypatch, e, labels, block, gemm_blocks, distance=distance,
+                                   grad=False)
+        assert_same(blocked, full)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: np.dtype(d).name)
+def test_hard_blocks_match_reference(rng, monkeypatch, dtype, distance, soft):
+    e, labels = make_batch(rng, n=70, d=6, classes=6, dtype=dtype)
+    monkeypatch.setattr(kernels, "HARD_BLOCK", 7)  # slices of 7 columns in gemm blocks of 16
+    monkeypatch.setattr(kernels, "HARD_GEMM_BLOCKS", 5)
+    for reduction in REDUCTIONS:
+        kw = dict(distance=distance, margin=MARGIN[distance], soft=soft, reduction=reduction)
+        check_result(fl.batch_triplet_loss(e, labels, **kw),
+                     *naive.batch_triplet_loss(e, labels, **kw), dtype)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_hard_blocks_agree_with_full_gram_at_default_block(rng, monkeypatch, distance):
+    # the default blocks and slices; random float64 rows (no near ties): the same selections
+    e, labels = make_batch(rng, n=1100, d=12, classes=20)
+    blocked, full = both_paths(monkeypatch, e, labels, kernels.HARD_BLOCK,
+                               kernels.HARD_GEMM_BLOCKS, distance=distance,
+                               margin=MARGIN[distance], reduction="none")
+    np.testing.assert_allclose(blocked.loss, full.loss, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(blocked.grad, full.grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("block, gemm_blocks", [(4, None), (7, None), (128, None), (7, 4),
+                                                (64, 2)])
+def test_hard_ties_across_blocks_go_to_the_lowest_index(rng, monkeypatch, block, gemm_blocks):
+    # exact ties between candidates in different blocks, for an anchor in the first block (its
+    # candidates all found as the rows of later blocks), one in a middle block (tied candidates
+    # below its block, found as a column of its own block, and above, found as a row of later
+    # blocks) and one in the last block (all below: as a column)
+    n = 300
+    e = rng.integers(-3, 4, size=(n, 2)).astype(np.float64) + 20.0
+    labels = 1 + np.arange(n) % 7
+    cases = [  # anchor, its classes, (nearer positive, tied farthest ones), (farther negative,
+               # tied nearest ones); the expected picks are the lowest tied indices
+        (0, (0, 8), (5, 140, 260), (3, 130, 270)),
+        (150, (9, 10), (151, 60, 149, 290), (152, 10, 280)),
+        (299, (11, 12), (298, 100, 200), (297, 50, 250)),
+    ]
+    for a, (ya, yn), pos, neg in cases:
+        base = np.array([-20.0 * (a + 1), 0.0])
+        e[a] = base
+        labels[a] = ya
+        e[pos[0]] = base + [1.0, 0.0]
+        for k, j in enumerate(pos[1:]):
+            e[j] = base + [[2.0, 0.0], [0.0, 2.0], [-2.0, 0.0]][k]  # all at distance 2
+        labels[list(pos)] = ya
+        e[neg[0]] = base + [0.0, 1.5]
+        for k, j in enumerate(neg[1:]):
+            e[j] = base + [[0.0, -1.0], [1.0, 0.0]][k]  # both at distance 1
+        labels[list(neg)] = yn
+    monkeypatch.setattr(kernels, "HARD_BLOCK", block)
+    monkeypatch.setattr(kernels, "HARD_GEMM_BLOCKS", -(-n // block) if gemm_blocks is None
+                        else gemm_blocks)
+    # the selections themselves
+    cls = np.unique(labels, return_inverse=True)[1].astype(np.int32)
+    rec_j = np.empty(2 * n, np.int64)
+    rec_c = np.empty(2 * n)
+    losses = np.zeros(n)
+    assert kernels.batch_hard_blocked(e, cls, "euclidean", 1.0, False, rec_j, rec_c, losses)
+    for a, _, pos, neg in cases:
+        assert (rec_j[2 * a], rec_j[2 * a + 1]) == (min(pos[1:]), min(neg[1:]))
+    res = fl.batch_triplet_loss(e, labels, margin=1.0, reduction="none")
+    check_result(res, *naive.batch_triplet_loss(e, labels, margin=1.0, reduction="none"),
+                 np.float64)
+    blocked, full = both_paths(monkeypatch, e, labels, block, gemm_blocks, margin=1.0,
+                               reduction="none")
+    assert_same(blocked, full)
+
+
+@pytest.mark.parametrize("where", [0, 37, 39])
+def test_hard_nan_takes_the_full_gram_path(rng, monkeypatch, where):
+    # a NaN found in the first or the last block: the result is the full-Gram path's, NaN
+    # rule included (its first NaN wins, and reaches the loss)
+    e, labels = make_batch(rng, n=40, d=3, classes=4)
+    e[where, 1] = np.nan
+    for distance in DISTANCES:
+        for reduction in ["none", "mean"]:
+            blocked, full = both_paths(monkeypatch, e, labels, 4, 5, distance=distance,
+                                       reduction=reduction)
+            assert_same(blocked, full)
+            assert np.isnan(blocked.loss).any()
+    # no NaN in the inputs, but in the distances: inf - inf
+    e, labels = make_batch(rng, n=40, d=3, classes=4)
+    e[where, 0] = np.inf
+    blocked, full = both_paths(monkeypatch, e, labels, 8, reduction="none")
+    assert_same(blocked, full)
+
+
+def test_hard_blocks_zero_norm_and_duplicate_rows(rng, monkeypatch):
+    e, labels = make_batch(rng, n=30, d=3, classes=3)
+    e[[4, 17]] = 0.0  # cosine: clamped norms
+    e[20] = e[2]
+    labels[20] = labels[2]
+    e[25] = e[9]
+    labels[25] = (labels[9] + 1) % 3
+    monkeypatch.setattr(kernels, "HARD_BLOCK", 5)
+    monkeypatch.setattr(kernels, "HARD_GEMM_BLOCKS", 3)
+    for distance in DISTANCES:
+        kw = dict(distance=distance, margin=MARGIN[distance], reduction="none")
+        res = fl.batch_triplet_loss(e, labels, **kw)
+        assert np.all(np.isfinite(res.grad))
+        check_result(res, *naive.batch_triplet_loss(e, labels, **kw), np.float64, atol=1e-7)
+
+
+def test_hard_block_larger_than_its_buffer_raises(rng, monkeypatch):
+    e, labels = make_batch(rng, n=kernels.HARD_BLOCK_MAX + 3, d=2)
+    monkeypatch.setattr(kernels, "HARD_BLOCK", kernels.HARD_BLOCK_MAX + 1)
+    with pytest.raises(ValueError, match="HARD_BLOCK"):
+        fl.batch_triplet_loss(e, labels)
 
 
 # ---------------------------------------------------------------- torch parity

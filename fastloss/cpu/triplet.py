@@ -652,7 +652,7 @@ def _hard_block(blk, J0, B, dist, cls, st, K, F):
             st[_PI + t] = -1
             st[_NK + t] = highest
             st[_NI + t] = -1
-        for i in range(0, S0 + b, 2):
+        for i in range(0, J1, 2):
             i1 = i + 1 if i + 1 < J1 else i
             h0, h1, m0, m1, tp = _hard_rows(blk, i, i1, c0, c1, i - S0, i1 - S0, U, Wr, cls, ub,
                                             wb, cb, st)
