@@ -9,7 +9,6 @@ Each row reads its features and its center once and writes its gradient row
 once; the gradient may not alias the centers (the wrapper sees to it).  The
 center update is separate: the Cython extension ``_center_update``.
 """
-import os
 
 import numba
 import numpy as np
@@ -17,6 +16,7 @@ from numba import njit, prange
 
 from fastloss.cpu._math import load, store
 from fastloss.cpu._rows import KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, loss_total, use_threads
+from fastloss.cpu._threads import launch, note_gnu_openmp, threads_allowed
 
 # No transcendental functions here, so reassociation is safe (and vectorizes the sum).
 _OPTIONS = dict(KERNEL_OPTIONS, fastmath={"contract", "reassoc", "nsz"})
@@ -74,22 +74,8 @@ def center_rows(x, labels, centers, scale, g, grad, T):
     ``x`` is ``(N, D)`` kernel storage, ``centers`` ``(K, D)`` in ``T``.
     """
     losses = np.empty(x.shape[0], T)
-    run = _center_parallel if use_threads(x) else _center_serial
-    return losses, run(x, labels, centers, T(scale), g, grad, losses)
-
-
-# libgomp (the OpenMP runtime of the Cython update) cannot start threads in a
-# child forked after the parent used them: such a child updates serially.
-_openmp_used = False
-_openmp_forbidden = False
-
-
-def _after_fork_in_child():
-    global _openmp_forbidden
-    _openmp_forbidden = _openmp_forbidden or _openmp_used
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+    return losses, launch(_center_parallel, _center_serial, use_threads(x),
+                          x, labels, centers, T(scale), g, grad, losses)
 
 
 def update_centers(centers, features, labels, alpha):
@@ -97,7 +83,6 @@ def update_centers(centers, features, labels, alpha):
     is updated in place; ``features`` (N, D) any float dtype; int64 ``labels``
     in [0, K).  Threads: Numba's count (``numba.set_num_threads`` and
     ``NUMBA_NUM_THREADS`` apply), one for small batches."""
-    global _openmp_used
     try:
         from fastloss.cpu import _center_update
     except ImportError as exc:  # a source tree that was never built
@@ -107,8 +92,10 @@ def update_centers(centers, features, labels, alpha):
         features = features.astype(np.float32 if features.dtype == np.float16 else features.dtype)
     x = np.ascontiguousarray(features)
     c = centers if centers.flags.c_contiguous else np.ascontiguousarray(centers)
-    threads = 1 if _openmp_forbidden or not use_threads(x) else numba.get_num_threads()
-    _openmp_used = _openmp_used or threads > 1
+    # The extension's OpenMP is libgomp: none in a child forked after libgomp ran.
+    threads = numba.get_num_threads() if use_threads(x) and threads_allowed() else 1
+    if threads > 1:
+        note_gnu_openmp()
     _center_update.update_centers(c, x, np.ascontiguousarray(labels), float(alpha), threads)
     if c is not centers:
         np.copyto(centers, c)

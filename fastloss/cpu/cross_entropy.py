@@ -34,9 +34,10 @@ from numba import njit, prange
 
 from fastloss._reduction import grad_scale
 from fastloss.cpu._math import load, store
-from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted, jit, loss_total,
-                                mean_denominator, reduction_jit, row_dot, row_max, softcap_row,
-                                softmax_grad_row, use_threads, ignored_row)
+from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted, ignored_row, jit,
+                                loss_total, mean_denominator, reduction_jit, row_dot, row_max,
+                                softcap_row, softmax_grad_row, use_threads)
+from fastloss.cpu._threads import launch
 
 
 @jit
@@ -174,5 +175,5 @@ def cross_entropy_rows(x, labels, probs, weight, sw, ignore_index, params, mean,
     softcap or 0]``.  Returns ``(sum of losses, "mean" denominator)``; runs
     serially when the input is small.
     """
-    run = _rows_parallel if use_threads(x) else _rows_serial
-    return run(x, labels, probs, weight, sw, ignore_index, params, mean, g, grad, losses)
+    return launch(_rows_parallel, _rows_serial, use_threads(x),
+                  x, labels, probs, weight, sw, ignore_index, params, mean, g, grad, losses)

@@ -37,9 +37,10 @@ from numba import njit, prange
 
 from fastloss._reduction import grad_scale
 from fastloss.cpu._math import load, store, vexp, vexp_nonpos, vlog, vlog1p
-from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted, jit, loss_total,
-                                mean_denominator, row_max, row_sum, softmax_grad_row, use_threads,
-                                ignored_row)
+from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted, ignored_row, jit,
+                                loss_total, mean_denominator, row_max, row_sum, softmax_grad_row,
+                                use_threads)
+from fastloss.cpu._threads import launch
 
 
 @jit
@@ -147,8 +148,8 @@ def _focal_serial(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, gra
 def focal_rows(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses):
     """Fill ``losses`` (and ``g``) for all rows of ``x`` (N, C); returns
     ``(sum of losses, "mean" denominator)``.  ``alpha`` is a (C,) vector."""
-    run = _focal_parallel if use_threads(x) else _focal_serial
-    return run(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses)
+    return launch(_focal_parallel, _focal_serial, use_threads(x),
+                  x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses)
 
 
 # ---------------------------------------------------------------- sigmoid focal
@@ -226,5 +227,5 @@ def sigmoid_focal_elements(x, t, alpha, gamma, scale, g, grad, losses):
     """
     n = x.shape[0]
     chunk_sums = np.empty(-(-n // ELEMENT_CHUNK), np.float64)
-    run = _sigmoid_focal_parallel if use_threads(x) else _sigmoid_focal_serial
-    return run(x, t, np.array([alpha, gamma, scale]), g, grad, losses, chunk_sums)
+    return launch(_sigmoid_focal_parallel, _sigmoid_focal_serial, use_threads(x),
+                  x, t, np.array([alpha, gamma, scale]), g, grad, losses, chunk_sums)

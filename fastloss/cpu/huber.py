@@ -18,6 +18,7 @@ from numba import njit, prange
 
 from fastloss.cpu._math import load, store
 from fastloss.cpu._rows import KERNEL_OPTIONS, loss_total, row_sum, use_threads
+from fastloss.cpu._threads import launch
 
 # No transcendental functions here, so reassociation is safe.
 _OPTIONS = dict(KERNEL_OPTIONS, fastmath={"contract", "reassoc", "nsz"})
@@ -106,5 +107,5 @@ def huber_elements(x, t, sw, inner, period, delta, scale, g, grad, losses, T):
     """
     n = x.shape[0]
     chunk_sums = np.empty(-(-n // ELEMENT_CHUNK), np.float64)
-    run = _huber_parallel if use_threads(x) else _huber_serial
-    return run(x, t, sw, inner, period, T(delta), T(scale), g, grad, losses, chunk_sums)
+    return launch(_huber_parallel, _huber_serial, use_threads(x),
+                  x, t, sw, inner, period, T(delta), T(scale), g, grad, losses, chunk_sums)

@@ -44,6 +44,7 @@ from numba.core.extending import intrinsic, overload
 from fastloss.cpu._math import load, store, vexp_nonpos, vlog1p
 from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, jit, loss_total, reduction_jit,
                                 use_threads)
+from fastloss.cpu._threads import launch
 
 EUCLIDEAN, SQUARED, COSINE = 0, 1, 2
 DISTANCES = {"euclidean": EUCLIDEAN, "squared_euclidean": SQUARED, "cosine": COSINE}
@@ -251,8 +252,8 @@ def triplet_margin_rows(xa, xp, xn, distance, swap, margin, eps, scale, ga, gp, 
     """Fill ``losses`` (N,) and, when ``grad``, the gradient rows ``ga, gp, gn`` of the
     kernel-form rows ``xa, xp, xn`` (N, D); returns the float64 sum of the losses."""
     params = np.array([margin, eps, scale], np.float64)
-    run = _triplet_parallel if use_threads(xa) else _triplet_serial
-    return run(xa, xp, xn, DISTANCES[distance], bool(swap), params, ga, gp, gn, grad, losses)
+    return launch(_triplet_parallel, _triplet_serial, use_threads(xa),
+                  xa, xp, xn, DISTANCES[distance], bool(swap), params, ga, gp, gn, grad, losses)
 
 
 # ================================================================ batch_triplet_loss
@@ -992,9 +993,9 @@ def batch_mine(G, sq, inv, cls, mining, distance, margin, soft, rec_off, rec_j, 
     Returns the float64 sum of the losses."""
     N = G.shape[0]
     work = N * N * {"hard": 1, "semihard": 8, "all": max(1, N // 8)}[mining]
-    run = _mine_parallel if work >= BATCH_PARALLEL_MIN_WORK and N > 1 else _mine_serial
-    return run(G, sq, inv, cls, MININGS[mining], DISTANCES[distance], float(margin), bool(soft),
-               rec_off, rec_j, rec_c, S, grad, losses, counts)
+    return launch(_mine_parallel, _mine_serial, work >= BATCH_PARALLEL_MIN_WORK and N > 1,
+                  G, sq, inv, cls, MININGS[mining], DISTANCES[distance], float(margin), bool(soft),
+                  rec_off, rec_j, rec_c, S, grad, losses, counts)
 
 
 @jit
@@ -1117,5 +1118,5 @@ def batch_backward(E, inv, distance, rec_off, rec_j, rec_c, S, scale, g):
     else:
         in_off, in_a, in_c = incoming(rec_off, rec_j, rec_c)
         work = 2 * rec_j.shape[0] * D
-    run = _backward_parallel if work >= BATCH_PARALLEL_MIN_WORK and N > 1 else _backward_serial
-    run(E, inv, DISTANCES[distance], rec_off, rec_j, rec_c, in_off, in_a, in_c, S, float(scale), g)
+    launch(_backward_parallel, _backward_serial, work >= BATCH_PARALLEL_MIN_WORK and N > 1,
+           E, inv, DISTANCES[distance], rec_off, rec_j, rec_c, in_off, in_a, in_c, S, float(scale), g)
