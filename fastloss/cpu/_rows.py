@@ -14,6 +14,7 @@ and computed in the type of the scalar arguments.
 """
 from numba import njit
 
+from fastloss._cache import CACHE
 from fastloss.cpu._math import load, store, vexp_nonpos, vtanh
 
 ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many values, at least one row
@@ -27,12 +28,12 @@ def use_threads(x):
 
 # NumPy's error model (no ZeroDivisionError branches in loops) and FMA
 # contraction; no licence that would stop NaN/inf propagating as in PyTorch.
-KERNEL_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+KERNEL_OPTIONS = dict(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract"})
 jit = njit(**KERNEL_OPTIONS)
-reduction_jit = njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc", "nsz"})
+reduction_jit = njit(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract", "reassoc", "nsz"})
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc", "nsz", "nnan"})
+@njit(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract", "reassoc", "nsz", "nnan"})
 def row_max(src, ninf):
     """max(src).  ``nnan`` lets LLVM vectorize the max; whatever it makes of a
     NaN here, the NaN still reaches the loss through the sum of exp."""

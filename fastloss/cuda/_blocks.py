@@ -19,6 +19,8 @@ import os
 from numba import cuda
 from numba.cuda.extending import overload
 
+from fastloss._cache import CACHE
+
 MAX_THREADS = 1024  # size of every shared reduction buffer (a compile-time constant)
 DEFAULT_THREADS = 256  # elementwise (grid-stride) kernels
 DEFAULT_ROW_THREADS = 1024  # row kernels: one block per wide row, one block per SM
@@ -253,7 +255,7 @@ def merge_online(m1, s1, m2, s2):
     return m1, s1 + s2 * math.exp(m2 - m1)
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def fill_kernel(out, value):
     i = cuda.grid(1)
     stride = cuda.gridsize(1)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 from numba import cuda, float64
 
+from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import fill, flat
@@ -21,7 +22,7 @@ __all__ = ["class_denominator", "count_denominator", "elementwise_outputs", "fin
            "per_row_losses"]
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def _class_denominator(n, labels, weight, sw, ignore_index, stats):
     """stats[0] = sum over rows i not ignored of weight[labels[i]] * sw[i]
     (each factor 1 when not given; every row counts when labels is None)."""
@@ -46,7 +47,7 @@ def _class_denominator(n, labels, weight, sw, ignore_index, stats):
         stats[0] = total
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def _total(losses, stats, out):
     """out[0] = sum(losses) in float64, divided by stats[0] when stats is given
     ("mean"; NaN over a zero denominator, as in PyTorch)."""

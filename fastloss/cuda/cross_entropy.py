@@ -44,6 +44,7 @@ import math
 
 from numba import cuda, float64, int64
 
+from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
 from fastloss.cuda._arrays import compute_type, rows
 from fastloss.cuda._blocks import (MAX_THREADS, UNROLL, block_logsumexp, block_sum, cast_like,
@@ -100,7 +101,7 @@ def _prob_grad(v, p, c, weight, a, kg, b, m, cap, zero, one):
     return (math.exp(z - m) * a - (kg * cast_like(p, zero) + b) * wc) * slope
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def cross_entropy_rows(x, labels, probs, weight, sw, ignore_index, eps, zcoef, cap,
                        stats, g, losses):
     """Rows ``blockIdx.x, blockIdx.x + gridDim.x, ...`` of ``x`` (n, C), one

@@ -55,6 +55,7 @@ import math
 
 from numba import cuda, float64, int64
 
+from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
 from fastloss.cuda._arrays import compute_type, flat, rows
 from fastloss.cuda._blocks import (MAX_THREADS, UNROLL, block_logsumexp, block_sum, cast_like,
@@ -85,7 +86,7 @@ def _terms(v, pv, c, alpha, ascale, gamma, m, log_s, inv_s, zero, one):
     return p, f, term
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def focal_rows(x, labels, probs, alpha, ascale, sw, ignore_index, gamma, stats, g, losses):
     """Rows ``blockIdx.x, blockIdx.x + gridDim.x, ...`` of ``x`` (n, C), one
     block per row.  ``labels`` (n,) or ``probs`` (n, C) (the other None);
@@ -291,7 +292,7 @@ def focal_loss(dev, x, labels, probs, alpha, ascale, sw, ignore_index, gamma, re
 # ---------------------------------------------------------------- sigmoid focal
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def sigmoid_focal_elements(x, t, n, alpha, gamma, stats, g, losses, partials):
     """Elements ``0 <= i < n`` of ``x`` and ``t`` (1-D, or 2-D strided: see
     ``_blocks.element``).  ``losses`` (n,) gets every element's loss ("none"),

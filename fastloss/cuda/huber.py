@@ -28,6 +28,7 @@ import math
 import numpy as np
 from numba import cuda, float64, int64
 
+from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import compute_type, flat
@@ -35,7 +36,7 @@ from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, element, se
 from fastloss.cuda._reduction import _total, count_denominator, elementwise_outputs, finish
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def huber_elements(x, t, n, sw, inner, period, delta, stats, g, losses, partials):
     """Elements ``0 <= i < n`` of ``x`` and ``t`` (1-D, or 2-D strided).
     ``sw`` (None: weight 1) gives element i the weight
@@ -74,7 +75,7 @@ def huber_elements(x, t, n, sw, inner, period, delta, stats, g, losses, partials
             partials[cuda.blockIdx.x] = total
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def weight_partials(w, period, reps, partials):
     """partials[b] = reps * (float64 sum of block b's share of w[0:period])."""
     buf = cuda.shared.array(MAX_THREADS, float64)

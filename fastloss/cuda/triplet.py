@@ -61,11 +61,12 @@ import os
 import numpy as np
 from numba import cuda, float64, int64
 
+from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import compute_type
-from fastloss.cuda._blocks import (MAX_THREADS, block_max, block_sum, cast_like, grid_for,
-                                   row_grid, threads_for)
+from fastloss.cuda._blocks import (MAX_THREADS, block_max, block_sum, cast_like, grid_for, row_grid,
+                                   threads_for)
 from fastloss.cuda._reduction import class_denominator, finish, per_row_losses
 
 EUCLIDEAN, SQUARED, COSINE = 0, 1, 2  # as fastloss.cpu.triplet.DISTANCES
@@ -81,7 +82,7 @@ TILE_PAD = TILE + 1  # a tile's row length in shared memory (no bank conflicts d
 # ================================================================ copies
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def copy_rows(src, dst):
     """dst[r, c] = src[r, c] (2-D views of one shape, any strides)."""
     i = int64(cuda.grid(1))
@@ -95,7 +96,7 @@ def copy_rows(src, dst):
         i += stride
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def copy_flat(src, dst):
     """dst[i] = src[i] (1-D views, any strides)."""
     i = int64(cuda.grid(1))
@@ -184,7 +185,7 @@ def _block_sum3(buf, v1, v2, v3):
     return s1, s2, s3
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def triplet_rows(xa, xp, xn, dist, swap, margin, eps, scale, ga, gp, gn, losses):
     """Rows ``blockIdx.x, blockIdx.x + gridDim.x, ...`` of ``xa, xp, xn`` (n, D), one
     block each: ``losses[row]`` and, when the gradients ``ga, gp, gn`` are given (else
@@ -391,7 +392,7 @@ def triplet_margin_loss(dev, xa, xp, xn, distance, swap, margin, eps, reduction,
 # ================================================================ batch_triplet_loss
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def pairwise(E, dot, zero, M):
     """M[i, j] = e_i . e_j (``dot``) or ||e_i - e_j||^2, in the type of ``zero``;
     blocks of TILE x TILE threads, one entry each, ``E`` read in TILE x TILE tiles."""
@@ -430,7 +431,7 @@ def pairwise(E, dot, zero, M):
         M[ra, j] = acc
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def inverse_norms(M, floor, inv):
     """inv[i] = 1 / max(sqrt(M[i, i]), floor) (NaN passes), from the Gram matrix's diagonal."""
     i = int64(cuda.grid(1))
@@ -508,7 +509,7 @@ def _argbest(kbuf, ibuf, key, idx, largest):
     return best
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def mine_hard(M, inv, labels, euclid, margin, soft, S, pick, losses, counts):
     """Hermans et al.: anchor i (one block) against its farthest positive and nearest negative.
     ``S``, ``pick`` are None without a gradient."""
@@ -574,7 +575,7 @@ def mine_hard(M, inv, labels, euclid, margin, soft, S, pick, losses, counts):
                 pick[i, j] = -1
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def mine_semihard(M, inv, labels, euclid, margin, soft, S, pick, losses, counts):
     """FaceNet: for each positive p of anchor i (one block, a thread per positive), the
     nearest negative with d(i, n) > d(i, p), else the farthest (lowest index on ties, the
@@ -639,7 +640,7 @@ def mine_semihard(M, inv, labels, euclid, margin, soft, S, pick, losses, counts)
                 pick[i, n] = hit
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def mine_all(M, inv, labels, euclid, margin, soft, S, losses, counts):
     """Every valid (i, p, n) of anchor i (one block): a thread per column j; a positive's
     S[i, j] = sum over negatives of f'(z), a negative's -sum over positives.  counts[i]:
@@ -692,7 +693,7 @@ def mine_all(M, inv, labels, euclid, margin, soft, S, losses, counts):
         counts[i] = int64(total)
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def batch_total(losses, counts, mean, empty_zero, stats, out):
     """One block: out[0] = the sum of the per-anchor losses (float64, fixed order), divided
     by the sum of the counts for ``mean`` (an empty mean: 0 when ``empty_zero``, else NaN);
@@ -718,7 +719,7 @@ def batch_total(losses, counts, mean, empty_zero, stats, out):
         out[0] = total
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def backward(E, M, inv, euclid, S, pick, stats, big, g):
     """One block per embedding row r, a thread per column k: g[r, k] = scale * sum over the
     selected pairs (r, o) (``pick`` None: every o) of c dd(r, o)/de_r[k], c = S[r, o] + S[o, r].
