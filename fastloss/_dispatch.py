@@ -46,13 +46,34 @@ def backend_of(*arrays):
     """The backend, ``"cpu"`` or ``"cuda"``, that the arrays live on.
 
     NumPy arrays, lists and scalars are ``"cpu"``; arrays exposing
-    ``__cuda_array_interface__`` are ``"cuda"``.  Mixing the two raises
-    ``TypeError`` naming the offending argument (by position).  ``None``
-    arguments are skipped; no arrays at all means ``"cpu"``.
+    ``__cuda_array_interface__`` (CuPy, Numba device arrays, PyTorch CUDA
+    tensors) are ``"cuda"``.  Mixing the two raises ``TypeError`` naming the
+    offending argument (by position).  ``None`` arguments are skipped; no
+    arrays at all means ``"cpu"``.  This is the rule every loss applies to its
+    array arguments under ``backend="auto"`` (where ``FASTLOSS_BACKEND``, when
+    set, overrides it); ``backend_of`` itself ignores the variable and imports
+    no CUDA machinery.
 
-    >>> import numpy as np, fastloss as fl
-    >>> fl.backend_of(np.zeros(3), [1, 2])
-    'cpu'
+    Args:
+      *arrays: any number of arrays, lists, scalars or ``None``, of any shape.
+
+    Returns:
+      ``"cpu"`` or ``"cuda"``.
+
+    Example:
+      >>> import numpy as np, fastloss as fl
+      >>> fl.backend_of(np.zeros(3), [1, 2])
+      'cpu'
+      >>> fl.backend_of()
+      'cpu'
+      >>> class OnGpu:  # anything exposing __cuda_array_interface__ is a CUDA array
+      ...     __cuda_array_interface__ = {}
+      >>> fl.backend_of(None, OnGpu())
+      'cuda'
+      >>> fl.backend_of(np.zeros(3), OnGpu())
+      Traceback (most recent call last):
+      ...
+      TypeError: argument 1 is on cuda but argument 0 is on cpu: all array arguments must live on the same device
     """
     return _devices((f"argument {i}", a) for i, a in enumerate(arrays))
 

@@ -14,19 +14,27 @@ import operator
 import numpy as np
 from numba import njit
 
+from fastloss._cache import CACHE
 from fastloss._dispatch import on_device
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def as_array(x, name, what="an array"):
+    """``x`` as an ndarray (a device array as it is); TypeError naming ``name`` when
+    NumPy cannot make an array of it (ragged lists, objects that refuse conversion)."""
+    if isinstance(x, np.ndarray) or on_device(x):
+        return x
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 - whatever NumPy raises, the caller gets a TypeError
+        raise TypeError(f"{name} must be {what}: {exc}") from None
+
+
 def float_array(x, name):
     """``x`` as an ndarray (or device array) of dtype float16, float32 or float64."""
-    if not isinstance(x, np.ndarray) and not on_device(x):
-        try:
-            x = np.asarray(x)
-        except Exception as exc:  # ragged lists, objects that refuse conversion
-            raise TypeError(f"{name} must be an array of floats: {exc}") from None
+    x = as_array(x, name, "an array of floats")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float16, float32 or float64, got {x.dtype}")
     return x
@@ -35,8 +43,7 @@ def float_array(x, name):
 def label_array(t, name):
     """``t`` as an int64 ndarray of class indices (any integer dtype accepted;
     a device array keeps its dtype, the kernels widen on load)."""
-    if not isinstance(t, np.ndarray) and not on_device(t):
-        t = np.asarray(t)
+    t = as_array(t, name, "an array of integer class indices")
     if t.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer class indices, got dtype {t.dtype}")
     if on_device(t):
@@ -46,7 +53,7 @@ def label_array(t, name):
     return t.astype(np.int64, copy=False)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=CACHE, nogil=True)
 def _first_bad_label(labels, upper, ignore_index):
     for i in range(labels.shape[0]):
         v = labels[i]
@@ -57,17 +64,20 @@ def _first_bad_label(labels, upper, ignore_index):
 
 def labels_in_range(labels, upper, name, ignore_index=None):
     """ValueError unless every label is in ``[0, upper)`` or equals ``ignore_index``."""
-    skip = np.iinfo(np.int64).min if ignore_index is None else ignore_index
+    # without an ignore_index the value skipped is 0: in range anyway, where any other
+    # sentinel (int64's minimum, say) is a value that a label can hold
+    skip = 0 if ignore_index is None else ignore_index
+    everything_bad = upper <= 0 and ignore_index is None  # no valid label at all (0 neither)
     if on_device(labels):
         from fastloss.cuda._checks import first_bad_label
         flat = labels.reshape(-1) if labels.ndim != 1 else labels
-        bad = first_bad_label(flat, upper, skip)
+        bad = (0 if flat.shape[0] else -1) if everything_bad else first_bad_label(flat, upper, skip)
         if bad >= 0:
             flat = flat[bad:bad + 1].copy_to_host()
-            bad_value, bad = flat[0], bad
+            bad_value = flat[0]
     else:
         flat = labels.reshape(-1)
-        bad = _first_bad_label(flat, upper, skip)
+        bad = (0 if flat.shape[0] else -1) if everything_bad else _first_bad_label(flat, upper, skip)
         bad_value = flat[bad] if bad >= 0 else None
     if bad >= 0:
         allowed = f"[0, {upper})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
@@ -81,9 +91,11 @@ def shape_equal(a, shape, name, expected):
 
 def scalar(value, name):
     """``value`` as a Python float; TypeError when it is not a real number."""
+    if isinstance(value, (str, bytes)):  # float("0.5") would take it
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
         return float(operator.index(value)) if isinstance(value, (int, np.integer)) else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
 
 
@@ -108,15 +120,22 @@ def unit_interval(value, name):
     return v
 
 
+_INT64 = np.iinfo(np.int64)
+
+
 def integer(value, name):
+    """``value`` as a Python int in int64's range (the kernels' index type)."""
     try:
-        return operator.index(value)
+        v = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if not _INT64.min <= v <= _INT64.max:
+        raise ValueError(f"{name} must fit in int64, got {v}")
+    return v
 
 
 def reduction(value):
-    if value not in REDUCTIONS:
+    if not isinstance(value, str) or value not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
     return value
 
@@ -164,8 +183,7 @@ def class_target(target, logits_shape, ignore_index):
     checked against ``[0, C)``; ``(None, probs)`` for float probabilities of
     ``logits_shape``."""
     logits_shape = tuple(logits_shape)  # the simulator's shapes refuse negative indices
-    if not on_device(target):
-        target = np.asarray(target)
+    target = as_array(target, "target", "integer class indices or float probabilities")
     if target.dtype.kind in "iu":
         labels = label_array(target, "target")
         shape_equal(labels, logits_shape[:-1], "target", "integer class indices, one per row of logits")

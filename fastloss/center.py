@@ -102,17 +102,20 @@ def center_update(centers, features, labels, *, alpha=0.5, backend="auto"):
     Classes absent from the batch are untouched.
 
     Deterministic: a Cython extension groups the rows by label (counting sort)
-    and updates each class from its own rows, in row order, accumulating in
-    float64; one thread owns each class, so the bits are the same for any
-    thread count, and a permutation of the rows changes them by round-off at
-    most.  NaN or inf in a row reaches only the center of that row's label.
+    and updates each class from its own rows, accumulating in float64 in an
+    order fixed by the rows' contents (their bytes, compared
+    lexicographically); one thread owns each class, so the bits are the same
+    for any thread count and any order of the rows (stronger than the
+    contract's "round-off at most").  NaN or inf in a row reaches only the
+    center of that row's label.
 
     On the GPU (CUDA arrays, or ``backend="cuda"``) the same rule runs as
     Numba CUDA kernels with no float atomics: a stable counting sort of the
     rows by label on the device, then one block per class (and tile of
     features) whose threads each sum one feature over the class's rows in
     ascending row order, in float64; the bits do not depend on the threads
-    per block, and equal the CPU's up to the rounding of the last step.
+    per block, and equal the CPU's up to round-off (a permutation of the rows
+    can change the GPU's result by round-off; not the CPU's).
     ``centers`` is then a CUDA array (CuPy, Numba device array, ...) updated
     in place, or a NumPy array when ``backend="cuda"`` is given NumPy inputs
     (copied over and back).
@@ -122,13 +125,25 @@ def center_update(centers, features, labels, *, alpha=0.5, backend="auto"):
         NumPy array on the CPU, a CUDA array on the GPU).
       features: ``(N, D)`` float16/32/64 array.
       labels: ``(N,)`` integers in ``[0, K)``; duplicates are the normal case.
-      alpha: center learning rate, in ``[0, 1]`` (the paper's range).
-      backend: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+      alpha: center learning rate, in ``[0, 1]`` (the paper's range), default
+        ``0.5`` (the seed's).
+      backend: ``"auto"`` (default), ``"cpu"`` or ``"cuda"``.
+
+    Shapes:
+      centers ``(K, D)``, features ``(N, D)``, labels ``(N,)`` -> centers
+      ``(K, D)`` (the same array).
 
     Returns:
       ``centers``, updated.  On bad input nothing is changed.
 
+    References:
+      Wen, Zhang, Li & Qiao 2016, "A Discriminative Feature Learning Approach
+      for Deep Face Recognition" (ECCV), the center update of its Algorithm 1.
+
     Example:
+      Class 1 has two rows, so its center moves by
+      ``0.5 * ((2, 4) + (4, 8)) / (1 + 2)``; class 0 is absent and stays:
+
       >>> import numpy as np, fastloss as fl
       >>> centers = np.zeros((2, 2))
       >>> fl.center_update(centers, np.array([[2.0, 4.0], [4.0, 8.0]]), [1, 1], alpha=0.5).tolist()
@@ -162,37 +177,50 @@ def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction=
         ``update=True`` (so it must be a writable NumPy array, or a CUDA
         array beside CUDA features), only read otherwise.
         The loss is computed in the features' precision (float32 for float16).
-      alpha: center learning rate in ``[0, 1]``.
-      update: whether to apply the center update after the loss.
-      reduction: ``"mean"`` (over the N rows), ``"sum"`` or ``"none"`` (``(N,)``).
-      grad: whether to compute the gradient.
-      grad_out: optional ``(N, D)`` array of the features' dtype to write the
+      alpha: center learning rate in ``[0, 1]``, default ``0.5``.
+      update: default ``True``: apply the center update after the loss;
+        ``False`` leaves ``centers`` untouched.
+      reduction: ``"mean"`` (default; over the N rows), ``"sum"`` or ``"none"``
+        (``(N,)``).
+      grad: ``True`` (default): compute the gradient; ``False``: ``grad`` is ``None``.
+      grad_out: ``None`` (default) or an ``(N, D)`` array of the features' dtype to write the
         gradient into; it may be ``features`` itself (written after the update
         has read them) but must not share memory with ``centers``.  On the
         GPU, "sharing memory" is decided from the device pointers, shapes and
         strides of ``__cuda_array_interface__`` (byte ranges that intersect,
         as ``np.may_share_memory``); under Numba's CUDA simulator from the
         NumPy arrays its device arrays wrap.
-      backend: ``"auto"``, ``"cpu"`` or ``"cuda"``.  On the GPU (CUDA arrays,
+      backend: ``"auto"`` (default), ``"cpu"`` or ``"cuda"``.  On the GPU (CUDA arrays,
         every array argument on the device, ``centers`` included) the loss and
         gradient come from one CUDA kernel (one block per row) and the update
         is :func:`center_update`'s deterministic CUDA one; the results are
         arrays of the features' kind.  ``backend="cuda"`` with NumPy inputs
         copies them over and the results, and the updated centers, back.
 
+    Shapes:
+      features ``(N, D)``, labels ``(N,)``, centers ``(K, D)`` -> loss ``()``, or
+      ``(N,)`` for ``"none"``; grad ``(N, D)``, the features' dtype.
+
     Returns:
       ``LossGrad(loss, grad)``.  Bad input raises before anything is computed
       or any center changes.
+
+    References:
+      Wen, Zhang, Li & Qiao 2016, "A Discriminative Feature Learning Approach
+      for Deep Face Recognition" (ECCV).
 
     Example:
       >>> import numpy as np, fastloss as fl
       >>> centers = np.zeros((3, 2))
       >>> x = np.array([[1.0, 2.0], [3.0, 4.0]])
       >>> loss, grad = fl.center_loss(x, [0, 2], centers, reduction="sum")
-      >>> float(loss), grad.tolist()
+      >>> float(loss), grad.tolist()  # 0.5 * (1 + 4) + 0.5 * (9 + 16); x - 0
       (15.0, [[1.0, 2.0], [3.0, 4.0]])
       >>> centers.tolist()   # each present class moved by alpha * (x - c) / (1 + 1)
       [[0.25, 0.5], [0.0, 0.0], [0.75, 1.0]]
+      >>> loss, grad = fl.center_loss(x, [0, 2], np.zeros((3, 2)), update=False)
+      >>> float(loss), grad.tolist()  # the mean: 15 / 2, (x - 0) / 2
+      (7.5, [[0.5, 1.0], [1.5, 2.0]])
     """
     if select_backend(backend, features=features, labels=labels, centers=centers,
                       grad_out=grad_out) == "cuda":
@@ -210,7 +238,8 @@ def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction=
     c = np.ascontiguousarray(centers, dtype=T)
     if grad:  # the update reads the features after the gradient is written: never in place then
         written, result = _storage.gradient_buffer(grad_out, features.shape, features.dtype,
-                                                   None if update else features, (features, centers))
+                                                   None if update else features,
+                                                   (features, centers, labels))
         g = _storage.kernel_view(written)
     else:
         g = np.empty((1, features.shape[1]), x.dtype)
@@ -239,19 +268,30 @@ class CenterLoss:
     host and copies it to the device.
 
     Args:
-      num_classes: K, the number of centers.
+      num_classes: K, the number of centers, ``>= 1``.
       num_features: D, their width.
-      alpha: center learning rate in ``[0, 1]``.
-      init: optional ``(K, D)`` initial centers (copied).
+      alpha: center learning rate in ``[0, 1]``, default ``0.5``.
+      init: ``None`` (default: zero centers) or ``(K, D)`` initial centers
+        (copied).
       dtype: ``"float32"`` (default) or ``"float64"``.
-      device: ``"cpu"``; ``"cuda"`` keeps the centers on the GPU.
+      device: ``"cpu"`` (default); ``"cuda"`` keeps the centers on the GPU.
+
+    Shapes:
+      ``cl.centers`` is ``(K, D)``; ``cl(features (N, D), labels (N,))`` gives
+      a loss ``()`` (``(N,)`` for ``reduction="none"``) and a grad ``(N, D)``.
+
+    References:
+      Wen, Zhang, Li & Qiao 2016, "A Discriminative Feature Learning Approach
+      for Deep Face Recognition" (ECCV).
 
     Example:
       >>> import numpy as np, fastloss as fl
       >>> cl = fl.CenterLoss(num_classes=2, num_features=3)
       >>> loss, grad = cl(np.ones((4, 3), np.float32), [0, 1, 1, 1])
-      >>> float(loss), cl.centers[1].tolist()
+      >>> float(loss), cl.centers[1].tolist()  # 0.5 * 3; 0.5 * 3 / (1 + 3) per feature
       (1.5, [0.375, 0.375, 0.375])
+      >>> cl
+      CenterLoss(num_classes=2, num_features=3, alpha=0.5, dtype='float32', device='cpu')
     """
 
     def __init__(self, num_classes, num_features, *, alpha=0.5, init=None, dtype="float32",
@@ -261,7 +301,10 @@ class CenterLoss:
         if num_classes < 1 or num_features < 0:
             raise ValueError(f"num_classes must be >= 1 and num_features >= 0, got "
                              f"{num_classes} and {num_features}")
-        dtype = np.dtype(dtype)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in check.FLOAT_DTYPES[1:]:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if device not in ("cpu", "cuda"):
@@ -278,19 +321,77 @@ class CenterLoss:
 
     def __call__(self, features, labels, *, update=True, reduction="mean", grad=True,
                  grad_out=None):
+        """:func:`center_loss` with ``self.centers`` and ``self.alpha``: the loss and
+        its gradient w.r.t. the features, then (``update=True``, the default) the
+        update of ``self.centers`` in place.
+
+        Args:
+          features: ``(N, D)`` float16/32/64 array.
+          labels: ``(N,)`` integers in ``[0, K)``.
+          update, reduction, grad, grad_out: as in :func:`center_loss` (defaults
+            ``True``, ``"mean"``, ``True``, ``None``).
+
+        Shapes:
+          features ``(N, D)``, labels ``(N,)`` -> loss ``()`` (``(N,)`` for
+          ``"none"``), grad ``(N, D)`` of the features' dtype; ``self.centers``
+          stays ``(K, D)``.
+
+        Returns:
+          ``LossGrad(loss, grad)``.
+
+        Example:
+          >>> import numpy as np, fastloss as fl
+          >>> cl = fl.CenterLoss(num_classes=2, num_features=2, dtype="float64")
+          >>> loss, grad = cl(np.array([[3.0, 0.0], [0.0, 3.0]]), [0, 0], reduction="none")
+          >>> loss.tolist(), grad.tolist()  # 0.5 * 9 per row; x - 0
+          ([4.5, 4.5], [[3.0, 0.0], [0.0, 3.0]])
+          >>> cl.centers.tolist()  # c_0 += 0.5 * ((3, 0) + (0, 3)) / (1 + 2)
+          [[0.5, 0.5], [0.0, 0.0]]
+        """
         return center_loss(features, labels, self.centers, alpha=self.alpha, update=update,
                            reduction=reduction, grad=grad, grad_out=grad_out)
 
     def state_dict(self):
         """``{"centers": copy of the centers, "alpha": alpha}``, plain NumPy
-        (copied from the GPU with ``device="cuda"``)."""
+        (copied from the GPU with ``device="cuda"``).
+
+        Shapes: ``"centers"`` is a ``(K, D)`` array of the centers' dtype.
+
+        Example:
+          >>> import fastloss as fl
+          >>> cl = fl.CenterLoss(num_classes=2, num_features=3, alpha=0.25)
+          >>> d = cl.state_dict()
+          >>> sorted(d), d["centers"].shape, d["alpha"]
+          (['alpha', 'centers'], (2, 3), 0.25)
+          >>> d["centers"][0, 0] = 7.0  # a copy: the centers themselves are unchanged
+          >>> float(cl.centers[0, 0])
+          0.0
+        """
         if self.device == "cuda":
             return {"centers": self.centers.copy_to_host(), "alpha": self.alpha}
         return {"centers": np.array(self.centers, copy=True), "alpha": self.alpha}
 
     def load_state_dict(self, state):
         """Copies ``state["centers"]`` (shape ``(K, D)``, any float dtype) into the
-        centers, and ``state["alpha"]`` when present; checks everything first."""
+        centers, and ``state["alpha"]`` when present; checks everything first.
+
+        The centers keep their own dtype (float32 by default) and device; a
+        wrong shape, a non-float array or an ``alpha`` outside ``[0, 1]`` raises
+        and changes nothing.
+
+        Example:
+          >>> import numpy as np, fastloss as fl
+          >>> cl = fl.CenterLoss(num_classes=2, num_features=2)
+          >>> cl.load_state_dict({"centers": np.array([[1.0, 2.0], [3.0, 4.0]]), "alpha": 0.25})
+          >>> cl.centers.dtype, cl.centers.tolist(), cl.alpha
+          (dtype('float32'), [[1.0, 2.0], [3.0, 4.0]], 0.25)
+          >>> cl.load_state_dict({"centers": np.zeros((3, 2))})
+          Traceback (most recent call last):
+          ...
+          ValueError: centers must have shape (2, 2) (num_classes x num_features), got (3, 2)
+        """
+        if not (hasattr(state, "keys") and hasattr(state, "get")):
+            raise TypeError(f"state must be a dict with a 'centers' entry, got {type(state).__name__}")
         if "centers" not in state:
             raise ValueError("state must have a 'centers' entry")
         new = check.float_array(state["centers"], "centers")

@@ -26,7 +26,15 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
     for an integer target ``y`` (Lin et al. 2017, "Focal Loss for Dense Object
     Detection", applied to a softmax), and
     ``-s sum_c t_c alpha_c (1 - p_c)^gamma log p_c`` for probability targets
-    ``t``.  The modulating factor is computed in log space, so gradients stay
+    ``t``; ``s`` is the sample weight.  With ``q = 1 - p_y`` and ``l = log p_y``
+    the gradient of one sample's loss is
+
+    .. math::
+
+        \frac{\partial \ell}{\partial z_j} = s\, \alpha_y
+            \big(\gamma q^{\gamma-1} p_y l - q^\gamma\big)\big([j = y] - p_j\big).
+
+    The modulating factor is computed in log space, so gradients stay
     finite for ``0 < gamma < 1`` and saturated logits.  ``gamma=0`` with
     ``alpha=None`` equals :func:`softmax_cross_entropy` with the same options.
 
@@ -34,17 +42,23 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
       logits: float16/32/64 array of shape ``(..., C)``.
       target: integer class indices of shape ``(...)`` or float probabilities
         of the logits' shape.
-      gamma: focusing parameter, ``>= 0``.
-      alpha: ``None`` (1), a scalar applied to every class, or a ``(C,)`` array
-        of per-class factors.  Unlike cross entropy's ``weight`` it does not
-        enter the ``"mean"`` denominator.
-      sample_weight: optional weights of shape ``(...)``.
-      ignore_index: integer targets equal to it contribute nothing.
-      reduction: ``"mean"`` divides by the number of rows not ignored (or the
-        sum of their sample weights; for probability targets, all rows);
-        ``"sum"``; ``"none"`` (per-sample losses, gradient of their sum).
-      grad, grad_out, backend: as in :func:`softmax_cross_entropy`;
-        ``grad_out=logits`` works in place.
+      gamma: focusing parameter, ``>= 0``, default ``2.0`` (the paper's).
+      alpha: ``None`` (default: 1), a scalar applied to every class, or a
+        ``(C,)`` array of per-class factors (the paper's alpha is a class
+        balance: pass e.g. ``0.25``).  Unlike cross entropy's ``weight`` it does
+        not enter the ``"mean"`` denominator.
+      sample_weight: ``None`` (default) or weights of shape ``(...)``.
+      ignore_index: default ``-100``; integer targets equal to it contribute
+        nothing.
+      reduction: ``"mean"`` (default) divides by the number of rows not ignored
+        (or the sum of their sample weights; for probability targets, all
+        rows); ``"sum"``; ``"none"`` (per-sample losses, gradient of their sum).
+      grad, grad_out, backend: as in :func:`softmax_cross_entropy` (defaults
+        ``True``, ``None``, ``"auto"``); ``grad_out=logits`` works in place.
+
+    Shapes:
+      logits ``(..., C)``, target ``(...)`` or ``(..., C)`` -> loss ``()``, or
+      ``(...)`` for ``"none"``; grad ``(..., C)``, the logits' dtype.
 
     Returns:
       ``LossGrad(loss, grad)``.
@@ -58,8 +72,25 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
     read back to the host, one synchronisation).  Logits of more than two
     dimensions must be C-contiguous there.
 
+    References:
+      Lin, Goyal, Girshick, He & Dollar 2017, "Focal Loss for Dense Object
+      Detection" (ICCV).
+
     Example:
+      Equal logits over 4 classes give ``p_y = 1/4``: the loss is
+      ``(3/4)**2 log 4``, and ``gamma=0`` gives cross entropy's ``log 4``:
+
       >>> import numpy as np, fastloss as fl
+      >>> loss, grad = fl.focal_loss(np.zeros((1, 4)), np.array([0]), gamma=2.0)
+      >>> round(float(loss), 4)  # 0.5625 * log(4)
+      0.7798
+      >>> np.round(grad, 4).tolist()  # c * ([j = 0] - 1/4), c = 2 * 0.75 * 0.25 * log(1/4) - 0.5625
+      [[-0.8118, 0.2706, 0.2706, 0.2706]]
+      >>> round(float(fl.focal_loss(np.zeros((1, 4)), np.array([0]), gamma=0.0).loss), 4)
+      1.3863
+      >>> round(float(fl.focal_loss(np.zeros((1, 4)), np.array([0]), alpha=0.25).loss), 4)
+      0.1949
+
       >>> logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]], np.float32)
       >>> loss, grad = fl.focal_loss(logits, np.array([0, 2]), gamma=2.0)
       >>> round(float(loss), 4)
@@ -95,6 +126,10 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
         labels, probs, sw = check.class_batch(logits, target, sample_weight, grad_out, grad,
                                               ignore_index, T)
         from fastloss.cuda import focal as gpu
+        from fastloss.cuda._checks import grad_out_apart
+        if grad:  # written directly: grad_out may be the logits, and overlap nothing else
+            grad_out_apart(grad_out, "logits", logits=logits, target=target, alpha=alpha_vec,
+                           sample_weight=sample_weight)
         loss, g = gpu.focal_loss(
             dev, rows(logits, C, "logits"), None if labels is None else rows(labels, None, "target"),
             None if probs is None else rows(probs, C, "target"), alpha_vec, ascale, sw,
@@ -103,7 +138,7 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
 
     if alpha is None:
         alpha = _storage.ones(C, T)
-    elif np.ndim(alpha) == 0:
+    elif np.ndim(check.as_array(alpha, "alpha")) == 0:
         alpha = np.full(C, check.scalar(alpha, "alpha"), T)
     else:
         alpha = check.weight_vector(alpha, C, "alpha", T)
@@ -112,7 +147,9 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
 
     x, labels, probs = _storage.class_rows(logits, labels, probs)
     n = x.shape[0]
-    g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n, C), (probs,))
+    # grad_out overlapping anything the kernel reads is written through a temporary
+    g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n, C),
+                                                         (probs, labels, alpha, sw))
     losses = np.empty(n, T)
     total, denom = focal_rows(x, labels, probs, alpha, _storage.no_weights(T, sw), ignore_index,
                               gamma, reduction == "mean", g_kernel, grad, losses)
@@ -131,26 +168,54 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mea
 
     elementwise with ``p = sigmoid(x)``, equal to
     ``torchvision.ops.sigmoid_focal_loss`` (Lin et al. 2017).  ``alpha < 0``
-    disables the alpha weighting, as there.  Computed in log space, so the
-    gradient stays finite at saturated logits for any ``gamma >= 0`` (where
-    torchvision returns NaN).
+    disables the alpha weighting, as there.  With ``m = 1 - p_t`` the gradient is
+
+    .. math::
+
+        \frac{\partial \ell}{\partial x} = \alpha_t \big[(p - t)\, m^\gamma
+            + \gamma\, m^{\gamma-1} p (1-p) (1-2t)\, \mathrm{BCE}(x, t)\big].
+
+    Computed in log space, so the gradient stays finite at saturated logits for
+    any ``gamma >= 0`` (where torchvision returns NaN).
 
     Args:
       logits: float16/32/64 array, any shape.
       targets: array of the logits' shape with values in ``[0, 1]`` (float;
         bool or integer 0/1 labels are converted to the logits' dtype).
-      alpha: balance factor; ``< 0`` for none.
-      gamma: focusing parameter, ``>= 0``.
-      reduction: ``"mean"`` over all elements, ``"sum"``, or ``"none"``
-        (per-element losses of the logits' shape).
-      grad, grad_out, backend: as in :func:`softmax_cross_entropy`;
-        ``grad_out=logits`` works in place.
+      alpha: balance factor of the positives, default ``0.25`` (torchvision's
+        and the paper's); ``< 0`` for none.
+      gamma: focusing parameter, ``>= 0``, default ``2.0``.
+      reduction: ``"mean"`` (default) over all elements, ``"sum"``, or
+        ``"none"`` (per-element losses of the logits' shape).
+      grad, grad_out, backend: as in :func:`softmax_cross_entropy` (defaults
+        ``True``, ``None``, ``"auto"``); ``grad_out=logits`` works in place.
+
+    Shapes:
+      logits and targets of one shape ``S`` -> loss ``()``, or ``S`` for
+      ``"none"``; grad ``S``, the logits' dtype.
+
+    Returns:
+      ``LossGrad(loss, grad)``.
 
     On the GPU the elementwise kernel reads 1-D and 2-D arrays as they are
     (strided or not) and arrays of more dimensions when C-contiguous.
 
+    References:
+      Lin, Goyal, Girshick, He & Dollar 2017, "Focal Loss for Dense Object
+      Detection" (ICCV); ``torchvision.ops.sigmoid_focal_loss``.
+
     Example:
+      At ``x = 0``, ``p = 1/2``: each element's loss is
+      ``alpha_t * (1/2)**2 * log 2``, with ``alpha_t`` 0.25 for a positive and
+      0.75 for a negative:
+
       >>> import numpy as np, fastloss as fl
+      >>> loss, grad = fl.sigmoid_focal_loss(np.zeros(2), np.array([1.0, 0.0]), reduction="sum")
+      >>> round(float(loss), 4)  # (0.25 + 0.75) * 0.25 * log(2)
+      0.1733
+      >>> np.round(grad, 4).tolist()  # alpha_t * (-+0.5 * 0.25 -+ log(2) * 2 * 0.5 * 0.25)
+      [-0.0746, 0.2237]
+
       >>> x = np.array([[3.0, -1.0], [0.5, -4.0]], np.float32)
       >>> t = np.array([[1.0, 0.0], [0.0, 0.0]], np.float32)
       >>> loss, grad = fl.sigmoid_focal_loss(x, t)
@@ -165,8 +230,7 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mea
     reduction = check.reduction(reduction)
     alpha = check.scalar(alpha, "alpha")
     gamma = check.nonnegative(gamma, "gamma")
-    if not on_device(targets):
-        targets = np.asarray(targets)
+    targets = check.as_array(targets, "targets", "an array of labels in [0, 1]")
     if targets.dtype.kind not in "fiub":
         raise TypeError(f"targets must be float (or 0/1 integer or bool) labels, got dtype {targets.dtype}")
     check.shape_equal(targets, logits.shape, "targets", "the logits' shape")
@@ -175,6 +239,9 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mea
 
     if dev is not None:
         from fastloss.cuda import focal as gpu
+        from fastloss.cuda._checks import grad_out_apart
+        if grad:  # written directly: grad_out may be the logits, and overlap nothing else
+            grad_out_apart(grad_out, "logits", logits=logits, targets=targets)
         loss, g = gpu.sigmoid_focal_loss(dev, logits, targets, alpha, gamma, reduction, grad,
                                          grad_out, logits.dtype)
         return LossGrad(loss, dev.give_grad(g, caller_grad_out))
@@ -184,8 +251,9 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mea
     x = _storage.kernel_view(logits).reshape(n)
     t = _storage.kernel_view(targets.astype(logits.dtype, copy=False)).reshape(n)
     g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n,), (targets,))
-    losses = np.empty(n if reduction == "none" else 0, T)
+    losses, losses_half = _storage.element_losses(n, reduction, logits.dtype, T)
     total = sigmoid_focal_elements(x, t, alpha, gamma, grad_scale(reduction == "mean", n),
-                                   g_kernel, grad, losses)
-    loss = reduce(losses, total, reduction, n, logits.shape, logits.dtype)
+                                   g_kernel, grad, losses, losses_half)
+    loss = reduce(_storage.element_losses_result(losses, losses_half), total, reduction, n,
+                  logits.shape, logits.dtype)
     return LossGrad(loss, _storage.finish_gradient(written, result) if grad else None)

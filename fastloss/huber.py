@@ -48,17 +48,33 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
         \qquad r = \text{input} - \text{target}
 
     equal to ``torch.nn.functional.huber_loss`` (Huber 1964); the gradient is
-    ``w * clip(r, -delta, delta)``.
+    ``w * clip(r, -delta, delta)`` (divided by the ``"mean"`` denominator).
+    With ``delta=1`` it is also PyTorch's ``smooth_l1_loss``.
 
     Args:
       input: float16/32/64 array, any shape.
       target: array of the same shape (converted to ``input``'s dtype).
-      delta: threshold, ``> 0``.
-      sample_weight: optional weights broadcasting against ``input``;
+      delta: threshold between the quadratic and the linear part, ``> 0``,
+        default ``1.0``.
+      sample_weight: ``None`` (default) or weights broadcasting against
+        ``input`` (e.g. ``(N, 1)`` for ``(N, D)``; a fastloss extension);
         ``"mean"`` divides by the sum of the broadcast weights.
-      reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-element losses).
-      grad, grad_out, backend: as in :func:`softmax_cross_entropy`;
-        ``grad_out=input`` works in place.
+      reduction: ``"mean"`` (default: over all elements), ``"sum"`` or
+        ``"none"`` (per-element losses).
+      grad, grad_out, backend: as in :func:`softmax_cross_entropy` (defaults
+        ``True``, ``None``, ``"auto"``); ``grad_out=input`` works in place.
+
+    Shapes:
+      input and target of one shape ``S`` (sample_weight broadcasting to
+      ``S``) -> loss ``()``, or ``S`` for ``"none"``; grad ``S``, the input's
+      dtype.
+
+    Returns:
+      ``LossGrad(loss, grad)``; ``loss`` has the input's dtype.
+
+    References:
+      Huber 1964, "Robust Estimation of a Location Parameter", Annals of
+      Mathematical Statistics 35(1).
 
     On the GPU the weights stay on the device, never broadcast to the
     input's size (a view of them is read per element; only weights that vary
@@ -70,8 +86,11 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
     Example:
       >>> import numpy as np, fastloss as fl
       >>> loss, grad = fl.huber_loss(np.array([0.5, 3.0]), np.array([0.0, 0.0]))
-      >>> float(loss), grad.tolist()
+      >>> float(loss), grad.tolist()  # (0.5 * 0.5**2 + (3 - 0.5)) / 2; clip(r, -1, 1) / 2
       (1.3125, [0.25, 0.5])
+      >>> res = fl.huber_loss(np.array([0.5, 3.0]), np.zeros(2), sample_weight=np.array([2.0, 0.0]))
+      >>> float(res.loss), res.grad.tolist()  # 2 * 0.125 / (2 + 0); 2 * 0.5 / 2
+      (0.125, [0.5, 0.0])
     """
     dev = None
     if select_backend(backend, input=input, target=target, sample_weight=sample_weight,
@@ -104,6 +123,10 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
     if dev is not None:
         # the weights stay on the device: compacted there, summed there for "mean"
         from fastloss.cuda import huber as gpu
+        from fastloss.cuda._checks import grad_out_apart
+        if grad:  # written directly: grad_out may be the input, and overlap nothing else
+            grad_out_apart(grad_out, "input", input=input, target=target,
+                           sample_weight=sample_weight)
         loss, g = gpu.huber_loss(dev, input, target, sample_weight, delta, reduction, grad,
                                  grad_out, input.dtype)
         return LossGrad(loss, dev.give_grad(g, caller_grad_out))
@@ -114,8 +137,9 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
     x = _storage.kernel_view(input).reshape(n)
     t = _storage.kernel_view(target.astype(input.dtype, copy=False)).reshape(n)
     g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, input, (n,), (target, sample_weight))
-    losses = np.empty(n if reduction == "none" else 0, T)
+    losses, losses_half = _storage.element_losses(n, reduction, input.dtype, T)
     total = huber_elements(x, t, sw, inner, period, delta, grad_scale(reduction == "mean", denom),
-                           g_kernel, grad, losses, T)
-    loss = reduce(losses, total, reduction, denom, input.shape, input.dtype)
+                           g_kernel, grad, losses, losses_half, T)
+    loss = reduce(_storage.element_losses_result(losses, losses_half), total, reduction, denom,
+                  input.shape, input.dtype)
     return LossGrad(loss, _storage.finish_gradient(written, result) if grad else None)

@@ -89,16 +89,18 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
       anchor, positive, negative: float16/32/64 arrays of one shape ``(N, D)``, all of
         one dtype; a 1-D ``(D,)`` input is one triplet (as in torch: the loss of
         ``reduction="none"`` is then 0-d).  Non-contiguous arrays are fine.
-      margin: ``>= 0``.
-      distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-      swap: the distance swap of Balntas et al.
-      eps: ``>= 0``; the euclidean shift, and the cosine norms' clamp.
-      reduction: ``"mean"`` (divides by N; an empty batch gives ``nan`` and zero
-        gradients, as in PyTorch), ``"sum"`` or ``"none"`` (per-row losses ``(N,)``,
-        gradients of their sum).
-      grad: ``False`` skips the gradient pass (``grad`` of the result is ``None``).
-      grad_out: ``None`` or a tuple of three writable arrays of the inputs' shape and
-        dtype, one per gradient; passing the inputs themselves
+      margin: ``>= 0``, default ``1.0``.
+      distance: ``"euclidean"`` (default), ``"squared_euclidean"`` or ``"cosine"``.
+      swap: default ``False``; ``True`` takes the distance swap of Balntas et al.
+      eps: ``>= 0``, default ``1e-6`` (torch's); the euclidean shift, and the cosine
+        norms' clamp.
+      reduction: ``"mean"`` (default; divides by N; an empty batch gives ``nan`` and
+        zero gradients, as in PyTorch), ``"sum"`` or ``"none"`` (per-row losses
+        ``(N,)``, gradients of their sum).
+      grad: ``True`` (default); ``False`` skips the gradient pass (``grad`` of the
+        result is ``None``).
+      grad_out: ``None`` (default) or a tuple of three writable arrays of the inputs'
+        shape and dtype, one per gradient; passing the inputs themselves
         (``grad_out=(anchor, positive, negative)``) overwrites them in place.
       backend: ``"auto"``, ``"cpu"`` or ``"cuda"`` (see :func:`fastloss.backend_of`).
         On the GPU one block per row sums the row (float64 block reductions of the
@@ -106,17 +108,32 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
         is then a tuple of three device arrays (the inputs themselves allowed, in any
         order; a buffer overlapping an input otherwise is written through a temporary).
 
+    Shapes:
+      anchor, positive, negative ``(N, D)`` (or ``(D,)``) -> loss ``()``, or ``(N,)``
+      for ``"none"`` (``()`` for one triplet); three gradients ``(N, D)``.
+
     Returns:
       ``LossGrad(loss, grad)`` with ``grad = (d_anchor, d_positive, d_negative)``, each
       of the inputs' shape and dtype (or ``None`` when ``grad=False``).  float16 inputs
       are computed in float32, float32 in float32, float64 in float64.
 
+    References:
+      Schroff, Kalenichenko & Philbin 2015, "FaceNet: A Unified Embedding for Face
+      Recognition and Clustering" (CVPR).
+      Balntas, Riba, Ponsa & Mikolajczyk 2016, "Learning local feature descriptors
+      with triplets and shallow convolutional neural networks" (BMVC; the swap).
+
     Example:
       >>> import numpy as np, fastloss as fl
       >>> a = np.array([[0.0, 0.0]]); p = np.array([[0.0, 4.0]]); n = np.array([[2.0, 0.0]])
       >>> loss, (ga, gp, gn) = fl.triplet_margin_loss(a, p, n, margin=1.0, eps=0.0)
-      >>> float(loss), ga.tolist(), gp.tolist(), gn.tolist()
+      >>> float(loss), ga.tolist(), gp.tolist(), gn.tolist()  # 1 + 4 - 2; (a-p)/4 - (a-n)/2, ...
       (3.0, [[1.0, -1.0]], [[0.0, 1.0]], [[-1.0, 0.0]])
+      >>> float(fl.triplet_margin_loss(a, p, n, distance="squared_euclidean").loss)  # 1 + 16 - 4
+      13.0
+      >>> u, v = np.array([[1.0, 0.0]]), np.array([[0.0, 2.0]])
+      >>> float(fl.triplet_margin_loss(u, v, u, distance="cosine", margin=0.5).loss)  # 0.5 + (1 - 0) - (1 - 1)
+      1.5
     """
     dev = None
     if select_backend(backend, anchor=anchor, positive=positive, negative=negative,
@@ -232,11 +249,11 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
       embeddings: float16/32/64 array ``(N, D)``.
       labels: integer array ``(N,)`` of any integer dtype; the values are only compared
         for equality (any integers, negative too).
-      mining: ``"hard"``, ``"semihard"`` or ``"all"``.
-      margin: ``>= 0``.
-      distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-      soft: ``softplus`` instead of the hinge.
-      reduction: ``"mean"`` divides the sum of the terms by the anchors that have a
+      mining: ``"hard"`` (default), ``"semihard"`` or ``"all"``.
+      margin: ``>= 0``, default ``1.0``.
+      distance: ``"euclidean"`` (default), ``"squared_euclidean"`` or ``"cosine"``.
+      soft: default ``False``; ``True`` takes ``softplus`` instead of the hinge.
+      reduction: ``"mean"`` (default) divides the sum of the terms by the anchors that have a
         positive and a negative (``"hard"``), by the anchor-positive pairs whose anchor
         has a negative (``"semihard"``), or by the triplets with positive loss
         (``"all"``; with ``soft=True`` every softplus term is positive, so by every valid
@@ -245,11 +262,16 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
         gradient) when no triplet has positive loss.  ``"sum"``; ``"none"``: one loss
         per anchor ``(N,)``, the sum of its selected terms (0 for an anchor with none),
         and the gradient of their sum.
-      grad: ``False`` skips the backward pass (``grad`` of the result is ``None``).
-      grad_out: ``None`` or a writable array of the embeddings' shape and dtype;
-        ``grad_out=embeddings`` is allowed (the gradient is written through a
+      grad: ``True`` (default); ``False`` skips the backward pass (``grad`` of the
+        result is ``None``).
+      grad_out: ``None`` (default) or a writable array of the embeddings' shape and
+        dtype; ``grad_out=embeddings`` is allowed (the gradient is written through a
         temporary, then copied over).
-      backend: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+      backend: ``"auto"`` (default), ``"cpu"`` or ``"cuda"``.
+
+    Shapes:
+      embeddings ``(N, D)``, labels ``(N,)`` -> loss ``()``, or ``(N,)`` for
+      ``"none"``; grad ``(N, D)``.
 
     On the GPU (``fastloss.cuda.triplet``) the ``N x N`` matrix comes from tiled
     kernels rather than BLAS: squared distances summed from the differences
@@ -262,12 +284,26 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
     Returns:
       ``LossGrad(loss, grad)``, ``grad`` of the embeddings' shape and dtype.
 
+    References:
+      Hermans, Beyer & Leibe 2017, "In Defense of the Triplet Loss for Person
+      Re-Identification" (batch-hard mining, the soft margin).
+      Schroff, Kalenichenko & Philbin 2015, "FaceNet: A Unified Embedding for Face
+      Recognition and Clustering" (CVPR; semi-hard mining).
+
     Example:
+      Two classes of two points; anchor 0 has positive 1 at distance 1 and
+      negatives at 2 and 0.5, and so on:
+
       >>> import numpy as np, fastloss as fl
       >>> e = np.array([[0.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.5, 0.0]])
       >>> loss, grad = fl.batch_triplet_loss(e, [0, 0, 1, 1], margin=1.0)
       >>> round(float(loss), 4)  # (1.5 + (2 - sqrt(1.25)) + 0.5 + 2) / 4
       1.2205
+      >>> np.round(fl.batch_triplet_loss(e, [0, 0, 1, 1], reduction="none").loss, 4).tolist()
+      [1.5, 0.882, 0.5, 2.0]
+      >>> res = fl.batch_triplet_loss(e, [0, 0, 1, 1], mining="semihard")
+      >>> round(float(res.loss), 4)  # (0 + (2 - sqrt(1.25)) + 0.5 + (2.5 - sqrt(1.25))) / 4
+      0.691
     """
     dev = None
     if select_backend(backend, embeddings=embeddings, labels=labels, grad_out=grad_out) == "cuda":
@@ -323,7 +359,7 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
     # hard: the upper triangle of the Gram matrix by blocks, each mined while in cache (None
     # when a distance is NaN: the full-Gram path then applies its NaN rule)
     mined = (batch_hard_blocked(E, cls, distance, margin, soft, rec_j, rec_c, losses)
-             if mining == "hard" else None)
+             if mining == "hard" and N else None)  # N = 0: no blocks (the Gram path copes)
     if mined is not None:
         total, sq, inv = mined
     else:

@@ -37,6 +37,23 @@ def class_rows(logits, labels, probs):
     return x, labels, probs
 
 
+def element_losses(n, reduction, dtype, T):
+    """``(losses, losses_half)``, the per-element loss buffers of an elementwise kernel.
+
+    ``"none"`` keeps one loss per element: in ``T``, or, for float16 input, as
+    float16 bits in ``losses_half``, so that no float32 array of the input's
+    length is made.  Other reductions keep none (both empty).
+    """
+    keep = reduction == "none"
+    half = keep and dtype == _F16
+    return np.empty(n if keep and not half else 0, T), np.empty(n if half else 0, np.uint16)
+
+
+def element_losses_result(losses, losses_half):
+    """The per-element losses that ``element_losses``' buffers hold."""
+    return losses_half.view(np.float16) if losses_half.size else losses
+
+
 _EMPTY = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}
 _ONES = {}
 

@@ -185,9 +185,10 @@ def _sigmoid_focal_chunk(x, t, alpha, gamma, scale, g, out):
 
 
 @jit
-def _sigmoid_focal_chunks(first, last, x, t, params, g, grad, losses, chunk_sums):
+def _sigmoid_focal_chunks(first, last, x, t, params, g, grad, losses, losses_half, chunk_sums):
     """Chunks [first, last) of ELEMENT_CHUNK elements; chunk_sums[b] = float64 sum of
-    chunk b's losses, which are also kept in ``losses`` when it has one per element."""
+    chunk b's losses, which are also kept in ``losses`` when it has one per element, or
+    rounded into ``losses_half`` (float16 bits) when that has."""
     T = losses.dtype.type
     alpha, gamma, scale = T(params[0]), T(params[1]), T(params[2])
     n = x.shape[0]
@@ -201,31 +202,37 @@ def _sigmoid_focal_chunks(first, last, x, t, params, g, grad, losses, chunk_sums
         _sigmoid_focal_chunk(x[lo:hi], t[lo:hi], alpha, gamma, scale,
                              g[lo:hi] if grad else g_scratch[:hi - lo], out)
         chunk_sums[b] = row_sum(out, 0.0)
+        if losses_half.shape[0] == n:
+            for i in range(hi - lo):
+                store(losses_half, lo + i, out[i])
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _sigmoid_focal_parallel(x, t, params, g, grad, losses, chunk_sums):
+def _sigmoid_focal_parallel(x, t, params, g, grad, losses, losses_half, chunk_sums):
     for b in prange(chunk_sums.shape[0]):
-        _sigmoid_focal_chunks(b, b + 1, x, t, params, g, grad, losses, chunk_sums)
+        _sigmoid_focal_chunks(b, b + 1, x, t, params, g, grad, losses, losses_half, chunk_sums)
     return loss_total(chunk_sums)
 
 
 @jit
-def _sigmoid_focal_serial(x, t, params, g, grad, losses, chunk_sums):
-    _sigmoid_focal_chunks(0, chunk_sums.shape[0], x, t, params, g, grad, losses, chunk_sums)
+def _sigmoid_focal_serial(x, t, params, g, grad, losses, losses_half, chunk_sums):
+    _sigmoid_focal_chunks(0, chunk_sums.shape[0], x, t, params, g, grad, losses, losses_half,
+                          chunk_sums)
     return loss_total(chunk_sums)
 
 
 ELEMENT_CHUNK = 4096  # elements per parallel task; its scratch stays in L1
 
 
-def sigmoid_focal_elements(x, t, alpha, gamma, scale, g, grad, losses):
+def sigmoid_focal_elements(x, t, alpha, gamma, scale, g, grad, losses, losses_half):
     """Loss (and gradient) of every element of the flat arrays ``x``, ``t``.
 
-    ``losses`` has one slot per element ("none") or none at all; returns the
-    float64 sum of the losses.
+    ``losses`` (compute type) has one slot per element ("none") or none at all;
+    for float16 input, ``"none"`` losses go to ``losses_half`` (uint16 bits, one
+    slot per element, else none) instead, so no float32 array of the input's
+    length is made.  Returns the float64 sum of the losses.
     """
     n = x.shape[0]
     chunk_sums = np.empty(-(-n // ELEMENT_CHUNK), np.float64)
     return launch(_sigmoid_focal_parallel, _sigmoid_focal_serial, use_threads(x),
-                  x, t, np.array([alpha, gamma, scale]), g, grad, losses, chunk_sums)
+                  x, t, np.array([alpha, gamma, scale]), g, grad, losses, losses_half, chunk_sums)

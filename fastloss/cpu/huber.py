@@ -55,8 +55,11 @@ def _span_weights(x, t, sw, delta, gscale, out, gout):
 
 
 @njit(**_OPTIONS)
-def _chunks(first, last, x, t, sw, inner, period, delta, scale, g, grad, losses, chunk_sums):
-    """Chunks [first, last); chunk_sums[b] = float64 sum of chunk b's losses."""
+def _chunks(first, last, x, t, sw, inner, period, delta, scale, g, grad, losses, losses_half,
+            chunk_sums):
+    """Chunks [first, last); chunk_sums[b] = float64 sum of chunk b's losses, which are
+    also kept in ``losses`` when it has one per element, or rounded into
+    ``losses_half`` (float16 bits) when that has."""
     n = x.shape[0]
     per_element = losses.shape[0] == n
     scratch = np.empty(0 if per_element else ELEMENT_CHUNK, losses.dtype)
@@ -83,29 +86,35 @@ def _chunks(first, last, x, t, sw, inner, period, delta, scale, g, grad, losses,
                                   out[o + i - lo:], gout[go + i - lo:])
                 i = end
         chunk_sums[b] = row_sum(out[o:o + hi - lo], 0.0)
+        if losses_half.shape[0] == n:
+            for i in range(hi - lo):
+                store(losses_half, lo + i, out[i])
 
 
 @njit(parallel=True, **_OPTIONS)
-def _huber_parallel(x, t, sw, inner, period, delta, scale, g, grad, losses, chunk_sums):
+def _huber_parallel(x, t, sw, inner, period, delta, scale, g, grad, losses, losses_half, chunk_sums):
     for b in prange(chunk_sums.shape[0]):
-        _chunks(b, b + 1, x, t, sw, inner, period, delta, scale, g, grad, losses, chunk_sums)
+        _chunks(b, b + 1, x, t, sw, inner, period, delta, scale, g, grad, losses, losses_half,
+                chunk_sums)
     return loss_total(chunk_sums)
 
 
 @njit(**_OPTIONS)
-def _huber_serial(x, t, sw, inner, period, delta, scale, g, grad, losses, chunk_sums):
+def _huber_serial(x, t, sw, inner, period, delta, scale, g, grad, losses, losses_half, chunk_sums):
     _chunks(0, chunk_sums.shape[0], x, t, sw, inner, period, delta, scale, g, grad, losses,
-            chunk_sums)
+            losses_half, chunk_sums)
     return loss_total(chunk_sums)
 
 
-def huber_elements(x, t, sw, inner, period, delta, scale, g, grad, losses, T):
+def huber_elements(x, t, sw, inner, period, delta, scale, g, grad, losses, losses_half, T):
     """Loss (and gradient) of every element of the flat arrays ``x``, ``t``.
 
-    ``losses`` has one slot per element ("none") or none; returns the float64
-    sum of the losses (summed per chunk, then in order: thread-count independent).
+    ``losses`` (``T``) has one slot per element ("none") or none; for float16
+    input, ``"none"`` losses go to ``losses_half`` (uint16 bits) instead, so no
+    float32 array of the input's length is made.  Returns the float64 sum of the
+    losses (summed per chunk, then in order: thread-count independent).
     """
     n = x.shape[0]
     chunk_sums = np.empty(-(-n // ELEMENT_CHUNK), np.float64)
     return launch(_huber_parallel, _huber_serial, use_threads(x),
-                  x, t, sw, inner, period, T(delta), T(scale), g, grad, losses, chunk_sums)
+                  x, t, sw, inner, period, T(delta), T(scale), g, grad, losses, losses_half, chunk_sums)

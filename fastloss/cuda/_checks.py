@@ -2,13 +2,14 @@
 import numpy as np
 from numba import cuda, int64
 
+from fastloss._cache import CACHE
 from fastloss.cuda._arrays import fill
 from fastloss.cuda._blocks import grid_for
 
 _NONE = np.iinfo(np.int64).max
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def _first_bad_label_kernel(labels, upper, skip, first):
     """first[0] = the smallest i with labels[i] outside [0, upper) and != skip."""
     i = cuda.grid(1)
@@ -34,6 +35,50 @@ def first_bad_label(labels, upper, skip):
     _first_bad_label_kernel[blocks, threads](labels, upper, skip, first)
     bad = int(first.copy_to_host()[0])
     return -1 if bad == _NONE else bad
+
+
+def _extent(v):
+    """``(pointer, [lo, hi))``: where a device view starts and the bytes it spans
+    (None for an empty one).  Under the simulator the pointers are those of the
+    NumPy arrays that its device arrays wrap."""
+    shape, strides = tuple(v.shape), tuple(v.strides)
+    if any(s == 0 for s in shape):
+        return None
+    iface = getattr(v, "__cuda_array_interface__", None)
+    ptr = iface["data"][0] if iface is not None else v._ary.__array_interface__["data"][0]
+    lo = hi = ptr
+    for s, st in zip(shape, strides):
+        if st > 0:
+            hi += (s - 1) * st
+        else:
+            lo += (s - 1) * st
+    return ptr, (lo, hi + v.dtype.itemsize)
+
+
+def grad_out_apart(grad_out, first, **inputs):
+    """ValueError naming ``grad_out`` when it may share memory with one of ``inputs``
+    (device views by name).  The input named ``first`` (the argument the gradient is
+    taken against) is allowed when ``grad_out`` is exactly it (the same pointer, shape,
+    strides and dtype), which the kernels read element by element before writing.
+    The kernels write ``grad_out`` directly, so any other overlap would let one
+    thread's gradient land on what another thread has yet to read."""
+    if grad_out is None:
+        return
+    g = _extent(grad_out)
+    if g is None:
+        return
+    for name, a in inputs.items():
+        if a is None or not hasattr(a, "shape"):
+            continue
+        e = _extent(a)
+        if e is None or not (g[1][0] < e[1][1] and e[1][0] < g[1][1]):
+            continue
+        if name == first and g[0] == e[0] and (
+                tuple(grad_out.shape) == tuple(a.shape)
+                and tuple(grad_out.strides) == tuple(a.strides) and grad_out.dtype == a.dtype):
+            continue
+        raise ValueError(f"grad_out shares memory with {name}: on the GPU, grad_out may be the "
+                         f"first argument itself (in place) but must not overlap another input")
 
 
 def ptx_signatures():

@@ -33,8 +33,9 @@ is built like the CPU's Cython one, with no float atomics:
    ascending order, then writes ``c_j[d]`` once.  A class absent from the
    batch returns before touching its center; no two threads write the same
    element, and no sum depends on the number of threads: the same bits for
-   any threads per block and any run, the CPU's sum in the CPU's order (equal
-   up to FMA contraction of the last step).
+   any threads per block and any run.  The CPU sums each class in the order
+   of its rows' contents (so that it is row-order invariant), this kernel in
+   row order: the two agree to round-off.
 
 Costs: the counting sort reads the labels twice and writes ``N`` row
 indices, plus ``P x K`` int64 counters (``P`` is kept so that they stay under
@@ -45,6 +46,7 @@ very many rows and few features leaves most of the GPU idle.
 import numpy as np
 from numba import cuda, float64, int64, types
 
+from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import compute_type, fill
@@ -63,7 +65,7 @@ MAX_GRID_Y = 65535
 # ----------------------------------------------------------------- loss and gradient
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def center_rows(x, labels, centers, scale, g, losses):
     """One block per row of ``x`` (n, D): ``losses[row] = 0.5 ||x_row - c_y||^2``
     and, when ``g`` is not None, ``g[row] = scale * (x_row - c_y)``.  ``scale``
@@ -90,7 +92,7 @@ def center_rows(x, labels, centers, scale, g, losses):
 # ----------------------------------------------------------------- grouping rows by label
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def count_labels(labels, chunk, counts):
     """counts[p, j] += 1 for every row i of label j in chunk p = i // chunk
     (integer atomics: the totals do not depend on the order)."""
@@ -101,7 +103,7 @@ def count_labels(labels, chunk, counts):
         i += stride
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def chunk_offsets(counts, totals):
     """One thread per class j: counts[p, j] <- sum_{q < p} counts[q, j] (in
     place), totals[j] <- the class's row count."""
@@ -118,7 +120,7 @@ def chunk_offsets(counts, totals):
         j += stride
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def exclusive_scan(totals, starts):
     """One block: starts[0] = 0, starts[j + 1] = totals[0] + ... + totals[j]."""
     buf = cuda.shared.array(MAX_THREADS, int64)
@@ -150,7 +152,7 @@ def exclusive_scan(totals, starts):
         cuda.syncthreads()  # buf is rewritten by the next tile
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def scatter_rows(labels, starts, offsets, chunk, order):
     """One block per chunk p of rows [p * chunk, (p + 1) * chunk), walked in
     tiles of blockDim rows, in order: order[starts[j] + k] = the k-th row of
@@ -191,7 +193,7 @@ def scatter_rows(labels, starts, offsets, chunk, order):
 # ----------------------------------------------------------------- the update
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def update_classes(x, order, starts, alpha, centers):
     """Block (j, f): class j, features f * blockDim + t, stepping by
     blockDim * gridDim.y.  Absent classes (starts[j] == starts[j + 1]) return
@@ -215,7 +217,7 @@ def update_classes(x, order, starts, alpha, centers):
         d += step
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=CACHE)
 def copy_rows(src, dst):
     """dst[r, c] = src[r, c] for 2-D arrays of one shape (any strides)."""
     i = int64(cuda.grid(1))
