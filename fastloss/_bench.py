@@ -891,7 +891,16 @@ def add_arguments(p):
     p.add_argument("--no-plot", action="store_true", help="do not draw results.png")
 
 
-def cmd_bench(args, command=None):
+HELP = "time every loss beside NumPy, torch, torch.compile, JAX and a copy ceiling"
+DESCRIPTION = ("Time fastloss's fused loss+gradient beside NumPy, PyTorch eager, torch.compile "
+               "and jax.jit(value_and_grad) (those installed; the others are shown as missing) "
+               "and a memory-copy ceiling, on synthetic data, after checking that every "
+               "competitor's loss and gradient agree with fastloss's. Prints one table of "
+               "medians and ratios and writes results.json, results.md and (with matplotlib) "
+               "results.png to --out. Exit status 1 when something disagrees.")
+
+
+def run(args):
     if args.repeat is not None and args.repeat < 1:
         print("--repeat must be at least 1", file=sys.stderr)
         return 2
@@ -905,5 +914,5 @@ def cmd_bench(args, command=None):
     _, status = run_bench(losses=losses, sizes=list(dict.fromkeys(args.sizes)),
                           dtypes=list(dict.fromkeys(args.dtypes)), backends=list(dict.fromkeys(args.backends)),
                           repeat=args.repeat, threads=args.threads, out_dir=args.out, plot=not args.no_plot,
-                          skip=tuple(args.skip), command=command)
+                          skip=tuple(args.skip), command=getattr(args, "command_line", None))
     return status
