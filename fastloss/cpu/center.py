@@ -23,16 +23,6 @@ _OPTIONS = dict(KERNEL_OPTIONS, fastmath={"contract", "reassoc", "nsz"})
 
 
 @njit(**_OPTIONS)
-def _row_loss_grad(x, c, scale, g):
-    s = 0.0 * scale
-    for d in range(x.shape[0]):
-        diff = load(x, d) - c[d]
-        s += diff * diff
-        store(g, d, scale * diff)
-    return s
-
-
-@njit(**_OPTIONS)
 def _row_loss(x, c, zero):
     s = zero
     for d in range(x.shape[0]):
@@ -42,15 +32,23 @@ def _row_loss(x, c, zero):
 
 
 @njit(**_OPTIONS)
+def _row_grad(x, c, scale, g):
+    """g = scale * (x - c), in a loop of its own after the loss: were the store in the
+    loss's loop, a g that may be x itself (in place) would make LLVM fall back to a
+    scalar sum, rounded differently from the vectorized one."""
+    for d in range(x.shape[0]):
+        store(g, d, scale * (load(x, d) - c[d]))
+
+
+@njit(**_OPTIONS)
 def _rows(first, last, x, labels, centers, scale, g, grad, losses):
     half = losses.dtype.type(0.5)
     zero = losses.dtype.type(0.0)
     for i in range(first, last):
         c = centers[labels[i]]
+        losses[i] = half * _row_loss(x[i], c, zero)
         if grad:
-            losses[i] = half * _row_loss_grad(x[i], c, scale, g[i])
-        else:
-            losses[i] = half * _row_loss(x[i], c, zero)
+            _row_grad(x[i], c, scale, g[i])
 
 
 @njit(parallel=True, **_OPTIONS)
