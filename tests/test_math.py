@@ -420,3 +420,25 @@ def test_float16_load_store_loop_vectorizes():
     fresh(bits, np.zeros_like(bits))
     asm = fresh.inspect_asm(fresh.signatures[0])
     assert re.search(r"%[yz]mm\d+", asm)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_row_max_through_the_bits_equals_numpy_max(dtype, rng):
+    """row_max orders float32/float64 rows by their bits as integers (so that it
+    vectorizes): every sign, zero, infinity and magnitude must order as floats."""
+    from fastloss.cpu._rows import row_max
+
+    compute = np.float32 if dtype == np.float16 else dtype
+    specials = [np.inf, -np.inf, -0.0, 0.0, np.finfo(dtype).max, -np.finfo(dtype).max,
+                np.finfo(dtype).tiny, -np.finfo(dtype).tiny]
+    for trial in range(300):
+        n = int(rng.integers(0, 40))
+        x = (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 4)).astype(dtype)
+        if n and trial % 3:
+            x[rng.integers(0, n)] = specials[trial % len(specials)]
+        if n and trial % 11 == 0:
+            x[:] = -np.inf
+        storage = x.view(np.uint16) if dtype == np.float16 else x
+        want = x.astype(compute).max() if n else compute(-np.inf)
+        got = row_max(storage, compute(-np.inf))
+        assert got == want, (x, got, want)

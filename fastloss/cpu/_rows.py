@@ -12,10 +12,13 @@ across them), so the licence of one never leaks into another.  Rows may be
 float16 storage (uint16), float32 or float64; values are read with ``load``
 and computed in the type of the scalar arguments.
 """
-from numba import njit
+import numpy as np
+from numba import njit, types
+from numba.core.extending import overload
 
 from fastloss._cache import CACHE
-from fastloss.cpu._math import load, store, vexp_nonpos, vtanh
+from fastloss.cpu._math import (_f32_as_i32, _f64_as_i64, _i32_as_f32, _i64_as_f64, load, store,
+                                vexp_nonpos, vtanh)
 
 ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many values, at least one row
 PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, starting threads costs more than it saves
@@ -33,15 +36,48 @@ jit = njit(**KERNEL_OPTIONS)
 reduction_jit = njit(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract", "reassoc", "nsz"})
 
 
-@njit(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract", "reassoc", "nsz", "nnan"})
+def _float_max(src, ninf):
+    """max(src) (pure-Python stub; see the overload)."""
+    raise NotImplementedError
+
+
+@overload(_float_max, inline="always")
+def _float_max_overload(src, ninf):
+    # The max of the floats' bits as integers, sign-magnitude turned two's-complement
+    # (k = i ^ ((i >> (bits - 1)) & low)), which orders finite and infinite values as
+    # floats; an integer max reduction vectorizes without fast-math licences, where
+    # LLVM leaves a float max (fcmp + select) scalar.  A NaN of positive sign orders
+    # above +inf, one of negative sign below -inf: either way it still reaches the
+    # loss through the sum of exp.
+    if src.dtype == types.float32:
+        as_int, as_float, shift, low = _f32_as_i32, _i32_as_f32, 31, 0x7FFFFFFF
+    elif src.dtype == types.float64:
+        as_int, as_float, shift, low = _f64_as_i64, _i64_as_f64, 63, 0x7FFFFFFFFFFFFFFF
+    else:  # float16 storage (uint16): as floats
+        def half_impl(src, ninf):
+            m = ninf
+            for c in range(src.shape[0]):
+                v = load(src, c)
+                m = v if v > m else m
+            return m
+        return half_impl
+    int_type = types.int32 if src.dtype == types.float32 else types.int64
+
+    def impl(src, ninf):
+        i = np.int64(as_int(ninf))
+        m = i ^ ((i >> shift) & low)
+        for c in range(src.shape[0]):
+            i = np.int64(as_int(src[c]))
+            k = i ^ ((i >> shift) & low)
+            m = k if k > m else m
+        return as_float(int_type(m ^ ((m >> shift) & low)))
+    return impl
+
+
+@njit(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract", "nsz", "nnan"})
 def row_max(src, ninf):
-    """max(src).  ``nnan`` lets LLVM vectorize the max; whatever it makes of a
-    NaN here, the NaN still reaches the loss through the sum of exp."""
-    m = ninf
-    for c in range(src.shape[0]):
-        v = load(src, c)
-        m = v if v > m else m
-    return m
+    """max(src), ``ninf`` for an empty row (see ``_float_max``)."""
+    return _float_max(src, ninf)
 
 
 @reduction_jit
