@@ -370,3 +370,15 @@ def test_forked_child_updates_centers(rng):
     child.join(60)
     assert child.exitcode == 0
     assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("centers_dtype", [np.float32, np.float64])
+def test_update_reads_every_float16_value_exactly(centers_dtype):
+    """float16 features reach the Cython update as their bits (no float32 copy); each of
+    the 65536 patterns must convert exactly: one row per class, zero centers, alpha=1
+    moves each center to x / 2."""
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(-1, 1)
+    centers = np.zeros((1 << 16, 1), centers_dtype)
+    fl.center_update(centers, x, np.arange(1 << 16), alpha=1.0)
+    want = (0.5 * x.astype(np.float64)).astype(centers_dtype)
+    assert np.array_equal(centers, want, equal_nan=True)

@@ -289,14 +289,15 @@ def test_same_bits_at_one_and_two_threads(family, dtype, reduction, parallel_min
 def _row_order_reference(centers, features, labels, alpha, canonical):
     """The CPU rule in NumPy: per class, acc = float64 sum of (c - x_i) over its rows,
     in row order, or (``canonical``) in the lexicographic order of the rows' bytes
-    (as the kernel sees them: float16 widened to float32); then
+    (as the kernel sees them: float16 rows as their own bits); then
     c <- (c - alpha / (1 + n) * acc) rounded to the centers' dtype."""
-    x = features.astype(F32) if features.dtype == F16 else np.ascontiguousarray(features)
+    raw = np.ascontiguousarray(features)
+    x = features.astype(F32) if features.dtype == F16 else raw
     out = centers.copy()
     for j in np.unique(labels):
         rows = np.flatnonzero(labels == j)
         if canonical:
-            rows = sorted(rows, key=lambda i: x[i].tobytes())
+            rows = sorted(rows, key=lambda i: raw[i].tobytes())
         c = centers[j].astype(F64)
         acc = np.zeros(centers.shape[1], F64)
         for i in rows:

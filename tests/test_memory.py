@@ -285,9 +285,6 @@ def _center_update_case(dtype=F32, centers_dtype=None):
 
 CE, FOCAL = fl.softmax_cross_entropy, fl.focal_loss
 SFOCAL, HUBER = fl.sigmoid_focal_loss, fl.huber_loss
-F16_CENTER_UPDATE = ("float16 features: fastloss/cpu/center.py update_centers() makes a float32 "
-                     "copy of the features (features.astype(np.float32), 2x their bytes) because "
-                     "the Cython update reads float32/float64 rows only")
 
 CASES = {
     # softmax cross entropy: every option family, the three dtypes, the three reductions
@@ -362,15 +359,12 @@ CASES = {
     "center_loss-f32-none": lambda: _center_case(F32, reduction="none"),
     "center_loss-f32-no_update": lambda: _center_case(F32, update=False),
     "center_loss-f16-no_update": lambda: _center_case(F16, update=False),
-    "center_loss-f16": pytest.param(lambda: _center_case(F16),
-                                    marks=pytest.mark.xfail(strict=True, reason=F16_CENTER_UPDATE)),
+    "center_loss-f16": lambda: _center_case(F16),
     "CenterLoss-f32": lambda: _center_case(F32, object_api=True),
     "center_update-f32": lambda: _center_update_case(F32),
     "center_update-f64": lambda: _center_update_case(F64),
     "center_update-f32-f64_centers": lambda: _center_update_case(F32, F64),
-    "center_update-f16": pytest.param(lambda: _center_update_case(F16),
-                                      marks=pytest.mark.xfail(strict=True,
-                                                              reason=F16_CENTER_UPDATE)),
+    "center_update-f16": lambda: _center_update_case(F16),
 }
 
 

@@ -33,11 +33,31 @@
 
 static inline void fl_prefetch(const void *p) { FL_PREFETCH(p); }
 
+/* float16 features arrive as their bits; each converts exactly (float16 -> float32 ->
+ * double), as a float32 copy of the features would, without making that copy. */
+static inline double fl_half_to_double(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    uint32_t bits;
+    float f;
+    if (exp == 0) {                       /* zero or subnormal: mant * 2**-24, exact */
+        f = (float)mant * 5.9604644775390625e-08f;
+        return sign ? -(double)f : (double)f;
+    }
+    bits = exp == 31 ? (0x7f800000u | (mant << 13))               /* inf, NaN (payload kept) */
+                     : (((exp + 112u) << 23) | (mant << 13));     /* normal: rebias 15 -> 127 */
+    bits |= sign;
+    memcpy(&f, &bits, sizeof f);
+    return (double)f;
+}
+
+#define FL_AS_DOUBLE(v) ((double)(v))
+#define FL_HALF_AS_DOUBLE(v) fl_half_to_double(v)
+
 /* `next` (the row summed after this one, or NULL) is prefetched one cache line
  * per cache line of this row: rows of a class lie at random places, which the
  * hardware prefetcher does not follow, and spreading the requests keeps them
  * within the core's miss buffers. */
-#define FL_ACCUMULATE(NAME, CT, XT)                                                  \
+#define FL_ACCUMULATE(NAME, CT, XT, LOAD)                                            \
     static FL_CLONES void NAME(double *restrict acc, const CT *restrict c,            \
                                const XT *restrict x, const XT *next, ptrdiff_t n) {   \
         const ptrdiff_t line = 64 / sizeof(XT);                                       \
@@ -45,9 +65,9 @@ static inline void fl_prefetch(const void *p) { FL_PREFETCH(p); }
         for (; d + line <= n; d += line) {                                            \
             if (next) FL_PREFETCH(next + d);                                        \
             for (ptrdiff_t k = d; k < d + line; k++)                                  \
-                acc[k] += (double)c[k] - (double)x[k];                                \
+                acc[k] += (double)c[k] - LOAD(x[k]);                                  \
         }                                                                             \
-        for (; d < n; d++) acc[d] += (double)c[d] - (double)x[d];                     \
+        for (; d < n; d++) acc[d] += (double)c[d] - LOAD(x[d]);                       \
     }
 
 #define FL_MOVE(NAME, CT)                                                             \
@@ -58,10 +78,12 @@ static inline void fl_prefetch(const void *p) { FL_PREFETCH(p); }
 
 FL_MOVE(fl_move_f, float)
 FL_MOVE(fl_move_d, double)
-FL_ACCUMULATE(fl_accumulate_ff, float, float)
-FL_ACCUMULATE(fl_accumulate_fd, float, double)
-FL_ACCUMULATE(fl_accumulate_df, double, float)
-FL_ACCUMULATE(fl_accumulate_dd, double, double)
+FL_ACCUMULATE(fl_accumulate_ff, float, float, FL_AS_DOUBLE)
+FL_ACCUMULATE(fl_accumulate_fd, float, double, FL_AS_DOUBLE)
+FL_ACCUMULATE(fl_accumulate_fh, float, uint16_t, FL_HALF_AS_DOUBLE)
+FL_ACCUMULATE(fl_accumulate_df, double, float, FL_AS_DOUBLE)
+FL_ACCUMULATE(fl_accumulate_dd, double, double, FL_AS_DOUBLE)
+FL_ACCUMULATE(fl_accumulate_dh, double, uint16_t, FL_HALF_AS_DOUBLE)
 
 /* ------------------------------------------------------------ canonical row order */
 

@@ -35,7 +35,7 @@ arrays and int64 labels in ``[0, K)``.
 import numpy as np
 
 from cython.parallel cimport prange, threadid
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint64_t
 from libc.string cimport memset
 
 cdef extern from "_center_rows.h" nogil:
@@ -44,8 +44,10 @@ cdef extern from "_center_rows.h" nogil:
         int64_t row
     void fl_accumulate_ff(double* acc, const float* c, const float* x, const float* next, Py_ssize_t n)
     void fl_accumulate_fd(double* acc, const float* c, const double* x, const double* next, Py_ssize_t n)
+    void fl_accumulate_fh(double* acc, const float* c, const uint16_t* x, const uint16_t* next, Py_ssize_t n)
     void fl_accumulate_df(double* acc, const double* c, const float* x, const float* next, Py_ssize_t n)
     void fl_accumulate_dd(double* acc, const double* c, const double* x, const double* next, Py_ssize_t n)
+    void fl_accumulate_dh(double* acc, const double* c, const uint16_t* x, const uint16_t* next, Py_ssize_t n)
     void fl_move_f(float* c, const double* acc, double scale, Py_ssize_t n)
     void fl_move_d(double* c, const double* acc, double scale, Py_ssize_t n)
     void fl_prefetch(const void* p)
@@ -62,6 +64,7 @@ ctypedef fused center_t:
 ctypedef fused feature_t:
     float
     double
+    uint16_t  # float16 features, as their bits (converted exactly in _center_rows.h)
 
 
 cdef void _group_rows(const int64_t[::1] labels, Py_ssize_t[::1] starts,
@@ -87,8 +90,12 @@ cdef inline void _accumulate(double* acc, const center_t* c, const feature_t* x,
         fl_accumulate_ff(acc, c, x, next_row, D)
     elif center_t is float and feature_t is double:
         fl_accumulate_fd(acc, c, x, next_row, D)
+    elif center_t is float:
+        fl_accumulate_fh(acc, c, x, next_row, D)
     elif center_t is double and feature_t is float:
         fl_accumulate_df(acc, c, x, next_row, D)
+    elif center_t is double and feature_t is uint16_t:
+        fl_accumulate_dh(acc, c, x, next_row, D)
     else:
         fl_accumulate_dd(acc, c, x, next_row, D)
 

@@ -86,9 +86,11 @@ def update_centers(centers, features, labels, alpha):
     except ImportError as exc:  # a source tree that was never built
         raise ImportError("fastloss's Cython extension fastloss.cpu._center_update is not built: "
                           "install the package (pip install -e .)") from exc
-    if features.dtype == np.float16 or np.may_share_memory(features, centers):
-        features = features.astype(np.float32 if features.dtype == np.float16 else features.dtype)
+    if np.may_share_memory(features, centers):
+        features = features.copy()
     x = np.ascontiguousarray(features)
+    if x.dtype == np.float16:  # the extension reads float16 as its bits, converted exactly
+        x = x.view(np.uint16)
     c = centers if centers.flags.c_contiguous else np.ascontiguousarray(centers)
     # The extension's OpenMP is libgomp: none in a child forked after libgomp ran.
     threads = numba.get_num_threads() if use_threads(x) and threads_allowed() else 1
