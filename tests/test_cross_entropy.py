@@ -4,9 +4,13 @@ import pytest
 
 import fastloss as fl
 import naive
+from fastloss.cpu._rows import NARROW_ROW
 from naive import check_result, finite_difference
 
 REDUCTIONS = ["mean", "sum", "none"]
+# Integer-target rows of at most NARROW_ROW classes take the CPU kernel's inline
+# path, wider ones the row helpers: option and edge-case tests run both.
+WIDTHS = pytest.mark.parametrize("C", [7, NARROW_ROW + 3], ids=["narrow", "wide"])
 
 
 def make_inputs(rng, batch, C, dtype=np.float64, *, prob=False, ignore_frac=0.0, ignore_index=-100,
@@ -72,11 +76,12 @@ def _split(opts):
     return make, call
 
 
+@WIDTHS
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", list(INT_OPTIONS))
-def test_integer_targets_options(rng, name, reduction):
+def test_integer_targets_options(rng, name, reduction, C):
     make, call = _split(INT_OPTIONS[name])
-    x, t, kw = make_inputs(rng, (13,), 7, **make)
+    x, t, kw = make_inputs(rng, (13,), C, **make)
     if name == "ignore_custom_in_range":
         assert np.any(t == 2)
     res, want = run_both(x, t, reduction=reduction, **kw, **call)
@@ -129,18 +134,19 @@ def test_none_grad_is_grad_of_sum(rng, reduction):
 # ----------------------------------------------------------------- dtypes
 
 
+@WIDTHS
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("case", ["plain", "combo", "prob_combo"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_low_precision_dtypes(rng, dtype, case, reduction):
+def test_low_precision_dtypes(rng, dtype, case, reduction, C):
     if case == "plain":
-        x, t, kw = make_inputs(rng, (16,), 9, dtype)
+        x, t, kw = make_inputs(rng, (16,), C, dtype)
         call = {}
     elif case == "combo":
-        x, t, kw = make_inputs(rng, (16,), 9, dtype, weight=True, sample_weight=True, ignore_frac=0.25)
+        x, t, kw = make_inputs(rng, (16,), C, dtype, weight=True, sample_weight=True, ignore_frac=0.25)
         call = dict(label_smoothing=0.1, z_loss=0.01)
     else:
-        x, t, kw = make_inputs(rng, (16,), 9, dtype, prob=True, weight=True, sample_weight=True)
+        x, t, kw = make_inputs(rng, (16,), C, dtype, prob=True, weight=True, sample_weight=True)
         call = dict(label_smoothing=0.1, softcap=5.0)
     res = fl.softmax_cross_entropy(x, t, reduction=reduction, **kw, **call)
     want = naive.softmax_cross_entropy(x, t, reduction=reduction, **kw, **call)
@@ -251,23 +257,25 @@ def test_strided_probability_targets(rng):
 # ------------------------------------------------------------ extreme values
 
 
+@WIDTHS
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_huge_logits(rng, dtype):
-    x = (rng.choice([-1e4, 0.0, 1e4], size=(10, 6)) + rng.normal(size=(10, 6))).astype(dtype)
-    t = rng.integers(0, 6, size=10)
-    res, want = run_both(x, t, weight=rng.uniform(0.5, 1, 6).astype(dtype), label_smoothing=0.1)
+def test_huge_logits(rng, dtype, C):
+    x = (rng.choice([-1e4, 0.0, 1e4], size=(10, C)) + rng.normal(size=(10, C))).astype(dtype)
+    t = rng.integers(0, C, size=10)
+    res, want = run_both(x, t, weight=rng.uniform(0.5, 1, C).astype(dtype), label_smoothing=0.1)
     assert np.isfinite(float(res.loss))
     assert np.all(np.isfinite(res.grad))
     # round-off of logits of magnitude 1e4
     check_result(res, *want, dtype, loss_scale=1e4 if dtype == np.float32 else None)
 
 
+@WIDTHS
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_minus_inf_logits_off_target(rng, dtype, reduction):
-    x = rng.normal(size=(8, 5)).astype(dtype)
-    t = rng.integers(0, 5, size=8)
-    mask = rng.random((8, 5)) < 0.5
+def test_minus_inf_logits_off_target(rng, dtype, reduction, C):
+    x = rng.normal(size=(8, C)).astype(dtype)
+    t = rng.integers(0, C, size=8)
+    mask = rng.random((8, C)) < 0.5
     mask[np.arange(8), t] = False
     x[mask] = -np.inf
     res, want = run_both(x, t, reduction=reduction, sample_weight=rng.uniform(size=8).astype(dtype),
@@ -293,14 +301,34 @@ def test_minus_inf_logits_where_probability_target_is_zero(rng):
     check_result(res, *want, np.float64)
 
 
-def test_nan_logit_propagates(rng):
-    x = rng.normal(size=(4, 3))
+@WIDTHS
+def test_nan_logit_propagates(rng, C):
+    x = rng.normal(size=(4, C))
     x[1, 2] = np.nan
     res = fl.softmax_cross_entropy(x, np.array([0, 1, 2, 0]), reduction="none")
     assert np.isnan(res.loss[1])
     assert np.all(np.isfinite(res.loss[[0, 2, 3]]))
     assert np.all(np.isnan(res.grad[1]))
     assert np.all(np.isfinite(res.grad[[0, 2, 3]]))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("opts", [dict(), dict(z_loss=0.02, ignore_frac=0.3, sample_weight=True)],
+                         ids=["plain", "z_ignore_sw"])
+def test_inline_and_row_paths_agree_at_the_boundary(rng, dtype, opts):
+    # NARROW_ROW classes take the inline path; one more class of logit -inf takes the
+    # row helpers and changes neither the softmax nor the loss (no smoothing: eps/C would)
+    opts = dict(opts)
+    call = dict(z_loss=opts.pop("z_loss")) if "z_loss" in opts else {}
+    x, t, kw = make_inputs(rng, (40,), NARROW_ROW, dtype, **opts)
+    padded = np.concatenate([x, np.full((40, 1), -np.inf, dtype)], axis=1)
+    for reduction in REDUCTIONS:
+        narrow = fl.softmax_cross_entropy(x, t, reduction=reduction, **kw, **call)
+        wide = fl.softmax_cross_entropy(padded, t, reduction=reduction, **kw, **call)
+        rtol = 1e-12 if dtype == np.float64 else 2e-6
+        np.testing.assert_allclose(wide.loss, narrow.loss, rtol=rtol)
+        np.testing.assert_allclose(wide.grad[:, :-1], narrow.grad, rtol=rtol, atol=1e-7 * rtol)
+        assert np.all(wide.grad[:, -1] == 0)
 
 
 # ------------------------------------------------------------- empty / ignored
@@ -409,10 +437,11 @@ def test_grad_out_in_place(rng, dtype, prob):
     dict(softcap=2.0, z_loss=0.05),
     dict(prob=True, label_smoothing=0.1, softcap=3.0),
 ], ids=["plain", "smoothing_z", "softcap_z", "prob"])
-def test_finite_differences(rng, opts):
+@WIDTHS
+def test_finite_differences(rng, opts, C):
     opts = dict(opts)
     prob = opts.pop("prob", False)
-    x, t, kw = make_inputs(rng, (6,), 5, prob=prob, weight=True, sample_weight=True,
+    x, t, kw = make_inputs(rng, (6,), C, prob=prob, weight=True, sample_weight=True,
                            ignore_frac=0.0 if prob else 0.2)
     res = fl.softmax_cross_entropy(x, t, **kw, **opts)
 
@@ -434,10 +463,12 @@ def test_tiny_input_serial_path(rng):
     check_result(res, *want, np.float64)
 
 
+@pytest.mark.parametrize("C", [10, 300], ids=["narrow", "wide"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("prob", [False, True])
-def test_large_input_parallel_path(rng, dtype, prob):
-    x, t, kw = make_inputs(rng, (4096,), 300, dtype, prob=prob, weight=True, sample_weight=True,
+def test_large_input_parallel_path(rng, dtype, prob, C):
+    N = 4096 if C > NARROW_ROW else 16384  # over the parallel threshold either way
+    x, t, kw = make_inputs(rng, (N,), C, dtype, prob=prob, weight=True, sample_weight=True,
                            ignore_frac=0.0 if prob else 0.1)
     for reduction in ["mean", "none"]:
         res, want = run_both(x, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, **kw)

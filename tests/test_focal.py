@@ -4,9 +4,13 @@ import pytest
 
 import fastloss as fl
 import naive
+from fastloss.cpu._rows import NARROW_ROW
 from naive import check_result, finite_difference
 
 REDUCTIONS = ["mean", "sum", "none"]
+# Integer-target rows of at most NARROW_ROW classes take the CPU kernel's inline
+# path, wider ones the row helpers: option and edge-case tests run both.
+WIDTHS = pytest.mark.parametrize("C", [6, NARROW_ROW + 3], ids=["narrow", "wide"])
 
 
 def make_inputs(rng, batch, C, dtype=np.float64, *, prob=False, ignore_frac=0.0, ignore_index=-100,
@@ -37,12 +41,13 @@ def _alpha(kind, C, rng, dtype=np.float64):
     return rng.uniform(0.1, 1.0, size=C).astype(dtype)
 
 
+@WIDTHS
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.7])
 @pytest.mark.parametrize("alpha", ["none", "scalar", "array"])
-def test_integer_targets(rng, gamma, alpha, reduction):
-    x, t, kw = make_inputs(rng, (12,), 6, ignore_frac=0.25, sample_weight=(alpha == "array"))
-    res, want = run_both(x, t, gamma=gamma, alpha=_alpha(alpha, 6, rng), reduction=reduction, **kw)
+def test_integer_targets(rng, gamma, alpha, reduction, C):
+    x, t, kw = make_inputs(rng, (12,), C, ignore_frac=0.25, sample_weight=(alpha == "array"))
+    res, want = run_both(x, t, gamma=gamma, alpha=_alpha(alpha, C, rng), reduction=reduction, **kw)
     check_result(res, *want, np.float64)
 
 
@@ -76,13 +81,14 @@ def test_gamma_zero_equals_cross_entropy(rng, prob, reduction):
     np.testing.assert_allclose(a.grad, b.grad, rtol=1e-10, atol=1e-14)
 
 
+@WIDTHS
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("prob", [False, True])
-def test_low_precision_dtypes(rng, dtype, reduction, prob):
-    x, t, kw = make_inputs(rng, (16,), 8, dtype, prob=prob, ignore_frac=0.0 if prob else 0.2,
+def test_low_precision_dtypes(rng, dtype, reduction, prob, C):
+    x, t, kw = make_inputs(rng, (16,), C, dtype, prob=prob, ignore_frac=0.0 if prob else 0.2,
                            sample_weight=True)
-    alpha = _alpha("array", 8, rng, dtype)
+    alpha = _alpha("array", C, rng, dtype)
     res, want = run_both(x, t, gamma=2.0, alpha=alpha, reduction=reduction, **kw)
     assert res.grad.dtype == np.dtype(dtype)
     check_result(res, *want, dtype)
@@ -125,12 +131,12 @@ def test_non_contiguous(rng):
 # ----------------------------------------------------- saturated logits
 
 
+@pytest.mark.parametrize("C", [4, NARROW_ROW + 3], ids=["narrow", "wide"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 @pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 0.9, 1.0, 2.0])
-def test_saturated_logits_finite_gradient(rng, dtype, gamma):
+def test_saturated_logits_finite_gradient(rng, dtype, gamma, C):
     # p_y == 1 exactly in floating point: (1 - p)**(gamma - 1) is infinite for gamma < 1,
     # but the gradient is finite (the NaN of optax/kornia)
-    C = 4
     big = 1e4 if dtype != np.float16 else 6e4
     x = np.zeros((6, C), dtype)
     t = np.array([0, 1, 2, 3, 0, 1])
@@ -145,14 +151,16 @@ def test_saturated_logits_finite_gradient(rng, dtype, gamma):
     check_result(res, *want, dtype, loss_scale=float(big))
 
 
+@pytest.mark.parametrize("C", [3, NARROW_ROW + 3], ids=["narrow", "wide"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("gamma", [0.3, 0.7, 2.0])
-def test_nearly_saturated_logits_keep_relative_precision(dtype, gamma):
+def test_nearly_saturated_logits_keep_relative_precision(dtype, gamma, C):
     # 1 - p_y between 1e-3 and 1e-30: each row's loss and gradient, tiny as they are, keep
     # their relative precision (1 - p_y = sum of the other probabilities, no cancellation)
     # (float32 stops where q**(1+gamma) would leave the normal range)
     margins = [7.0, 15.0, 30.0, 50.0, 70.0] if dtype == np.float64 else [7.0, 12.0, 15.0, 20.0]
-    x = np.zeros((len(margins), 3), dtype)
+    x = np.full((len(margins), C), -np.inf, dtype)  # beyond 3 classes: logits of -inf
+    x[:, 1:3] = 0
     x[:, 0] = margins
     t = np.zeros(len(margins), dtype=int)
     res = fl.focal_loss(x, t, gamma=gamma, reduction="none")
@@ -181,8 +189,9 @@ def test_minus_inf_where_probability_target_is_zero(rng):
 # ----------------------------------------------------------- the interface
 
 
-def test_nan_logit_propagates_to_its_row(rng):
-    x = rng.normal(size=(4, 3))
+@WIDTHS
+def test_nan_logit_propagates_to_its_row(rng, C):
+    x = rng.normal(size=(4, C))
     x[2, 1] = np.nan
     res = fl.focal_loss(x, np.array([0, 1, 2, 0]), reduction="none")
     assert np.isnan(res.loss[2]) and np.all(np.isnan(res.grad[2]))
@@ -228,10 +237,11 @@ def test_grad_out_and_in_place(rng, dtype):
     check_result(res, *want, dtype)
 
 
+@WIDTHS
 @pytest.mark.parametrize("prob", [False, True])
-def test_finite_differences(rng, prob):
-    x, t, kw = make_inputs(rng, (6,), 5, prob=prob, sample_weight=True, ignore_frac=0.0 if prob else 0.2)
-    alpha = rng.uniform(0.2, 1, 5)
+def test_finite_differences(rng, prob, C):
+    x, t, kw = make_inputs(rng, (6,), C, prob=prob, sample_weight=True, ignore_frac=0.0 if prob else 0.2)
+    alpha = rng.uniform(0.2, 1, C)
     for gamma in [0.5, 2.0]:
         res = fl.focal_loss(x, t, gamma=gamma, alpha=alpha, **kw)
 
@@ -249,10 +259,12 @@ def test_tiny_input_serial_path(rng):
     check_result(res, *want, np.float64)
 
 
+@pytest.mark.parametrize("C", [10, 300], ids=["narrow", "wide"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_large_input_parallel_path(rng, dtype):
-    x, t, kw = make_inputs(rng, (4096,), 300, dtype, ignore_frac=0.1, sample_weight=True)
-    alpha = rng.uniform(0.1, 1, 300).astype(dtype)
+def test_large_input_parallel_path(rng, dtype, C):
+    N = 4096 if C > NARROW_ROW else 16384  # over the parallel threshold either way
+    x, t, kw = make_inputs(rng, (N,), C, dtype, ignore_frac=0.1, sample_weight=True)
+    alpha = rng.uniform(0.1, 1, C).astype(dtype)
     for reduction in ["mean", "none"]:
         res, want = run_both(x, t, gamma=2.0, alpha=alpha, reduction=reduction, **kw)
         check_result(res, *want, dtype)

@@ -26,33 +26,35 @@ a per-task scratch row, its sums, and the gradient.  Each row reads its
 logits before it writes its gradient row, so the gradient may alias the
 logits.  ``T`` is the compute type (float32 or float64); float16 rows arrive
 as uint16 storage and are widened on load.
+
+Rows of at most ``NARROW_ROW`` classes with integer targets and no soft-cap
+(classification heads: 64x10 is a typical batch) run every pass inline in one
+loop body (``_narrow_label_rows``): there the calls to the row helpers cost
+more than their arithmetic.  Both paths share the loss and gradient formulas
+(``_label_terms``) and differ only in the order of their sums.
 """
 import math
 
 import numpy as np
 from numba import njit, prange
+from numba.core.extending import register_jitable
 
 from fastloss._reduction import grad_scale
 from fastloss.cpu._math import load, store
-from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted, ignored_row, jit,
-                                loss_total, mean_denominator, reduction_jit, row_dot, row_max,
-                                softcap_row, softmax_grad_row, use_threads)
+from fastloss.cpu._rows import (KERNEL_OPTIONS, NARROW_ROW, ROW_BLOCK_ELEMENTS, exp_shifted,
+                                ignored_row, jit, loss_total, mean_denominator, narrow_softmax,
+                                reduction_jit, row_dot, row_max, softcap_row, softmax_grad_row,
+                                use_threads)
 from fastloss.cpu._threads import launch
 
 
-@jit
-def _label_row(src, y, weight, wsum, sw, eps, zcoef, slope, gscale, e, g, grad, T):
-    """Loss of one row with integer target y; writes its gradient when grad."""
-    C = src.shape[0]
+@register_jitable(inline="always")
+def _label_terms(zy, m, s, rest, ey, sz, wy, wsum, eps, zcoef, gscale, smooth, T):
+    """Loss of a row with integer target y, before its sample weight, and its
+    gradient as g_c = e_c a - b w_c for c != y, g_y = gy (before the soft-cap's
+    slope); ``s`` = sum of e, ``rest`` = that sum without e_y, ``sz`` = sum w_c z_c."""
     one = T(1.0)
-    smooth = eps / T(C)
-    m = row_max(src, T(-np.inf))
-    zy = load(src, y)
-    wy = weight[y]
-    sz = row_dot(src, weight, T(0.0)) if eps > 0 else T(0.0)
-    s, rest = exp_shifted(src, m, e, y)
     lse = m + T(math.log(s))
-    ey = e[y]
     # -log p_y: lse - z_y cancels as p_y -> 1, log1p(rest / e_y) does not
     nll = T(math.log1p(rest / ey)) if ey >= rest else lse - zy
     loss = (one - eps) * wy * nll
@@ -60,16 +62,54 @@ def _label_row(src, y, weight, wsum, sw, eps, zcoef, slope, gscale, e, g, grad, 
         loss += smooth * (wsum * lse - sz)
     if zcoef > 0:
         loss += zcoef * lse * lse
+    spread = smooth * wsum + T(2.0) * zcoef * lse  # p_c's factor beyond the target's
+    a = gscale * ((one - eps) * wy + spread) / s
+    # the target's entry, with (p_y - 1) as -rest/s: no cancellation as p_y -> 1
+    gy = gscale * ((ey / s) * spread - smooth * wy - (one - eps) * wy * (rest / s))
+    return loss, a, gscale * smooth, gy
+
+
+@jit
+def _label_row(src, y, weight, wsum, sw, eps, zcoef, slope, gscale, e, g, grad, T):
+    """Loss of one row with integer target y; writes its gradient when grad."""
+    m = row_max(src, T(-np.inf))
+    sz = row_dot(src, weight, T(0.0)) if eps > 0 else T(0.0)
+    s, rest = exp_shifted(src, m, e, y)
+    loss, a, b, gy = _label_terms(load(src, y), m, s, rest, e[y], sz, weight[y], wsum, eps,
+                                  zcoef, gscale, eps / T(src.shape[0]), T)
     if grad:
-        spread = smooth * wsum + T(2.0) * zcoef * lse  # p_c's factor beyond the target's
-        a = gscale * ((one - eps) * wy + spread) / s
-        softmax_grad_row(e, a, gscale * smooth, weight, g, slope)
-        # the target's entry, with (p_y - 1) as -rest/s: no cancellation as p_y -> 1
-        gy = gscale * ((ey / s) * spread - smooth * wy - (one - eps) * wy * (rest / s))
-        if slope.shape[0] > 0:
-            gy *= slope[y]
-        store(g, y, gy)
+        softmax_grad_row(e, a, b, weight, g, slope)
+        store(g, y, gy * slope[y] if slope.shape[0] > 0 else gy)
     return sw * loss
+
+
+@jit
+def _narrow_label_rows(first, last, x, labels, weight, wsum, sw, ignore_index, eps, zcoef,
+                       scale, g, grad, losses, T):
+    """Rows [first, last) with integer labels and no soft-cap, at most NARROW_ROW
+    classes: ``_label_row`` with every step inline (see ``narrow_softmax``)."""
+    C = x.shape[1]
+    e = np.empty(C, T)
+    smooth = eps / T(C)
+    for i in range(first, last):
+        y = labels[i]
+        if y == ignore_index:
+            ignored_row(y, ignore_index, losses, i, g[i if grad else 0], grad)
+            continue
+        m, s, rest = narrow_softmax(x, i, y, e, T(-np.inf))
+        sz = T(0.0)
+        if eps > 0:
+            for c in range(C):
+                wc = weight[c]
+                sz += T(0.0) if wc == 0 else wc * load(x, (i, c))
+        swi = sw[i] if sw.shape[0] > 0 else T(1.0)
+        loss, a, b, gy = _label_terms(load(x, (i, y)), m, s, rest, e[y], sz, weight[y], wsum, eps,
+                                      zcoef, swi * scale, smooth, T)
+        losses[i] = swi * loss
+        if grad:
+            for c in range(C):
+                store(g, (i, c), e[c] * a - b * weight[c])
+            store(g, (i, y), gy)
 
 
 @reduction_jit
@@ -113,6 +153,10 @@ def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zc
     """Rows [first, last): integer ``labels`` or ``probs`` (the other is None;
     Numba prunes the branch that tests the None one at compile time)."""
     C = x.shape[1]
+    if labels is not None and cap == 0 and C <= NARROW_ROW:
+        _narrow_label_rows(first, last, x, labels, weight, wsum, sw, ignore_index, eps, zcoef,
+                           scale, g, grad, losses, T)
+        return
     e = np.empty(C, T)  # exp(z - m) of the current row, kept in L1 for the gradient
     capped = np.empty(C if cap > 0 else 0, T)  # soft-capped logits of the current row
     slope = np.empty(C if cap > 0 else 0, T)  # their derivative; empty: no soft-cap

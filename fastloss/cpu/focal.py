@@ -16,6 +16,8 @@ term is 0 (its limit), so ``0 < g < 1`` and saturated logits give finite
 gradients.  For an integer target ``1-p_y`` is computed as
 ``sum_{k != y} e_k / s`` (``e = exp(z - max z)``) and ``log p_y`` as ``-log1p(sum_{k != y} e_k / e_y)``
 when ``p_y >= 1/2``: both keep their relative precision as ``p_y -> 1``.
+Rows of at most ``NARROW_ROW`` classes with integer targets run inline, as in
+``fastloss.cpu.cross_entropy`` (``_narrow_label_rows``, sharing ``_label_terms``).
 
 Sigmoid focal (torchvision's RetinaNet loss), per element with ``p = sigmoid(x)``,
 ``u = 1 - p_t = p (1-t) + (1-p) t``, ``ce = softplus(x) - t x`` and
@@ -34,13 +36,34 @@ import math
 
 import numpy as np
 from numba import njit, prange
+from numba.core.extending import register_jitable
 
 from fastloss._reduction import grad_scale
 from fastloss.cpu._math import load, store, vexp, vexp_nonpos, vlog, vlog1p
-from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, exp_shifted, ignored_row, jit,
-                                loss_total, mean_denominator, row_max, row_sum, softmax_grad_row,
-                                use_threads)
+from fastloss.cpu._rows import (KERNEL_OPTIONS, NARROW_ROW, ROW_BLOCK_ELEMENTS, exp_shifted,
+                                ignored_row, jit, loss_total, mean_denominator, narrow_softmax,
+                                row_max, row_sum, softmax_grad_row, use_threads)
 from fastloss.cpu._threads import launch
+
+
+@register_jitable(inline="always")
+def _label_terms(zy, m, s, rest, ey, alpha_y, gamma, gscale):
+    """-alpha_y (1-p_y)^gamma log p_y of a row with integer target y (float64),
+    and its gradient as g_c = e_c a for c != y, g_y = gy; ``s`` = sum of
+    e = exp(z - m), ``rest`` = that sum without e_y."""
+    s, rest, ey = float(s), float(rest), float(ey)
+    if ey >= rest:
+        nlp = math.log1p(rest / ey)  # -log p_y, precise as p_y -> 1
+    else:
+        nlp = math.log(s) - (float(zy) - float(m))
+    l1mp = math.log(rest) - math.log(s) if rest > 0 else -math.inf  # log(1 - p_y)
+    pw = 1.0 if gamma == 0 else math.exp(gamma * l1mp)  # (1 - p_y)^gamma
+    loss = float(alpha_y) * pw * nlp
+    t2 = 0.0
+    if gamma > 0 and rest > 0 and nlp > 0:
+        t2 = gamma * (ey / s) * math.exp((gamma - 1.0) * l1mp + math.log(nlp))
+    c = gscale * float(alpha_y) * (pw + t2)
+    return loss, c / s, -c * rest / s  # g_y = c (p_y - 1) without the cancellation
 
 
 @jit
@@ -48,24 +71,36 @@ def _label_row(src, y, alpha, gamma, gscale, e, g, grad, T):
     """-alpha_y (1-p_y)^gamma log p_y for one row; writes the gradient when grad."""
     m = row_max(src, T(-np.inf))
     s, rest = exp_shifted(src, m, e, y)
-    s, rest = float(s), float(rest)  # rest: sum of exp over the other classes
-    ey = float(e[y])
-    if ey >= rest:
-        nlp = math.log1p(rest / ey)  # -log p_y, precise as p_y -> 1
-    else:
-        nlp = math.log(s) - (float(load(src, y)) - float(m))
-    l1mp = math.log(rest) - math.log(s) if rest > 0 else -math.inf  # log(1 - p_y)
-    pw = 1.0 if gamma == 0 else math.exp(gamma * l1mp)  # (1 - p_y)^gamma
-    loss = float(alpha[y]) * pw * nlp
+    loss, a, gy = _label_terms(load(src, y), m, s, rest, e[y], alpha[y], gamma, gscale)
     if grad:
-        p = ey / s
-        t2 = 0.0
-        if gamma > 0 and rest > 0 and nlp > 0:
-            t2 = gamma * p * math.exp((gamma - 1.0) * l1mp + math.log(nlp))
-        c = gscale * float(alpha[y]) * (pw + t2)
-        softmax_grad_row(e, T(c / s), T(0.0), alpha, g, alpha[:0])
-        store(g, y, T(-c * rest / s))  # c (p_y - 1) without the cancellation
+        softmax_grad_row(e, T(a), T(0.0), alpha, g, alpha[:0])
+        store(g, y, T(gy))
     return loss
+
+
+@jit
+def _narrow_label_rows(first, last, x, labels, alpha, sw, ignore_index, gamma, scale, g, grad,
+                       losses):
+    """Rows [first, last) with integer labels, at most NARROW_ROW classes:
+    ``_label_row`` with every step inline (see ``narrow_softmax``)."""
+    T = losses.dtype.type
+    C = x.shape[1]
+    e = np.empty(C, T)
+    for i in range(first, last):
+        y = labels[i]
+        if y == ignore_index:
+            ignored_row(y, ignore_index, losses, i, g[i if grad else 0], grad)
+            continue
+        m, s, rest = narrow_softmax(x, i, y, e, T(-np.inf))
+        swi = float(sw[i]) if sw.shape[0] > 0 else 1.0
+        loss, a, gy = _label_terms(load(x, (i, y)), m, s, rest, e[y], alpha[y], gamma,
+                                   swi * scale)
+        losses[i] = swi * loss
+        if grad:
+            a = T(a)
+            for c in range(C):
+                store(g, (i, c), e[c] * a)
+            store(g, (i, y), T(gy))
 
 
 @jit
@@ -109,6 +144,10 @@ def _prob_row(src, t, alpha, gamma, gscale, e, f, terms, g, grad, T):
 def _rows(first, last, x, labels, probs, alpha, sw, ignore_index, gamma, scale, g, grad, losses):
     T = losses.dtype.type
     C = x.shape[1]
+    if labels is not None and C <= NARROW_ROW:
+        _narrow_label_rows(first, last, x, labels, alpha, sw, ignore_index, gamma, scale, g, grad,
+                           losses)
+        return
     e = np.empty(C, T)
     f = np.empty(0 if probs is None else C, T)
     terms = np.empty(0 if probs is None else C, T)
