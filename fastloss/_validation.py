@@ -76,7 +76,7 @@ def labels_in_range(labels, upper, name, ignore_index=None):
             flat = flat[bad:bad + 1].copy_to_host()
             bad_value = flat[0]
     else:
-        flat = labels.reshape(-1)
+        flat = labels.reshape(-1) if labels.ndim != 1 else labels
         bad = (0 if flat.shape[0] else -1) if everything_bad else _first_bad_label(flat, upper, skip)
         bad_value = flat[bad] if bad >= 0 else None
     if bad >= 0:
@@ -91,6 +91,8 @@ def shape_equal(a, shape, name, expected):
 
 def scalar(value, name):
     """``value`` as a Python float; TypeError when it is not a real number."""
+    if type(value) is float:  # the common case, first: small calls pay for every check
+        return value
     if isinstance(value, (str, bytes)):  # float("0.5") would take it
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
@@ -120,16 +122,18 @@ def unit_interval(value, name):
     return v
 
 
-_INT64 = np.iinfo(np.int64)
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 def integer(value, name):
     """``value`` as a Python int in int64's range (the kernels' index type)."""
+    if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:  # the common case, first
+        return value
     try:
         v = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if not _INT64.min <= v <= _INT64.max:
+    if not _INT64_MIN <= v <= _INT64_MAX:
         raise ValueError(f"{name} must fit in int64, got {v}")
     return v
 

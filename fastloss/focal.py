@@ -248,8 +248,8 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mea
 
     T = _storage.compute_type(logits.dtype)
     n = logits.size
-    x = _storage.kernel_view(logits).reshape(n)
-    t = _storage.kernel_view(targets.astype(logits.dtype, copy=False)).reshape(n)
+    x = _storage.kernel_view(logits, (n,))
+    t = _storage.kernel_view(targets.astype(logits.dtype, copy=False), (n,))
     g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n,), (targets,))
     losses, losses_half = _storage.element_losses(n, reduction, logits.dtype, T)
     total = sigmoid_focal_elements(x, t, alpha, gamma, grad_scale(reduction == "mean", n),

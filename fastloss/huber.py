@@ -134,8 +134,8 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
         sw, inner, period = _compact_weights(sample_weight, input.shape, T)
         denom = float(np.sum(sample_weight, dtype=np.float64)) * (n / max(sample_weight.size, 1))
 
-    x = _storage.kernel_view(input).reshape(n)
-    t = _storage.kernel_view(target.astype(input.dtype, copy=False)).reshape(n)
+    x = _storage.kernel_view(input, (n,))
+    t = _storage.kernel_view(target.astype(input.dtype, copy=False), (n,))
     g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, input, (n,), (target, sample_weight))
     losses, losses_half = _storage.element_losses(n, reduction, input.dtype, T)
     total = huber_elements(x, t, sw, inner, period, delta, grad_scale(reduction == "mean", denom),

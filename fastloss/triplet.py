@@ -179,7 +179,7 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
     n = math.prod(batch_shape)
     T = _storage.compute_type(anchor.dtype)
     inputs = (anchor, positive, negative)
-    views = [_storage.kernel_view(x).reshape(n, D) for x in inputs]
+    views = [_storage.kernel_view(x, (n, D)) for x in inputs]
     if grad:
         buffers = []
         for k, x in enumerate(inputs):

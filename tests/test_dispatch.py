@@ -102,9 +102,21 @@ def test_backend_cpu_with_cuda_array_is_type_error():
         fl.softmax_cross_entropy(FakeCudaArray((2, 3)), np.array([0, 1]), backend="cpu")
 
 
-def test_unknown_backend_is_value_error():
-    with pytest.raises(ValueError, match="backend"):
-        fl.huber_loss(np.zeros(3), np.zeros(3), backend="tpu")
+@pytest.mark.parametrize("backend", ["tpu", np.array(["cpu"]), None, 0])
+def test_unknown_backend_is_value_error(backend):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fl.huber_loss(np.zeros(3), np.zeros(3), backend=backend)
+
+
+def test_environment_variable_is_read_on_every_call(monkeypatch):
+    # read through os.environ's own mapping (fast); it must see every change made to os.environ
+    x = np.zeros((2, 3), np.float32)
+    for value in ["gpu", "tpu"]:
+        monkeypatch.setenv("FASTLOSS_BACKEND", value)
+        with pytest.raises(ValueError, match=f"FASTLOSS_BACKEND must be one of .*'{value}'"):
+            fl.softmax_cross_entropy(x, np.array([0, 1]))
+    monkeypatch.delenv("FASTLOSS_BACKEND")
+    assert np.isclose(float(fl.softmax_cross_entropy(x, np.array([0, 1])).loss), np.log(3))
 
 
 def test_environment_variable_sets_the_default(monkeypatch):
@@ -143,3 +155,15 @@ def test_import_compiles_nothing():
         "sys.exit(len(compiled))\n"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_environment_reader_falls_back_to_os_environ_get(monkeypatch):
+    # where os.environ has no CPython-style mapping behind it, the reader asks it directly
+    from fastloss import _dispatch
+    monkeypatch.setattr(_dispatch.os, "environ", {"FASTLOSS_BACKEND": "cpu"})
+    read = _dispatch._environment_reader()
+    assert read() == "cpu"
+    _dispatch.os.environ["FASTLOSS_BACKEND"] = "cuda"
+    assert read() == "cuda"
+    del _dispatch.os.environ["FASTLOSS_BACKEND"]
+    assert read() is None

@@ -17,10 +17,14 @@ def compute_type(dtype):
     return np.float64 if dtype == _F64 else np.float32
 
 
-def kernel_view(a):
-    """``a`` as the kernels read it: C-contiguous, float16 seen as uint16."""
+def kernel_view(a, shape=None):
+    """``a`` as the kernels read it: C-contiguous, float16 seen as uint16, of
+    ``shape`` when given (a view; reshaped only when it differs: a small call
+    pays for every NumPy call)."""
     a = np.ascontiguousarray(a)
-    return a.view(np.uint16) if a.dtype == _F16 else a
+    if a.dtype == _F16:
+        a = a.view(np.uint16)
+    return a if shape is None or a.shape == shape else a.reshape(shape)
 
 
 def class_rows(logits, labels, probs):
@@ -29,11 +33,11 @@ def class_rows(logits, labels, probs):
     logits' dtype (one of the two is None)."""
     C = logits.shape[-1]
     n = logits.size // C
-    x = kernel_view(logits).reshape(n, C)
+    x = kernel_view(logits, (n, C))
     if labels is not None:
-        labels = np.ascontiguousarray(labels).reshape(n)
+        labels = kernel_view(labels, (n,))
     else:
-        probs = kernel_view(probs.astype(logits.dtype, copy=False)).reshape(n, C)
+        probs = kernel_view(probs.astype(logits.dtype, copy=False), (n, C))
     return x, labels, probs
 
 
@@ -106,7 +110,7 @@ def gradient_arrays(grad, grad_out, like, kernel_shape, reads=()):
         storage = np.uint16 if like.dtype == _F16 else like.dtype
         return np.empty((1,) + tuple(kernel_shape[1:]), storage), None, None
     written, result = gradient_buffer(grad_out, like.shape, like.dtype, like, reads)
-    return kernel_view(written).reshape(kernel_shape), written, result
+    return kernel_view(written, tuple(kernel_shape)), written, result
 
 
 def finish_gradient(written, result):
