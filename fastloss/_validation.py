@@ -18,6 +18,8 @@ from fastloss._cache import CACHE
 from fastloss._dispatch import on_device
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_INT64_DTYPE = np.dtype(np.int64)
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -44,11 +46,13 @@ def label_array(t, name):
     """``t`` as an int64 ndarray of class indices (any integer dtype accepted;
     a device array keeps its dtype, the kernels widen on load)."""
     t = as_array(t, name, "an array of integer class indices")
+    if type(t) is np.ndarray and t.dtype is _INT64_DTYPE:  # the common case, first
+        return t
     if t.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer class indices, got dtype {t.dtype}")
     if on_device(t):
         return t
-    if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
+    if t.dtype == np.uint64 and t.size and t.max() > _INT64_MAX:
         raise ValueError(f"{name} holds a class index too large for int64")
     return t.astype(np.int64, copy=False)
 
@@ -122,7 +126,6 @@ def unit_interval(value, name):
     return v
 
 
-_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 def integer(value, name):

@@ -68,7 +68,7 @@ ctypedef fused feature_t:
 
 
 cdef void _group_rows(const int64_t[::1] labels, Py_ssize_t[::1] starts,
-                      Py_ssize_t[::1] cursor, int64_t[::1] order) noexcept nogil:
+                      Py_ssize_t[::1] cursor, Py_ssize_t[::1] order) noexcept nogil:
     """starts[j]:starts[j + 1] indexes ``order``, the rows of label j (ascending)."""
     cdef Py_ssize_t i, j, n = labels.shape[0], K = starts.shape[0] - 1
     for j in range(K + 1):
@@ -107,13 +107,13 @@ cdef inline bint _sorted(Py_ssize_t n, Py_ssize_t D) noexcept nogil:
 
 
 cdef inline const feature_t* _row(const feature_t* base, Py_ssize_t D, Py_ssize_t r, bint by_key,
-                                  const int64_t[::1] order, const fl_row_key* keys) noexcept nogil:
+                                  const Py_ssize_t[::1] order, const fl_row_key* keys) noexcept nogil:
     """Row number r of a class's summation order (r indexes ``order`` / ``keys``)."""
     return base + (keys[r].row if by_key else order[r]) * D
 
 
 cdef inline void _prefetch_class(const feature_t* base, Py_ssize_t D, Py_ssize_t first,
-                                 Py_ssize_t last, const int64_t[::1] order) noexcept nogil:
+                                 Py_ssize_t last, const Py_ssize_t[::1] order) noexcept nogil:
     """Start loading the first cache line of every row of a class (its sort keys)."""
     cdef Py_ssize_t r
     if _sorted(last - first, D):
@@ -123,7 +123,7 @@ cdef inline void _prefetch_class(const feature_t* base, Py_ssize_t D, Py_ssize_t
 
 cdef void _update_chunk(center_t[:, ::1] centers, const feature_t[:, ::1] features,
                         const Py_ssize_t[::1] present, Py_ssize_t p0, Py_ssize_t p1,
-                        const Py_ssize_t[::1] starts, const int64_t[::1] order,
+                        const Py_ssize_t[::1] starts, const Py_ssize_t[::1] order,
                         fl_row_key* keys, fl_row_key* tmp, double alpha,
                         double* acc) noexcept nogil:
     """Update the classes present[p0:p1], one after the other, each from its rows in their
@@ -141,7 +141,7 @@ cdef void _update_chunk(center_t[:, ::1] centers, const feature_t[:, ::1] featur
     j = present[p0]
     first, last = starts[j], starts[j + 1]
     if _sorted(last - first, D):
-        fl_order_rows(keys + first, tmp + first, &order[first], last - first,
+        fl_order_rows(keys + first, tmp + first, <const int64_t*>&order[first], last - first,
                       <const unsigned char*>base, row_bytes)
     for p in range(p0, p1):
         j = present[p]
@@ -160,7 +160,8 @@ cdef void _update_chunk(center_t[:, ::1] centers, const feature_t[:, ::1] featur
         if p + 1 < p1:
             next_by_key = _sorted(nlast - nfirst, D)
             if next_by_key:
-                fl_order_rows(keys + nfirst, tmp + nfirst, &order[nfirst], nlast - nfirst,
+                fl_order_rows(keys + nfirst, tmp + nfirst, <const int64_t*>&order[nfirst],
+                              nlast - nfirst,
                               <const unsigned char*>base, row_bytes)
             next_row = _row(base, D, nfirst, next_by_key, order, keys)
         _accumulate(acc, c, _row(base, D, last - 1, by_key, order, keys), next_row, D)
@@ -179,18 +180,21 @@ def update_centers(center_t[:, ::1] centers, const feature_t[:, ::1] features,
     """
     cdef Py_ssize_t K = centers.shape[0], D = centers.shape[1], N = labels.shape[0]
     cdef Py_ssize_t q, n_chunks, n_present = 0
-    cdef Py_ssize_t[::1] starts = np.empty(K + 1, np.intp)
-    cdef Py_ssize_t[::1] cursor = np.empty(max(K, 1), np.intp)
-    cdef int64_t[::1] order = np.empty(N, np.int64)
-    # two fl_row_key (16 bytes: uint64 key, int64 row) per row: the keys and the merge buffer
-    cdef uint64_t[::1] key_buffer = np.empty(4 * max(N, 1), np.uint64)
-    cdef fl_row_key* keys = <fl_row_key*>&key_buffer[0]
-    cdef fl_row_key* tmp = keys + max(N, 1)
+    cdef Py_ssize_t rows = max(N, 1), width = max(D, 1)
+    # Every buffer in one allocation of 8-byte words (a small call pays for each NumPy
+    # call): starts (K + 1), cursor (K), order (N), the sort keys and their merge
+    # buffer (two fl_row_key of 16 bytes per row), and a float64 row per thread.
+    cdef Py_ssize_t[::1] work = np.empty(2 * K + 1 + 5 * rows + max(num_threads, 1) * width, np.intp)
+    cdef Py_ssize_t[::1] starts = work[:K + 1]
+    cdef Py_ssize_t[::1] cursor = work[K + 1:2 * K + 1]
+    cdef Py_ssize_t[::1] order = work[2 * K + 1:2 * K + 1 + N]
+    cdef fl_row_key* keys = <fl_row_key*>&work[2 * K + 1 + rows]
+    cdef fl_row_key* tmp = keys + rows
+    cdef double* scratch = <double*>&work[2 * K + 1 + 5 * rows]
     cdef Py_ssize_t[::1] present
-    cdef double[:, ::1] scratch
     if N == 0:  # no row: every center stays as it is
         return 0
-    assert sizeof(fl_row_key) == 2 * sizeof(uint64_t)
+    assert sizeof(fl_row_key) == 2 * sizeof(Py_ssize_t) and sizeof(double) == sizeof(Py_ssize_t)
     with nogil:
         _group_rows(labels, starts, cursor, order)
         # the classes present, in ascending order, into ``cursor`` (free after the grouping)
@@ -201,17 +205,16 @@ def update_centers(center_t[:, ::1] centers, const feature_t[:, ::1] features,
     present = cursor
     n_chunks = (n_present + CHUNK - 1) // CHUNK
     num_threads = max(1, min(num_threads, n_chunks))
-    scratch = np.empty((num_threads, max(D, 1)), np.float64)
     if num_threads == 1:
         with nogil:
             for q in range(n_chunks):
                 _update_chunk(centers, features, present, q * CHUNK,
                               min(n_present, (q + 1) * CHUNK), starts, order, keys, tmp, alpha,
-                              &scratch[0, 0])
+                              scratch)
     else:
         with nogil:
             for q in prange(n_chunks, schedule="dynamic", num_threads=num_threads):
                 _update_chunk(centers, features, present, q * CHUNK,
                               min(n_present, (q + 1) * CHUNK), starts, order, keys, tmp, alpha,
-                              &scratch[threadid(), 0])
+                              scratch + threadid() * width)
     return n_present

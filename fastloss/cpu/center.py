@@ -13,16 +13,25 @@ center update is separate: the Cython extension ``_center_update``.
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.core.extending import register_jitable
 
 from fastloss.cpu._math import load, store
 from fastloss.cpu._rows import KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, loss_total, use_threads
 from fastloss.cpu._threads import launch, note_gnu_openmp, threads_allowed
 
+try:  # imported once: an import statement per call costs a small call 0.4 us
+    from fastloss.cpu import _center_update
+    _center_update_error = None
+except ImportError as exc:  # raised, with this cause, by the first update
+    _center_update, _center_update_error = None, exc
+
 # No transcendental functions here, so reassociation is safe (and vectorizes the sum).
 _OPTIONS = dict(KERNEL_OPTIONS, fastmath={"contract", "reassoc", "nsz"})
 
 
-@njit(**_OPTIONS)
+# The row functions are inlined into _rows (compiled under its options): a call per
+# row, with its vector loop's set-up, cost more than the arithmetic of a narrow row.
+@register_jitable(inline="always")
 def _row_loss(x, c, zero):
     s = zero
     for d in range(x.shape[0]):
@@ -31,7 +40,7 @@ def _row_loss(x, c, zero):
     return s
 
 
-@njit(**_OPTIONS)
+@register_jitable(inline="always")
 def _row_grad(x, c, scale, g):
     """g = scale * (x - c), in a loop of its own after the loss: were the store in the
     loss's loop, a g that may be x itself (in place) would make LLVM fall back to a
@@ -81,11 +90,9 @@ def update_centers(centers, features, labels, alpha):
     is updated in place; ``features`` (N, D) any float dtype; int64 ``labels``
     in [0, K).  Threads: Numba's count (``numba.set_num_threads`` and
     ``NUMBA_NUM_THREADS`` apply), one for small batches."""
-    try:
-        from fastloss.cpu import _center_update
-    except ImportError as exc:  # a source tree that was never built
+    if _center_update is None:  # a source tree that was never built
         raise ImportError("fastloss's Cython extension fastloss.cpu._center_update is not built: "
-                          "install the package (pip install -e .)") from exc
+                          "install the package (pip install -e .)") from _center_update_error
     if np.may_share_memory(features, centers):
         features = features.copy()
     x = np.ascontiguousarray(features)
