@@ -229,7 +229,7 @@ def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction=
     reduction = check.reduction(reduction)
     if grad and grad_out is not None:
         check.grad_buffer(grad_out, features.shape, features.dtype)
-        if np.may_share_memory(grad_out, centers):
+        if _storage.may_overlap(grad_out, centers):
             raise ValueError("grad_out must not share memory with centers")
 
     n = features.shape[0]

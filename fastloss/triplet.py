@@ -32,6 +32,9 @@ def _gram(E):
     return G
 
 
+_GRAD_OUT_NAMES = ("grad_out[0]", "grad_out[1]", "grad_out[2]")
+
+
 def _grad_outs(grad_out, shape, dtype, dev=None):
     """``grad_out`` of triplet_margin_loss: a tuple of three writable arrays of the inputs'
     shape and dtype that do not overlap one another; on the GPU (``dev`` given, device
@@ -45,7 +48,7 @@ def _grad_outs(grad_out, shape, dtype, dev=None):
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"grad_out[{k}] (gradient w.r.t. {name}): {exc}") from None
     if dev is None:
-        shared = np.may_share_memory
+        shared = _storage.may_overlap
     else:
         from fastloss.cuda.triplet import overlap as shared
         grad_out = dev.views(**{f"grad_out[{k}]": g for k, g in enumerate(grad_out)})
@@ -138,7 +141,7 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
     dev = None
     if select_backend(backend, anchor=anchor, positive=positive, negative=negative,
                       **({} if grad_out is None or not isinstance(grad_out, (tuple, list))
-                         else {f"grad_out[{k}]": g for k, g in enumerate(grad_out)})) == "cuda":
+                         else dict(zip(_GRAD_OUT_NAMES, grad_out)))) == "cuda":
         dev, _ = on_gpu(anchor)
         anchor, positive, negative = dev.views(anchor=anchor, positive=positive, negative=negative)
     anchor = check.float_array(anchor, "anchor")
@@ -184,9 +187,8 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
         buffers = []
         for k, x in enumerate(inputs):
             out = None if grad_out is None else grad_out[k]
+            # the three grad_out are apart (_grad_outs): each is checked against the inputs
             others = tuple(y for m, y in enumerate(inputs) if m != k)
-            if grad_out is not None:
-                others += tuple(g for m, g in enumerate(grad_out) if m != k)
             buffers.append(_storage.gradient_arrays(True, out, x, (n, D), others))
         gk = [b[0] for b in buffers]
     else:

@@ -79,6 +79,15 @@ def ones(n, T):
     return v
 
 
+def may_overlap(a, b):
+    """``np.may_share_memory(a, b)``, answered at once for two distinct arrays that each
+    own their memory (two allocations never overlap): 0.1 us instead of 0.3 us,
+    which a small call with several buffers to check would pay many times."""
+    if a is not b and a.flags.owndata and b.flags.owndata:
+        return False
+    return np.may_share_memory(a, b)
+
+
 def gradient_buffer(grad_out, shape, dtype, inplace_ok, reads):
     """(array the kernel writes, array returned to the caller).
 
@@ -93,7 +102,10 @@ def gradient_buffer(grad_out, shape, dtype, inplace_ok, reads):
     if grad_out.flags.c_contiguous:
         if grad_out is inplace_ok:
             return grad_out, grad_out
-        if not any(r is not None and np.may_share_memory(grad_out, r) for r in (inplace_ok,) + reads):
+        for r in (inplace_ok,) + reads:
+            if r is not None and may_overlap(grad_out, r):
+                break
+        else:
             return grad_out, grad_out
     return np.empty(shape, dtype), grad_out
 

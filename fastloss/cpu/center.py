@@ -17,6 +17,7 @@ from numba.core.extending import register_jitable
 
 from fastloss.cpu._math import load, store
 from fastloss.cpu._rows import KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, loss_total, use_threads
+from fastloss.cpu._storage import may_overlap
 from fastloss.cpu._threads import launch, note_gnu_openmp, threads_allowed
 
 try:  # imported once: an import statement per call costs a small call 0.4 us
@@ -93,7 +94,7 @@ def update_centers(centers, features, labels, alpha):
     if _center_update is None:  # a source tree that was never built
         raise ImportError("fastloss's Cython extension fastloss.cpu._center_update is not built: "
                           "install the package (pip install -e .)") from _center_update_error
-    if np.may_share_memory(features, centers):
+    if may_overlap(features, centers):
         features = features.copy()
     x = np.ascontiguousarray(features)
     if x.dtype == np.float16:  # the extension reads float16 as its bits, converted exactly
