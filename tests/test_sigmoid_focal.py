@@ -37,11 +37,26 @@ def test_defaults_are_torchvision_defaults(rng):
     check_result(res, *naive.sigmoid_focal_loss(x, t, alpha=0.25, gamma=2.0, reduction="mean"), np.float64)
 
 
-@pytest.mark.parametrize("gamma", [0.0, 1.5])
+@pytest.mark.parametrize("gamma", [0.0, 1.5, 2.0])
 def test_soft_targets(rng, gamma):
     x, t = make_inputs(rng, (6, 5), soft=True)
     res, want = run_both(x, t, alpha=0.3, gamma=gamma)
     check_result(res, *want, np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gamma_two_loop_agrees_with_the_general_one(rng, dtype):
+    # gamma == 2 has a loop of its own (u * u for u**gamma); the next float above 2
+    # takes the general one (exp(gamma log u)): the two agree to round-off
+    x, t = make_inputs(rng, (40, 30), dtype)
+    x[0, :4] = [30.0, -30.0, 80.0, -80.0]  # saturated: u underflows or ce is 0
+    above = float(np.nextafter(dtype(2.0), dtype(3.0)))
+    for reduction in ["none", "sum"]:
+        two = fl.sigmoid_focal_loss(x, t, gamma=2.0, reduction=reduction)
+        general = fl.sigmoid_focal_loss(x, t, gamma=above, reduction=reduction)
+        rtol = 1e-11 if dtype == np.float64 else 1e-4  # u**(2+d) = u**2 * exp(d log u)
+        np.testing.assert_allclose(two.loss, general.loss, rtol=rtol, atol=1e-30)
+        np.testing.assert_allclose(two.grad, general.grad, rtol=rtol, atol=1e-30)
 
 
 def test_gamma_zero_alpha_off_is_binary_cross_entropy(rng):

@@ -194,33 +194,67 @@ def focal_rows(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, 
 # ---------------------------------------------------------------- sigmoid focal
 
 
+@register_jitable(inline="always")
+def _sigmoid_terms(xi, ti, one, zero):
+    """(p, 1 - p, ce, u = 1 - p_t) of one element (see module docstring)."""
+    ea = vexp_nonpos(-abs(xi))
+    l1pe = vlog1p(ea)
+    sp_pos = (xi if xi > zero else zero) + l1pe  # softplus(x)  = -log(1-p)
+    sp_neg = (zero if xi > zero else -xi) + l1pe  # softplus(-x) = -log p
+    inv = one / (one + ea)
+    p = inv if xi >= zero else ea * inv  # sigmoid(x)
+    q = ea * inv if xi >= zero else inv  # 1 - sigmoid(x), without cancellation
+    ce = (one - ti) * sp_pos + ti * sp_neg
+    u = p * (one - ti) + q * ti  # 1 - p_t: a sum of two non-negative terms
+    return p, q, ce, u
+
+
+@register_jitable(inline="always")
+def _sigmoid_focal_value(p, q, ce, u, ti, pw, u_gm1, alpha, gamma, use_alpha, one, zero):
+    """(loss, dloss/dx) of one element from its terms, pw = u**gamma, u_gm1 = u**(gamma-1)."""
+    at = alpha * ti + (one - alpha) * (one - ti) if use_alpha else one
+    # d(1 - p_t)/dx = p q (1 - 2t).  u == 0 only where ce == 0 too (saturated and
+    # right), and the second term's limit there is 0.
+    t2 = gamma * (one - ti - ti) * ce * u_gm1 * p * q
+    t2 = zero if (ce == zero or u == zero or gamma == zero) else t2
+    return at * pw * ce, at * ((p - ti) * pw + t2)
+
+
 @jit
-def _sigmoid_focal_chunk(x, t, alpha, gamma, scale, g, out):
-    """out_i = loss of element i; g_i = scale * dloss/dx_i (see module docstring)."""
+def _sigmoid_focal_squared(x, t, alpha, scale, g, out):
+    """``_sigmoid_focal_chunk`` at gamma == 2: u**gamma is u * u and u**(gamma-1) is u."""
     T = out.dtype.type
     one = T(1.0)
     zero = T(0.0)
     use_alpha = alpha >= 0
     for i in range(x.shape[0]):
-        xi = load(x, i)
         ti = load(t, i)
-        ea = vexp_nonpos(-abs(xi))
-        l1pe = vlog1p(ea)
-        sp_pos = (xi if xi > zero else zero) + l1pe  # softplus(x)  = -log(1-p)
-        sp_neg = (zero if xi > zero else -xi) + l1pe  # softplus(-x) = -log p
-        inv = one / (one + ea)
-        p = inv if xi >= zero else ea * inv  # sigmoid(x)
-        q = ea * inv if xi >= zero else inv  # 1 - sigmoid(x), without cancellation
-        ce = (one - ti) * sp_pos + ti * sp_neg
-        u = p * (one - ti) + q * ti  # 1 - p_t: a sum of two non-negative terms
+        p, q, ce, u = _sigmoid_terms(load(x, i), ti, one, zero)
+        loss, d = _sigmoid_focal_value(p, q, ce, u, ti, u * u, u, alpha, T(2.0), use_alpha,
+                                       one, zero)
+        out[i] = loss
+        store(g, i, scale * d)
+
+
+@jit
+def _sigmoid_focal_chunk(x, t, alpha, gamma, scale, g, out):
+    """out_i = loss of element i; g_i = scale * dloss/dx_i (see module docstring).
+    gamma == 2, the default, runs without a log and an exp per element (2x faster)."""
+    if gamma == 2:
+        _sigmoid_focal_squared(x, t, alpha, scale, g, out)
+        return
+    T = out.dtype.type
+    one = T(1.0)
+    zero = T(0.0)
+    use_alpha = alpha >= 0
+    for i in range(x.shape[0]):
+        ti = load(t, i)
+        p, q, ce, u = _sigmoid_terms(load(x, i), ti, one, zero)
         pw = one if gamma == zero else vexp(gamma * vlog(u))  # u**gamma, 0**gamma = 0
-        at = alpha * ti + (one - alpha) * (one - ti) if use_alpha else one
-        out[i] = at * pw * ce
-        # d(1 - p_t)/dx = p q (1 - 2t); u**(gamma-1) = pw / u.  u == 0 only where
-        # ce == 0 too (saturated and right), and the term's limit there is 0.
-        t2 = gamma * (one - ti - ti) * ce * (pw / u) * p * q
-        t2 = zero if (ce == zero or u == zero or gamma == zero) else t2
-        store(g, i, scale * at * ((p - ti) * pw + t2))
+        loss, d = _sigmoid_focal_value(p, q, ce, u, ti, pw, pw / u, alpha, gamma, use_alpha,
+                                       one, zero)
+        out[i] = loss
+        store(g, i, scale * d)
 
 
 @jit
