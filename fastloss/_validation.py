@@ -126,8 +126,6 @@ def unit_interval(value, name):
     return v
 
 
-
-
 def integer(value, name):
     """``value`` as a Python int in int64's range (the kernels' index type)."""
     if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:  # the common case, first

@@ -52,38 +52,36 @@ def _bits(arrays):
 # made once (center_loss gets a fresh copy of its centers per call).
 
 
+def _class_batch(dev, dtype, seed, kw):
+    """(rng, device logits (5, 37), device target): integer labels, or probabilities
+    when ``kw`` has ``probs=True`` (popped)."""
+    rng = _rng(seed)
+    x = (3 * rng.normal(size=(5, 37))).astype(dtype)
+    target = dev.put(rng.integers(0, 37, size=5))
+    if kw.pop("probs", False):
+        t = rng.random((5, 37))
+        target = dev.put((t / t.sum(axis=1, keepdims=True)).astype(dtype))
+    return rng, dev.put(x), target
+
+
 def ce(**options):
     def build(dev, dtype, reduction):
-        rng = _rng(0)
-        x = (3 * rng.normal(size=(5, 37))).astype(dtype)
-        y = rng.integers(0, 37, size=5)
         kw = dict(options)
-        target = dev.put(y)
-        if kw.pop("probs", False):
-            t = rng.random((5, 37))
-            target = dev.put((t / t.sum(axis=1, keepdims=True)).astype(dtype))
+        rng, dx, target = _class_batch(dev, dtype, 0, kw)
         if kw.pop("weight", False):
             kw["weight"] = dev.put(rng.random(37).astype(dtype) + 0.5)
         if kw.pop("sample_weight", False):
             kw["sample_weight"] = dev.put(rng.random(5).astype(dtype))
-        dx = dev.put(x)
         return lambda: fl.softmax_cross_entropy(dx, target, reduction=reduction, **kw)
     return build
 
 
 def focal(**options):
     def build(dev, dtype, reduction):
-        rng = _rng(1)
-        x = (3 * rng.normal(size=(5, 37))).astype(dtype)
-        y = rng.integers(0, 37, size=5)
         kw = dict(options)
-        target = dev.put(y)
-        if kw.pop("probs", False):
-            t = rng.random((5, 37))
-            target = dev.put((t / t.sum(axis=1, keepdims=True)).astype(dtype))
+        rng, dx, target = _class_batch(dev, dtype, 1, kw)
         if kw.pop("alpha_vector", False):
             kw["alpha"] = dev.put(rng.random(37).astype(dtype))
-        dx = dev.put(x)
         return lambda: fl.focal_loss(dx, target, reduction=reduction, **kw)
     return build
 
