@@ -11,7 +11,7 @@ that says how to get the cache back.
 import os
 import warnings
 
-import fastloss
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))  # this file lies in the package folder
 
 
 def _cache_locatable(package_file):
@@ -28,8 +28,7 @@ def _cache_locatable(package_file):
 
 
 def _decide():
-    root = os.path.dirname(fastloss.__file__)
-    files = [os.path.join(root, sub, "__init__.py") for sub in ("", "cpu", "cuda")]
+    files = [os.path.join(_PACKAGE, sub, "__init__.py") for sub in ("", "cpu", "cuda")]
     if all(_cache_locatable(f) for f in files if os.path.exists(f)):
         return True
     warnings.warn("fastloss: no writable cache directory for Numba (the package folder, "

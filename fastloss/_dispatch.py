@@ -16,9 +16,9 @@ def _environment_reader():
     """A function returning ``os.environ.get(ENV_VARIABLE)``, read on every call.
 
     ``os.environ.get`` of an unset variable raises and catches a KeyError
-    inside ``os.environ``: about 1 us, as long as a small call's kernel.  The
+    inside ``os.environ``, which costs as much as a small call's kernel; the
     mapping behind ``os.environ`` (CPython's ``_data``, which every assignment
-    to ``os.environ`` updates) answers the same question in 50 ns.
+    to ``os.environ`` updates) answers the same question with a dict lookup.
     """
     data = getattr(os.environ, "_data", None)
     encode = getattr(os.environ, "encodekey", None)
@@ -130,15 +130,16 @@ def select_backend(backend, **arrays):
 
 
 def on_gpu(main, grad_out=None):
-    """``(Device, grad_out)`` for a call dispatched to the GPU, importing the
-    CUDA machinery (``fastloss.cuda``) only now.  ``grad_out`` is the caller's
-    own object, kept to be returned (``Device.give_grad``) after the kernels
-    have written through its device view."""
+    """``(fastloss.cuda._arrays.Device(main), grad_out)``.
+
+    Transitional, for the GPU branches that still call it (cross_entropy,
+    focal, triplet): a wrapper's GPU branch imports ``fastloss.cuda._arrays``
+    itself, and this goes with its last caller."""
     from fastloss.cuda._arrays import Device
     return Device(main), grad_out
 
 
 def rows(view, width, name):
-    """``fastloss.cuda._arrays.rows``, imported lazily."""
+    """``fastloss.cuda._arrays.rows``; transitional, as ``on_gpu``."""
     from fastloss.cuda._arrays import rows as device_rows
     return device_rows(view, width, name)

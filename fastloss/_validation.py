@@ -4,10 +4,11 @@ Each check runs before any kernel, raises ``TypeError`` (wrong kind or dtype)
 or ``ValueError`` (wrong shape or value) whose message names the argument and
 what was expected, and returns the argument in the form the kernels trust.
 
-The same checks serve the GPU: there the arrays are Numba device views
-(``fastloss.cuda._arrays.Device.view``), whose shape and dtype are read like
-NumPy's, whose data stay on the device (labels are range-checked by a small
-kernel that sends back one index), and which are never converted or copied.
+The same checks serve the GPU: there the arrays are Numba device views, whose
+shape and dtype are read like NumPy's, whose data stay on the device, and
+which are never converted or copied.  Checks that must read device memory
+(labels in range: a small kernel that sends back one index) live in
+``fastloss.cuda._checks``; the GPU branch of a wrapper passes them in.
 """
 import operator
 
@@ -66,26 +67,35 @@ def _first_bad_label(labels, upper, ignore_index):
     return -1
 
 
-def labels_in_range(labels, upper, name, ignore_index=None):
-    """ValueError unless every label is in ``[0, upper)`` or equals ``ignore_index``."""
+def labels_in_range(labels, upper, name, ignore_index=None, first_bad=None):
+    """ValueError unless every label is in ``[0, upper)`` or equals ``ignore_index``.
+
+    ``first_bad(flat, upper, skip)`` is the search: the index of the first
+    label of the 1-D ``flat`` outside ``[0, upper)`` that is not ``skip``, or
+    -1; by default the host's, and for device labels the GPU's
+    (``fastloss.cuda._checks.first_bad_label``), which the GPU branch passes.
+    """
     # without an ignore_index the value skipped is 0: in range anyway, where any other
     # sentinel (int64's minimum, say) is a value that a label can hold
     skip = 0 if ignore_index is None else ignore_index
     everything_bad = upper <= 0 and ignore_index is None  # no valid label at all (0 neither)
-    if on_device(labels):
-        from fastloss.cuda._checks import first_bad_label
-        flat = labels.reshape(-1) if labels.ndim != 1 else labels
-        bad = (0 if flat.shape[0] else -1) if everything_bad else first_bad_label(flat, upper, skip)
-        if bad >= 0:
-            flat = flat[bad:bad + 1].copy_to_host()
-            bad_value = flat[0]
-    else:
-        flat = labels.reshape(-1) if labels.ndim != 1 else labels
-        bad = (0 if flat.shape[0] else -1) if everything_bad else _first_bad_label(flat, upper, skip)
-        bad_value = flat[bad] if bad >= 0 else None
+    flat = labels.reshape(-1) if labels.ndim != 1 else labels
+    device = on_device(flat)
+    if first_bad is None:
+        first_bad = _device_search() if device else _first_bad_label
+    bad = (0 if flat.shape[0] else -1) if everything_bad else first_bad(flat, upper, skip)
     if bad >= 0:
+        bad_value = flat[bad:bad + 1].copy_to_host()[0] if device else flat[bad]
         allowed = f"[0, {upper})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise ValueError(f"{name}[{bad}] = {bad_value} is out of range: expected {allowed}")
+
+
+def _device_search():
+    """The GPU's label search, for the GPU branches that do not pass it yet
+    (cross_entropy, focal, triplet through ``class_batch`` and ``row_labels``).
+    Transitional: it goes once every GPU branch passes ``first_bad``."""
+    from fastloss.cuda._checks import first_bad_label
+    return first_bad_label
 
 
 def shape_equal(a, shape, name, expected):
@@ -160,10 +170,25 @@ def sample_weights(w, shape, name, dtype):
         return None
     w = float_array(w, name)
     shape_equal(w, shape, name, "one weight per sample")
-    if on_device(w):
+    if on_device(w):  # transitional, as _device_search: the GPU branch should flatten its view
         from fastloss.cuda._arrays import rows
         return rows(w, None, name)
     return np.ascontiguousarray(w, dtype=dtype).reshape(-1)
+
+
+def broadcast_weights(w, shape, name):
+    """Weights of any float dtype whose shape broadcasts to ``shape`` (without
+    enlarging it); shapes only, so device views pass as they are."""
+    w = float_array(w, name)
+    try:
+        broadcast = np.broadcast_shapes(w.shape, shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {w.shape} does not broadcast "
+                         f"against input of shape {shape}") from None
+    if broadcast != shape:
+        raise ValueError(f"{name} of shape {w.shape} would broadcast "
+                         f"input of shape {shape} to a larger shape")
+    return w
 
 
 def grad_buffer(grad_out, shape, dtype, device=False):
@@ -227,12 +252,13 @@ def feature_rows(x, name):
     return x
 
 
-def row_labels(labels, n, name="labels", upper=None):
-    """Integer labels of shape ``(n,)`` as int64, each in ``[0, upper)`` when ``upper`` is given."""
+def row_labels(labels, n, name="labels", upper=None, first_bad=None):
+    """Integer labels of shape ``(n,)`` as int64, each in ``[0, upper)`` when
+    ``upper`` is given (``first_bad``: as in ``labels_in_range``)."""
     labels = label_array(labels, name)
     shape_equal(labels, (n,), name, "one label per row")
     if upper is not None:
-        labels_in_range(labels, upper, name)
+        labels_in_range(labels, upper, name, first_bad=first_bad)
     return labels
 
 
@@ -242,11 +268,17 @@ def centers_array(centers, width, writable):
     if not isinstance(centers, np.ndarray):
         raise TypeError(f"centers must be a NumPy array (it is updated in place), "
                         f"got {type(centers).__name__}")
+    centers_layout(centers, width)
+    if writable and not centers.flags.writeable:
+        raise ValueError("centers must be writable: it is updated in place (or pass update=False)")
+    return centers
+
+
+def centers_layout(centers, width):
+    """Class centers' dtype and shape: float32 or float64, ``(K, width)`` (shapes
+    only: device views pass as they are)."""
     if centers.dtype not in FLOAT_DTYPES[1:]:
         raise TypeError(f"centers must have dtype float32 or float64, got {centers.dtype}")
     if centers.ndim != 2 or centers.shape[1] != width:
         raise ValueError(f"centers must have shape (K, {width}) (one row per class, as wide as "
-                         f"the features), got {centers.shape}")
-    if writable and not centers.flags.writeable:
-        raise ValueError("centers must be writable: it is updated in place (or pass update=False)")
-    return centers
+                         f"the features), got {tuple(centers.shape)}")

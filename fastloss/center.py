@@ -2,90 +2,20 @@
 import numpy as np
 
 from fastloss import _validation as check
-from fastloss._dispatch import on_device, on_gpu, select_backend
-from fastloss._reduction import grad_scale, reduce
+from fastloss._dispatch import on_device, select_backend
 from fastloss._result import LossGrad
 from fastloss.cpu import _storage
-from fastloss.cpu.center import center_rows, update_centers
+from fastloss.cpu import center as cpu
 
 
 def _checked(features, labels, centers, alpha, update):
-    """(features, int64 labels, centers, alpha) after every check, before anything runs."""
+    """(features, int64 labels, centers, alpha) after every check, before anything runs.
+    On the GPU, ``fastloss.cuda.center.checked_call`` runs the same checks."""
     features = check.feature_rows(features, "features")
     centers = check.centers_array(centers, features.shape[1], writable=update)
     labels = check.row_labels(labels, features.shape[0], "labels", upper=centers.shape[0])
     alpha = check.unit_interval(alpha, "alpha")
     return features, labels, centers, alpha
-
-
-def _device_centers(original, centers, width, writable):
-    """The checks of ``check.centers_array`` on a device view of the centers;
-    "writable" is the read-only flag of ``__cuda_array_interface__``, where the
-    caller's array has one."""
-    if centers.dtype not in check.FLOAT_DTYPES[1:]:
-        raise TypeError(f"centers must have dtype float32 or float64, got {centers.dtype}")
-    if centers.ndim != 2 or centers.shape[1] != width:
-        raise ValueError(f"centers must have shape (K, {width}) (one row per class, as wide as "
-                         f"the features), got {tuple(centers.shape)}")
-    iface = getattr(original, "__cuda_array_interface__", None)
-    if writable and iface is not None and iface["data"][1]:
-        raise ValueError("centers must be writable: it is updated in place (or pass update=False)")
-    return centers
-
-
-def _gpu_checked(features, labels, centers, alpha, update):
-    """The GPU's ``_checked``: ``(dev, features, labels, centers, host centers, alpha)``
-    with device views of the arrays.  With NumPy inputs (``backend="cuda"``)
-    the host centers are checked as on the CPU, then copied over; the caller
-    copies them back after an update (``host centers`` is None otherwise)."""
-    dev, _ = on_gpu(features)
-    features, labels = dev.views(features=features, labels=labels)
-    features = check.feature_rows(features, "features")
-    width = features.shape[1]
-    host = None
-    if dev.kind == "numpy":
-        host = check.centers_array(centers, width, writable=update)
-        view = dev.view(host, "centers")
-    else:
-        view = _device_centers(centers, dev.view(centers, "centers"), width, update)
-    labels = check.row_labels(labels, features.shape[0], "labels", upper=view.shape[0])
-    alpha = check.unit_interval(alpha, "alpha")
-    return dev, features, labels, view, host, alpha
-
-
-def _update_on_gpu(centers, features, labels, alpha):
-    dev, features, labels, view, host, alpha = _gpu_checked(features, labels, centers, alpha, True)
-    from fastloss.cuda import center as gpu
-    gpu.center_update(dev, view, features, labels, alpha)
-    if host is not None:
-        np.copyto(host, view.copy_to_host())
-    return centers
-
-
-def _loss_on_gpu(features, labels, centers, alpha, update, reduction, grad, grad_out):
-    dev, features, labels, view, host, alpha = _gpu_checked(features, labels, centers, alpha, update)
-    reduction = check.reduction(reduction)
-    from fastloss.cuda import center as gpu
-    g_view = None
-    if grad and grad_out is not None:
-        if dev.kind == "numpy":  # checked on the host; the gradient is copied into it at the end
-            check.grad_buffer(grad_out, features.shape, features.dtype)
-            if np.may_share_memory(grad_out, host):
-                raise ValueError("grad_out must not share memory with centers")
-        else:
-            g_view = check.grad_buffer(dev.view(grad_out, "grad_out"), features.shape,
-                                       features.dtype, device=True)
-            if gpu.shares_memory(g_view, view):
-                raise ValueError("grad_out must not share memory with centers")
-    loss, g = gpu.center_loss(dev, features, labels, view, alpha, update, reduction, grad, g_view,
-                              features.dtype)
-    if update and host is not None:
-        np.copyto(host, view.copy_to_host())
-    if not grad:
-        return LossGrad(loss, None)
-    if dev.kind == "numpy":
-        return LossGrad(loss, dev.give_grad(g, grad_out))
-    return LossGrad(loss, g if grad_out is None else grad_out)
 
 
 def center_update(centers, features, labels, *, alpha=0.5, backend="auto"):
@@ -150,9 +80,11 @@ def center_update(centers, features, labels, *, alpha=0.5, backend="auto"):
       [[0.0, 0.0], [1.0, 2.0]]
     """
     if select_backend(backend, centers=centers, features=features, labels=labels) == "cuda":
-        return _update_on_gpu(centers, features, labels, alpha)
+        from fastloss.cuda import center as gpu
+        gpu.center_update(gpu.checked_call(features, labels, centers, alpha, update=True))
+        return centers
     features, labels, centers, alpha = _checked(features, labels, centers, alpha, update=True)
-    return update_centers(centers, features, labels, alpha)
+    return cpu.center_update(centers, features, labels, alpha)
 
 
 def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction="mean", grad=True,
@@ -224,30 +156,19 @@ def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction=
     """
     if select_backend(backend, features=features, labels=labels, centers=centers,
                       grad_out=grad_out) == "cuda":
-        return _loss_on_gpu(features, labels, centers, alpha, update, reduction, grad, grad_out)
+        from fastloss.cuda import center as gpu
+        call = gpu.checked_call(features, labels, centers, alpha, update)
+        reduction = check.reduction(reduction)
+        g_view = gpu.checked_grad_out(call, grad_out) if grad else None
+        return LossGrad(*gpu.center_loss(call, update, reduction, grad, grad_out, g_view))
     features, labels, centers, alpha = _checked(features, labels, centers, alpha, update)
     reduction = check.reduction(reduction)
     if grad and grad_out is not None:
         check.grad_buffer(grad_out, features.shape, features.dtype)
         if _storage.may_overlap(grad_out, centers):
             raise ValueError("grad_out must not share memory with centers")
-
-    n = features.shape[0]
-    T = _storage.compute_type(features.dtype)
-    x = _storage.kernel_view(features)
-    c = np.ascontiguousarray(centers, dtype=T)
-    if grad:  # the update reads the features after the gradient is written: never in place then
-        written, result = _storage.gradient_buffer(grad_out, features.shape, features.dtype,
-                                                   None if update else features,
-                                                   (features, centers, labels))
-        g = _storage.kernel_view(written)
-    else:
-        g = np.empty((1, features.shape[1]), x.dtype)
-    losses, total = center_rows(x, labels, c, grad_scale(reduction == "mean", n), g, grad, T)
-    if update:
-        update_centers(centers, features, labels, alpha)
-    loss = reduce(losses, total, reduction, n, (n,), features.dtype)
-    return LossGrad(loss, _storage.finish_gradient(written, result) if grad else None)
+    return LossGrad(*cpu.center_loss(features, labels, centers, alpha, update, reduction, grad,
+                                     grad_out))
 
 
 class CenterLoss:

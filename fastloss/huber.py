@@ -1,40 +1,8 @@
 """Huber loss: the public wrapper."""
-import math
-
-import numpy as np
-
 from fastloss import _validation as check
-from fastloss._dispatch import on_gpu, select_backend
-from fastloss._reduction import grad_scale, reduce
+from fastloss._dispatch import select_backend
 from fastloss._result import LossGrad
-from fastloss.cpu import _storage
-from fastloss.cpu.huber import huber_elements
-
-
-def _compact_weights(sw, shape, T):
-    """Sample weights broadcast against ``shape``, as ``(weights, inner, period)``:
-    element i (C order) has weight ``weights[(i // inner) % period]``.
-
-    Weights that vary only along leading axes become one weight per run of
-    ``inner`` elements; weights that vary only along trailing axes cycle with
-    ``inner = 1``; anything else is broadcast in full (the only case that
-    allocates an array of the input's size).
-    """
-    if math.prod(shape) == 0:
-        return _storage.no_weights(T), 1, 1
-    b = np.broadcast_to(sw, shape)
-    nd = len(shape)
-    lead = 0  # leading axes along which the weights are constant
-    while lead < nd and b.strides[lead] == 0:
-        lead += 1
-    trail = nd  # axes [trail:] along which the weights are constant
-    while trail > 0 and b.strides[trail - 1] == 0:
-        trail -= 1
-    if trail < nd or lead == 0:
-        varying = np.ascontiguousarray(b[(slice(None),) * trail + (0,) * (nd - trail)], T)
-        return varying.reshape(-1), math.prod(shape[trail:]), max(varying.size, 1)
-    varying = np.ascontiguousarray(b[(0,) * lead], T)
-    return varying.reshape(-1), 1, max(varying.size, 1)
+from fastloss.cpu import huber as cpu
 
 
 def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean", grad=True,
@@ -92,10 +60,11 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
       >>> float(res.loss), res.grad.tolist()  # 2 * 0.125 / (2 + 0); 2 * 0.5 / 2
       (0.125, [0.5, 0.0])
     """
-    dev = None
+    dev = caller_grad_out = None
     if select_backend(backend, input=input, target=target, sample_weight=sample_weight,
                       grad_out=grad_out) == "cuda":
-        dev, caller_grad_out = on_gpu(input, grad_out)
+        from fastloss.cuda._arrays import Device
+        dev, caller_grad_out = Device(input), grad_out
         input, target, sample_weight, grad_out = dev.views(
             input=input, target=target, sample_weight=sample_weight, grad_out=grad_out)
     input = check.float_array(input, "input")
@@ -103,43 +72,17 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
     check.shape_equal(target, input.shape, "target", "the input's shape")
     reduction = check.reduction(reduction)
     delta = check.positive(delta, "delta")
-    T = _storage.compute_type(input.dtype)
-    n = input.size
-    if sample_weight is None:
-        sw, inner, period, denom = _storage.no_weights(T), 1, 1, float(n)
-    else:  # shapes only: the same checks serve device arrays
-        sample_weight = check.float_array(sample_weight, "sample_weight")
-        try:
-            np.broadcast_shapes(sample_weight.shape, input.shape)
-        except ValueError:
-            raise ValueError(f"sample_weight of shape {sample_weight.shape} does not broadcast "
-                             f"against input of shape {input.shape}") from None
-        if np.broadcast_shapes(sample_weight.shape, input.shape) != input.shape:
-            raise ValueError(f"sample_weight of shape {sample_weight.shape} would broadcast "
-                             f"input of shape {input.shape} to a larger shape")
+    if sample_weight is not None:  # shapes only: the same checks serve device arrays
+        sample_weight = check.broadcast_weights(sample_weight, input.shape, "sample_weight")
     if grad and grad_out is not None:
         check.grad_buffer(grad_out, input.shape, input.dtype, dev is not None)
 
     if dev is not None:
-        # the weights stay on the device: compacted there, summed there for "mean"
         from fastloss.cuda import huber as gpu
         from fastloss.cuda._checks import grad_out_apart
         if grad:  # written directly: grad_out may be the input, and overlap nothing else
             grad_out_apart(grad_out, "input", input=input, target=target,
                            sample_weight=sample_weight)
-        loss, g = gpu.huber_loss(dev, input, target, sample_weight, delta, reduction, grad,
-                                 grad_out, input.dtype)
-        return LossGrad(loss, dev.give_grad(g, caller_grad_out))
-    if sample_weight is not None:
-        sw, inner, period = _compact_weights(sample_weight, input.shape, T)
-        denom = float(np.sum(sample_weight, dtype=np.float64)) * (n / max(sample_weight.size, 1))
-
-    x = _storage.kernel_view(input, (n,))
-    t = _storage.kernel_view(target.astype(input.dtype, copy=False), (n,))
-    g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, input, (n,), (target, sample_weight))
-    losses, losses_half = _storage.element_losses(n, reduction, input.dtype, T)
-    total = huber_elements(x, t, sw, inner, period, delta, grad_scale(reduction == "mean", denom),
-                           g_kernel, grad, losses, losses_half, T)
-    loss = reduce(_storage.element_losses_result(losses, losses_half), total, reduction, denom,
-                  input.shape, input.dtype)
-    return LossGrad(loss, _storage.finish_gradient(written, result) if grad else None)
+        return LossGrad(*gpu.huber_loss(dev, input, target, sample_weight, delta, reduction, grad,
+                                        grad_out, caller_grad_out))
+    return LossGrad(*cpu.huber_loss(input, target, sample_weight, delta, reduction, grad, grad_out))

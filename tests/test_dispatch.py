@@ -5,6 +5,8 @@ all the dispatcher looks at, and it must never be read.  On a machine with no
 GPU, asking for the GPU gives a clear RuntimeError (the GPU path itself is
 tested under the simulator, in tests/cuda).
 """
+import ast
+import pathlib
 import subprocess
 import sys
 
@@ -167,3 +169,23 @@ def test_environment_reader_falls_back_to_os_environ_get(monkeypatch):
     assert read() == "cuda"
     del _dispatch.os.environ["FASTLOSS_BACKEND"]
     assert read() is None
+
+
+LOWER_MODULES = ("_cache.py", "_dispatch.py", "_validation.py", "_reduction.py", "_result.py",
+                 "cpu/_storage.py", "formulas/huber.py")
+
+
+@pytest.mark.parametrize("path", LOWER_MODULES)
+def test_lower_modules_import_neither_the_package_root_nor_cuda(path):
+    # the layers: what the wrappers and both backends stand on imports none of them at
+    # module level (the dispatcher and the checks reach the GPU only through the wrappers)
+    tree = ast.parse((pathlib.Path(fl.__file__).parent / path).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [f"{node.module}.{a.name}" for a in node.names]  # a module or a name in it
+        else:
+            continue
+        assert "fastloss" not in names, f"{path} imports the package root"
+        assert not any(n.startswith("fastloss.cuda") for n in names), f"{path} imports {names}"

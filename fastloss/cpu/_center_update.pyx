@@ -24,11 +24,10 @@ sorts it (insertion sort for up to 16 rows, merges above; rows whose first 8
 bytes tie are compared by ``memcmp``), and sums its rows in that order.
 Classes are handled in chunks of 16 per task, pipelined: the next class's
 rows are requested and sorted while this one is summed, so that its first row
-is prefetched like the others.  Measured against the row-order update
-(float32, D=512, 2 cores): about +5-10% at N=32768, K=10000 and at N=8192,
-K=1000; one class of 32768 rows, summed in content order rather than memory
-order, about 1.7x; rows whose first 256 bytes are equal, about 1.6x.  The
-wrapper
+is prefetched like the others.  The canonical order costs more than the
+rows' own order, most for one large class (its rows are summed in content
+order rather than memory order) and for rows whose leading bytes are equal
+(every comparison runs ``memcmp`` further).  The wrapper
 (``fastloss.cpu.center``) validates everything first and passes C-contiguous
 arrays and int64 labels in ``[0, K)``.
 """

@@ -4,8 +4,10 @@ Kernels trust their inputs: C-contiguous, float32/float64, or float16 passed
 as its uint16 bit pattern (Numba's CPU target has no float16; ``_math.load``
 and ``_math.store`` convert).  The gradient buffer is the caller's
 ``grad_out`` when the kernel can write it directly, else a fresh array that is
-copied into ``grad_out`` afterwards.
+copied into ``grad_out`` afterwards.  An optional array is the array or None.
 """
+import math
+
 import numpy as np
 
 _F16 = np.dtype(np.float16)
@@ -41,48 +43,57 @@ def class_rows(logits, labels, probs):
     return x, labels, probs
 
 
-def element_losses(n, reduction, dtype, T):
-    """``(losses, losses_half)``, the per-element loss buffers of an elementwise kernel.
+def element_loss_buffers(n, reduction, dtype, T):
+    """``(losses, losses_half)`` of an elementwise kernel, None where absent.
 
-    ``"none"`` keeps one loss per element: in ``T``, or, for float16 input, as
-    float16 bits in ``losses_half``, so that no float32 array of the input's
-    length is made.  Other reductions keep none (both empty).
+    ``"none"`` keeps one loss per element: in ``T`` (``losses``), or, for
+    float16 input, as float16 bits (``losses_half``), so that no float32 array
+    of the input's length is made.  Other reductions keep none (both None).
     """
-    keep = reduction == "none"
-    half = keep and dtype == _F16
-    return np.empty(n if keep and not half else 0, T), np.empty(n if half else 0, np.uint16)
+    if reduction != "none":
+        return None, None
+    if dtype == _F16:
+        return None, np.empty(n, np.uint16)
+    return np.empty(n, T), None
 
 
 def element_losses_result(losses, losses_half):
-    """The per-element losses that ``element_losses``' buffers hold."""
-    return losses_half.view(np.float16) if losses_half.size else losses
+    """The per-element losses that the buffers of ``element_loss_buffers`` hold."""
+    return losses_half.view(np.float16) if losses_half is not None else losses
 
 
-_EMPTY = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}
-_ONES = {}
+def compact_weights(sw, shape, T):
+    """Sample weights broadcast against ``shape``, as ``(weights, inner, period)``:
+    element i (C order) has weight ``weights[(i // inner) % period]``
+    (``(None, 1, 1)`` when ``shape`` has no element).
 
-
-def no_weights(T, w=None):
-    """``w``, or the empty array by which kernels know that no weights were given."""
-    return _EMPTY[T] if w is None else w
-
-
-def ones(n, T):
-    """A read-only vector of n ones (cached: small calls should not allocate)."""
-    key = (n, T)
-    v = _ONES.get(key)
-    if v is None:
-        if len(_ONES) > 64:
-            _ONES.clear()
-        v = _ONES[key] = np.ones(n, T)
-        v.flags.writeable = False
-    return v
+    Weights that vary only along leading axes become one weight per run of
+    ``inner`` elements; weights that vary only along trailing axes cycle with
+    ``inner = 1``; anything else is broadcast in full (the only case that
+    allocates an array of the input's size).  The CUDA backend compacts here,
+    on a host copy, the weights it cannot read through a view.
+    """
+    if math.prod(shape) == 0:
+        return None, 1, 1
+    b = np.broadcast_to(sw, shape)
+    nd = len(shape)
+    lead = 0  # leading axes along which the weights are constant
+    while lead < nd and b.strides[lead] == 0:
+        lead += 1
+    trail = nd  # axes [trail:] along which the weights are constant
+    while trail > 0 and b.strides[trail - 1] == 0:
+        trail -= 1
+    if trail < nd or lead == 0:
+        varying = np.ascontiguousarray(b[(slice(None),) * trail + (0,) * (nd - trail)], T)
+        return varying.reshape(-1), math.prod(shape[trail:]), max(varying.size, 1)
+    varying = np.ascontiguousarray(b[(0,) * lead], T)
+    return varying.reshape(-1), 1, max(varying.size, 1)
 
 
 def may_overlap(a, b):
     """``np.may_share_memory(a, b)``, answered at once for two distinct arrays that each
-    own their memory (two allocations never overlap): 0.1 us instead of 0.3 us,
-    which a small call with several buffers to check would pay many times."""
+    own their memory (two allocations never overlap): a small call with several
+    buffers to check would otherwise pay NumPy's full test many times."""
     if a is not b and a.flags.owndata and b.flags.owndata:
         return False
     return np.may_share_memory(a, b)

@@ -1,4 +1,4 @@
-r"""Fused center-loss kernel (CPU): loss and gradient in one pass over the features.
+r"""Center loss (CPU): the fused loss-and-gradient kernel, and the launch of the Cython update.
 
 Per row ``i`` with label ``y_i`` and the centers as they are before any update::
 
@@ -15,12 +15,14 @@ import numpy as np
 from numba import njit, prange
 from numba.core.extending import register_jitable
 
+from fastloss._reduction import grad_scale, reduce
 from fastloss.cpu._math import load, store
 from fastloss.cpu._rows import KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, loss_total, use_threads
-from fastloss.cpu._storage import may_overlap
+from fastloss.cpu._storage import (compute_type, finish_gradient, gradient_buffer, kernel_view,
+                                   may_overlap)
 from fastloss.cpu._threads import launch, note_gnu_openmp, threads_allowed
 
-try:  # imported once: an import statement per call costs a small call 0.4 us
+try:  # imported once: an import statement in each call would cost small calls
     from fastloss.cpu import _center_update
     _center_update_error = None
 except ImportError as exc:  # raised, with this cause, by the first update
@@ -51,42 +53,55 @@ def _row_grad(x, c, scale, g):
 
 
 @njit(**_OPTIONS)
-def _rows(first, last, x, labels, centers, scale, g, grad, losses):
+def _rows(first, last, x, labels, centers, scale, g, losses):
+    """Rows [first, last): their losses, and their gradient rows unless ``g`` is None."""
     half = losses.dtype.type(0.5)
     zero = losses.dtype.type(0.0)
     for i in range(first, last):
         c = centers[labels[i]]
         losses[i] = half * _row_loss(x[i], c, zero)
-        if grad:
+        if g is not None:
             _row_grad(x[i], c, scale, g[i])
 
 
 @njit(parallel=True, **_OPTIONS)
-def _center_parallel(x, labels, centers, scale, g, grad, losses):
+def _center_parallel(x, labels, centers, scale, g, losses):
     n = x.shape[0]
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, x.shape[1]))
     for b in prange(-(-n // rows)):
-        _rows(b * rows, min(n, (b + 1) * rows), x, labels, centers, scale, g, grad, losses)
+        _rows(b * rows, min(n, (b + 1) * rows), x, labels, centers, scale, g, losses)
     return loss_total(losses)
 
 
 @njit(**_OPTIONS)
-def _center_serial(x, labels, centers, scale, g, grad, losses):
-    _rows(0, x.shape[0], x, labels, centers, scale, g, grad, losses)
+def _center_serial(x, labels, centers, scale, g, losses):
+    _rows(0, x.shape[0], x, labels, centers, scale, g, losses)
     return loss_total(losses)
 
 
-def center_rows(x, labels, centers, scale, g, grad, T):
-    """Per-row losses (float ``T``) and their float64 sum; writes ``g`` when grad.
+def center_loss(features, labels, centers, alpha, update, reduction, grad, grad_out):
+    """``(loss, grad)`` of ``fastloss.center_loss`` on checked arguments (int64
+    ``labels``; ``grad_out`` apart from ``centers``), with the centers as given;
+    then, when ``update``, the update of ``centers`` in place."""
+    n = features.shape[0]
+    T = compute_type(features.dtype)
+    x = kernel_view(features)
+    c = np.ascontiguousarray(centers, dtype=T)
+    g = written = result = None
+    if grad:  # the update reads the features after the gradient is written: never in place then
+        written, result = gradient_buffer(grad_out, features.shape, features.dtype,
+                                          None if update else features, (features, centers, labels))
+        g = kernel_view(written)
+    losses = np.empty(n, T)
+    total = launch(_center_parallel, _center_serial, use_threads(x), x, labels, c,
+                   T(grad_scale(reduction == "mean", n)), g, losses)
+    if update:
+        center_update(centers, features, labels, alpha)
+    loss = reduce(losses, total, reduction, n, (n,), features.dtype)
+    return loss, (finish_gradient(written, result) if grad else None)
 
-    ``x`` is ``(N, D)`` kernel storage, ``centers`` ``(K, D)`` in ``T``.
-    """
-    losses = np.empty(x.shape[0], T)
-    return losses, launch(_center_parallel, _center_serial, use_threads(x),
-                          x, labels, centers, T(scale), g, grad, losses)
 
-
-def update_centers(centers, features, labels, alpha):
+def center_update(centers, features, labels, alpha):
     """The Cython update on validated arrays: ``centers`` (K, D) float32/float64
     is updated in place; ``features`` (N, D) any float dtype; int64 ``labels``
     in [0, K).  Threads: Numba's count (``numba.set_num_threads`` and

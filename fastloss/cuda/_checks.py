@@ -37,6 +37,11 @@ def first_bad_label(labels, upper, skip):
     return -1 if bad == _NONE else bad
 
 
+def _pointer(v):
+    iface = getattr(v, "__cuda_array_interface__", None)
+    return iface["data"][0] if iface is not None else v._ary.__array_interface__["data"][0]
+
+
 def _extent(v):
     """``(pointer, [lo, hi))``: where a device view starts and the bytes it spans
     (None for an empty one).  Under the simulator the pointers are those of the
@@ -44,8 +49,7 @@ def _extent(v):
     shape, strides = tuple(v.shape), tuple(v.strides)
     if any(s == 0 for s in shape):
         return None
-    iface = getattr(v, "__cuda_array_interface__", None)
-    ptr = iface["data"][0] if iface is not None else v._ary.__array_interface__["data"][0]
+    ptr = _pointer(v)
     lo = hi = ptr
     for s, st in zip(shape, strides):
         if st > 0:
@@ -53,6 +57,24 @@ def _extent(v):
         else:
             lo += (s - 1) * st
     return ptr, (lo, hi + v.dtype.itemsize)
+
+
+def shares_memory(a, b):
+    """Whether two device views may overlap (None or empty: never): their byte
+    ranges intersect (conservative, as ``np.may_share_memory``)."""
+    ea = None if a is None else _extent(a)
+    eb = None if b is None else _extent(b)
+    return ea is not None and eb is not None and ea[1][0] < eb[1][1] and eb[1][0] < ea[1][1]
+
+
+def same_view(a, b):
+    """Whether two device views are the same elements in the same layout."""
+    if a is b:
+        return True
+    if (tuple(a.shape) != tuple(b.shape) or tuple(a.strides) != tuple(b.strides)
+            or a.dtype != b.dtype):
+        return False
+    return _pointer(a) == _pointer(b)
 
 
 def grad_out_apart(grad_out, first, **inputs):
@@ -64,18 +86,10 @@ def grad_out_apart(grad_out, first, **inputs):
     thread's gradient land on what another thread has yet to read."""
     if grad_out is None:
         return
-    g = _extent(grad_out)
-    if g is None:
-        return
     for name, a in inputs.items():
-        if a is None or not hasattr(a, "shape"):
+        if a is None or not hasattr(a, "shape") or not shares_memory(grad_out, a):
             continue
-        e = _extent(a)
-        if e is None or not (g[1][0] < e[1][1] and e[1][0] < g[1][1]):
-            continue
-        if name == first and g[0] == e[0] and (
-                tuple(grad_out.shape) == tuple(a.shape)
-                and tuple(grad_out.strides) == tuple(a.strides) and grad_out.dtype == a.dtype):
+        if name == first and same_view(grad_out, a):
             continue
         raise ValueError(f"grad_out shares memory with {name}: on the GPU, grad_out may be the "
                          f"first argument itself (in place) but must not overlap another input")

@@ -10,20 +10,21 @@ run.  ``grad_scale`` is the CPU one (``register_jitable`` serves both).
 import math
 
 import numpy as np
-from numba import cuda, float64
+from numba import cuda, float64, types
+from numba.cuda.extending import overload
 
 from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import fill, flat
-from fastloss.cuda._blocks import MAX_THREADS, block_sum
+from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like
 
-__all__ = ["class_denominator", "count_denominator", "elementwise_outputs", "finish", "grad_scale",
-           "per_row_losses"]
+__all__ = ["class_denominator", "count_denominator", "elementwise_loss", "elementwise_outputs",
+           "finish", "grad_scale", "gradient_scale", "per_row_losses", "sum_to"]
 
 
 @cuda.jit(cache=CACHE)
-def _class_denominator(n, labels, weight, sw, ignore_index, stats):
+def _class_denominator_kernel(n, labels, weight, sw, ignore_index, stats):
     """stats[0] = sum over rows i not ignored of weight[labels[i]] * sw[i]
     (each factor 1 when not given; every row counts when labels is None)."""
     buf = cuda.shared.array(MAX_THREADS, float64)
@@ -48,7 +49,7 @@ def _class_denominator(n, labels, weight, sw, ignore_index, stats):
 
 
 @cuda.jit(cache=CACHE)
-def _total(losses, stats, out):
+def _total_kernel(losses, stats, out):
     """out[0] = sum(losses) in float64, divided by stats[0] when stats is given
     ("mean"; NaN over a zero denominator, as in PyTorch)."""
     buf = cuda.shared.array(MAX_THREADS, float64)
@@ -65,10 +66,16 @@ def _total(losses, stats, out):
         out[0] = total
 
 
+def sum_to(partials, stats):
+    """Launch the single-block float64 sum of ``partials`` into ``stats[0]`` (a device
+    array of one float64): what ``finish`` does for a loss, for a denominator."""
+    _total_kernel[1, _blocks.THREADS](partials, None, stats)
+
+
 def class_denominator(dev, n, labels, weight, sw, ignore_index):
     """Device ``stats`` (float64, 1) holding the "mean" denominator."""
     stats = dev.cuda.device_array(1, np.float64)
-    _class_denominator[1, _blocks.THREADS](n, labels, weight, sw, ignore_index, stats)
+    _class_denominator_kernel[1, _blocks.THREADS](n, labels, weight, sw, ignore_index, stats)
     return stats
 
 
@@ -86,7 +93,7 @@ def finish(dev, losses, stats, reduction, shape, dtype):
     if reduction == "none":
         return dev.give(native, shape)
     out_native, out_view = dev.empty((1,), dtype)
-    _total[1, _blocks.THREADS](view, stats if reduction == "mean" else None, out_view)
+    _total_kernel[1, _blocks.THREADS](view, stats if reduction == "mean" else None, out_view)
     return dev.give(out_native, ())
 
 
@@ -116,16 +123,45 @@ def elementwise_outputs(dev, n, shape, reduction, grad, grad_out, dtype):
     return losses, partials, g_native, g, blocks, threads
 
 
+def elementwise_loss(dev, kernel, args, n, shape, stats, reduction, grad, grad_out, dtype):
+    """``(loss, g_native)`` from ``kernel(*args, stats, g, losses, partials)``, a
+    grid-stride kernel over the ``n`` elements of ``shape`` (see
+    ``elementwise_outputs``), launched when there is any element; ``stats`` is
+    the "mean" denominator (None otherwise), and ``finish`` makes the loss."""
+    losses, partials, g_native, g, blocks, threads = elementwise_outputs(
+        dev, n, shape, reduction, grad, grad_out, dtype)
+    if n:
+        kernel[blocks, threads](*args, stats, g, losses[1], partials[1])
+    return finish(dev, losses if reduction == "none" else partials, stats, reduction, shape,
+                  dtype), g_native
+
+
+def gradient_scale(stats, like):
+    """In a kernel: the factor of each gradient, in the type of the scalar ``like``:
+    ``grad_scale`` of the "mean" denominator ``stats[0]``, or 1 when ``stats`` is
+    None.  On the GPU the choice is made by type, at compile time."""
+    return cast_like(1, like) if stats is None else cast_like(grad_scale(True, stats[0]), like)
+
+
+@overload(gradient_scale, target="cuda")
+def _gradient_scale(stats, like):
+    T = like
+    if isinstance(stats, types.NoneType):
+        return lambda stats, like: T(1)
+    return lambda stats, like: T(grad_scale(True, stats[0]))
+
+
 def ptx_signatures():
     """Argument types of every kernel here, for the compile check."""
     from numba import types
     i64, f64 = types.int64, types.float64
     sigs = []
     for T in (types.float16, types.float32, types.float64):
-        sigs.append((_total, (T[::1], f64[::1], T[::1])))
-        sigs.append((_total, (T[::1], types.none, T[::1])))
-        sigs.append((_total, (f64[::1], f64[::1], T[::1])))  # per-block partial sums
-        sigs.append((_class_denominator, (i64, types.int64[:], T[::1], T[:], i64, f64[::1])))
-        sigs.append((_class_denominator, (i64, types.none, types.none, T[:], i64, f64[::1])))
-    sigs.append((_class_denominator, (i64, types.uint8[::1], types.none, types.none, i64, f64[::1])))
+        sigs.append((_total_kernel, (T[::1], f64[::1], T[::1])))
+        sigs.append((_total_kernel, (T[::1], types.none, T[::1])))
+        sigs.append((_total_kernel, (f64[::1], f64[::1], T[::1])))  # per-block partial sums
+        sigs.append((_class_denominator_kernel, (i64, types.int64[:], T[::1], T[:], i64, f64[::1])))
+        sigs.append((_class_denominator_kernel, (i64, types.none, types.none, T[:], i64, f64[::1])))
+    sigs.append((_class_denominator_kernel,
+                 (i64, types.uint8[::1], types.none, types.none, i64, f64[::1])))
     return sigs

@@ -43,13 +43,17 @@ indices, plus ``P x K`` int64 counters (``P`` is kept so that they stay under
 serially per feature (like the CPU's one thread per class), so one class with
 very many rows and few features leaves most of the GPU idle.
 """
+from typing import NamedTuple
+
 import numpy as np
 from numba import cuda, float64, int64, types
 
+from fastloss import _validation as check
 from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
 from fastloss.cuda import _blocks
-from fastloss.cuda._arrays import compute_type, fill
+from fastloss.cuda._arrays import Device, compute_type, fill
+from fastloss.cuda._checks import first_bad_label, same_view, shares_memory
 from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, grid_for, threads_for
 from fastloss.cuda._reduction import class_denominator, finish, per_row_losses
 
@@ -66,7 +70,7 @@ MAX_GRID_Y = 65535
 
 
 @cuda.jit(cache=CACHE)
-def center_rows(x, labels, centers, scale, g, losses):
+def center_rows_kernel(x, labels, centers, scale, g, losses):
     """One block per row of ``x`` (n, D): ``losses[row] = 0.5 ||x_row - c_y||^2``
     and, when ``g`` is not None, ``g[row] = scale * (x_row - c_y)``.  ``scale``
     carries the compute type; ``centers`` (K, D) may be float32 or float64."""
@@ -74,12 +78,11 @@ def center_rows(x, labels, centers, scale, g, losses):
     row = int64(cuda.blockIdx.x)
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    D = x.shape[1]
     zero = scale - scale
     half = cast_like(0.5, zero)
     y = int64(labels[row])
     s = zero
-    for d in range(t, D, nt):
+    for d in range(t, x.shape[1], nt):
         diff = cast_like(x[row, d], zero) - cast_like(centers[y, d], zero)
         s += diff * diff
         if g is not None:
@@ -93,7 +96,7 @@ def center_rows(x, labels, centers, scale, g, losses):
 
 
 @cuda.jit(cache=CACHE)
-def count_labels(labels, chunk, counts):
+def count_labels_kernel(labels, chunk, counts):
     """counts[p, j] += 1 for every row i of label j in chunk p = i // chunk
     (integer atomics: the totals do not depend on the order)."""
     i = int64(cuda.grid(1))
@@ -104,7 +107,7 @@ def count_labels(labels, chunk, counts):
 
 
 @cuda.jit(cache=CACHE)
-def chunk_offsets(counts, totals):
+def chunk_offsets_kernel(counts, totals):
     """One thread per class j: counts[p, j] <- sum_{q < p} counts[q, j] (in
     place), totals[j] <- the class's row count."""
     j = int64(cuda.grid(1))
@@ -121,7 +124,7 @@ def chunk_offsets(counts, totals):
 
 
 @cuda.jit(cache=CACHE)
-def exclusive_scan(totals, starts):
+def exclusive_scan_kernel(totals, starts):
     """One block: starts[0] = 0, starts[j + 1] = totals[0] + ... + totals[j]."""
     buf = cuda.shared.array(MAX_THREADS, int64)
     t = cuda.threadIdx.x
@@ -153,7 +156,7 @@ def exclusive_scan(totals, starts):
 
 
 @cuda.jit(cache=CACHE)
-def scatter_rows(labels, starts, offsets, chunk, order):
+def scatter_rows_kernel(labels, starts, offsets, chunk, order):
     """One block per chunk p of rows [p * chunk, (p + 1) * chunk), walked in
     tiles of blockDim rows, in order: order[starts[j] + k] = the k-th row of
     label j (ascending).  ``offsets[p, j]`` enters as the rows of j in chunks
@@ -194,7 +197,7 @@ def scatter_rows(labels, starts, offsets, chunk, order):
 
 
 @cuda.jit(cache=CACHE)
-def update_classes(x, order, starts, alpha, centers):
+def update_classes_kernel(x, order, starts, alpha, centers):
     """Block (j, f): class j, features f * blockDim + t, stepping by
     blockDim * gridDim.y.  Absent classes (starts[j] == starts[j + 1]) return
     at once; the others get c_j -= alpha * sum (c_j - x_i) / (1 + n_j), the sum
@@ -218,7 +221,7 @@ def update_classes(x, order, starts, alpha, centers):
 
 
 @cuda.jit(cache=CACHE)
-def copy_rows(src, dst):
+def copy_rows_kernel(src, dst):
     """dst[r, c] = src[r, c] for 2-D arrays of one shape (any strides)."""
     i = int64(cuda.grid(1))
     stride = int64(cuda.gridsize(1))
@@ -233,48 +236,70 @@ def copy_rows(src, dst):
 # ----------------------------------------------------------------- host side
 
 
-def _extent(a):
-    """[lo, hi) of the bytes a device array spans (its pointer and strides)."""
-    iface = a.__cuda_array_interface__
-    lo = hi = iface["data"][0]
-    for n, s in zip(a.shape, a.strides):
-        if s >= 0:
-            hi += (n - 1) * s
-        else:
-            lo += (n - 1) * s
-    return lo, hi + a.dtype.itemsize
+class Call(NamedTuple):
+    """A GPU call's checked arguments: device views of the features, labels and
+    centers; ``host``, the caller's NumPy centers when ``backend="cuda"`` was
+    given NumPy arrays (copied over, and back after an update), else None."""
+    dev: Device
+    features: object
+    labels: object
+    centers: object
+    host: object
+    alpha: float
 
 
-def shares_memory(a, b):
-    """Whether two device arrays may overlap (None or empty: never).
-
-    On a GPU: the byte ranges from ``__cuda_array_interface__``'s pointer,
-    shape and strides intersect (conservative, as ``np.may_share_memory``).
-    Under the simulator: ``np.may_share_memory`` of the NumPy arrays that its
-    device arrays wrap."""
-    if a is None or b is None or a.size == 0 or b.size == 0:
-        return False
-    if not hasattr(a, "__cuda_array_interface__") or not hasattr(b, "__cuda_array_interface__"):
-        return bool(np.may_share_memory(a._ary, b._ary))
-    lo_a, hi_a = _extent(a)
-    lo_b, hi_b = _extent(b)
-    return lo_a < hi_b and lo_b < hi_a
+def _centers_view(original, centers, width, writable):
+    """The checks of ``_validation.centers_array`` on a device view of the centers;
+    "writable" is the read-only flag of ``__cuda_array_interface__``, where the
+    caller's array has one."""
+    check.centers_layout(centers, width)
+    iface = getattr(original, "__cuda_array_interface__", None)
+    if writable and iface is not None and iface["data"][1]:
+        raise ValueError("centers must be writable: it is updated in place (or pass update=False)")
+    return centers
 
 
-def same_view(a, b):
-    """Whether two device arrays are the same elements in the same layout."""
-    if a is b:
-        return True
-    if tuple(a.shape) != tuple(b.shape) or tuple(a.strides) != tuple(b.strides) or a.dtype != b.dtype:
-        return False
-    if not hasattr(a, "__cuda_array_interface__") or not hasattr(b, "__cuda_array_interface__"):
-        return (a._ary.__array_interface__["data"][0] == b._ary.__array_interface__["data"][0])
-    return a.__cuda_array_interface__["data"][0] == b.__cuda_array_interface__["data"][0]
+def checked_call(features, labels, centers, alpha, update):
+    """The CPU's checks (``fastloss.center``) on device views of the arguments,
+    with the GPU's own: device centers, labels range-checked on the device.
+    With NumPy inputs the centers are checked on the host, then copied over."""
+    dev = Device(features)
+    features, labels = dev.views(features=features, labels=labels)
+    features = check.feature_rows(features, "features")
+    width = features.shape[1]
+    host = None
+    if dev.kind == "numpy":
+        host = check.centers_array(centers, width, writable=update)
+        view = dev.view(host, "centers")
+    else:
+        view = _centers_view(centers, dev.view(centers, "centers"), width, update)
+    labels = check.row_labels(labels, features.shape[0], "labels", upper=view.shape[0],
+                              first_bad=first_bad_label)
+    alpha = check.unit_interval(alpha, "alpha")
+    return Call(dev, features, labels, view, host, alpha)
+
+
+def checked_grad_out(call, grad_out):
+    """The device view of the caller's ``grad_out`` (checked; apart from the
+    centers), or None: when not given, or with NumPy inputs, where it is
+    checked on the host and the gradient copied into it at the end."""
+    if grad_out is None:
+        return None
+    shape, dtype = call.features.shape, call.features.dtype
+    if call.dev.kind == "numpy":
+        check.grad_buffer(grad_out, shape, dtype)
+        if np.may_share_memory(grad_out, call.host):
+            raise ValueError("grad_out must not share memory with centers")
+        return None
+    g = check.grad_buffer(call.dev.view(grad_out, "grad_out"), shape, dtype, device=True)
+    if shares_memory(g, call.centers):
+        raise ValueError("grad_out must not share memory with centers")
+    return g
 
 
 def _copy(src, dst):
     blocks, threads = grid_for(src.shape[0] * src.shape[1])
-    copy_rows[blocks, threads](src, dst)
+    copy_rows_kernel[blocks, threads](src, dst)
 
 
 def _chunks(n, K):
@@ -299,11 +324,11 @@ def group_rows(dev, labels, K):
     order = dev.cuda.device_array(n, np.int64)
     fill(counts.reshape(P * K), 0)
     blocks, threads = grid_for(n)
-    count_labels[blocks, threads](labels, chunk, counts)
+    count_labels_kernel[blocks, threads](labels, chunk, counts)
     blocks, threads = grid_for(K)
-    chunk_offsets[blocks, threads](counts, totals)
-    exclusive_scan[1, _blocks.THREADS](totals, starts)
-    scatter_rows[P, _blocks.THREADS](labels, starts, counts, chunk, order)
+    chunk_offsets_kernel[blocks, threads](counts, totals)
+    exclusive_scan_kernel[1, _blocks.THREADS](totals, starts)
+    scatter_rows_kernel[P, _blocks.THREADS](labels, starts, counts, chunk, order)
     return order, starts
 
 
@@ -315,53 +340,55 @@ def _apply_update(dev, centers, x, order, starts, alpha):
         x = x_copy
     threads = threads_for(D)
     tiles = max(1, min(-(-D // threads), MAX_GRID_Y))
-    update_classes[(K, tiles), threads](x, order, starts, np.float64(alpha), centers)
+    update_classes_kernel[(K, tiles), threads](x, order, starts, np.float64(alpha), centers)
 
 
-def center_update(dev, centers, x, labels, alpha):
-    """The update on checked device views: ``centers`` (K, D) in place from
-    ``x`` (n, D) and ``labels`` (n,) in ``[0, K)``."""
-    if x.shape[0] == 0:
-        return
-    order, starts = group_rows(dev, labels, centers.shape[0])
-    _apply_update(dev, centers, x, order, starts, alpha)
+def center_update(call):
+    """``fastloss.center_update`` on a ``checked_call``: ``call.centers`` in place,
+    then the caller's NumPy centers, when there are any."""
+    if call.features.shape[0]:
+        order, starts = group_rows(call.dev, call.labels, call.centers.shape[0])
+        _apply_update(call.dev, call.centers, call.features, order, starts, call.alpha)
+    if call.host is not None:
+        np.copyto(call.host, call.centers.copy_to_host())
 
 
-def center_loss(dev, x, labels, centers, alpha, update, reduction, grad, grad_out, dtype):
-    """Loss (and gradient) with the centers as given, then the update when
-    ``update``.  ``grad_out`` is a checked device view or None; it must not
-    overlap ``centers`` (the wrapper refuses that).  Returns ``(loss, g)``,
-    ``g`` the native gradient array (``grad_out`` itself when given), None
-    when not ``grad``.
+def center_loss(call, update, reduction, grad, grad_out, g_view):
+    """``(loss, grad)`` of ``fastloss.center_loss`` on a ``checked_call``, with the
+    centers as given, then the update when ``update``.  ``g_view`` is
+    ``checked_grad_out``'s view of the caller's ``grad_out`` (returned as the
+    gradient when given).
 
-    The kernel writes ``grad_out`` directly unless it overlaps what is read
+    The kernel writes ``g_view`` directly unless it overlaps what is read
     after it is written: the labels, the features other than element for
     element, or the features at all when the update reads them afterwards
     (``grad_out=features``); then it writes a scratch array, copied into
-    ``grad_out`` after the update."""
+    ``g_view`` after the update."""
+    dev, x, labels, centers = call.dev, call.features, call.labels, call.centers
     n, D = tuple(x.shape)
+    dtype = x.dtype
     T = compute_type(dtype)
     stats = class_denominator(dev, n, None, None, None, 0) if reduction == "mean" else None
     losses = per_row_losses(dev, n, reduction, dtype, T)
     g_native = g = scratch_for = None
     if grad:
-        if grad_out is None:
+        if g_view is None:
             g_native, g = dev.empty((n, D), dtype)
-        elif (shares_memory(grad_out, labels)
-              or (shares_memory(grad_out, x) and (update or not same_view(grad_out, x)))):
+        elif (shares_memory(g_view, labels)
+              or (shares_memory(g_view, x) and (update or not same_view(g_view, x)))):
             g = dev.cuda.device_array((n, D), dtype)
-            g_native = scratch_for = grad_out
+            g_native = scratch_for = g_view
         else:
-            g_native = g = grad_out
+            g_native = g = g_view
     if n:
-        grouped = group_rows(dev, labels, centers.shape[0]) if update else None
         scale = T(grad_scale(reduction == "mean", n))
-        center_rows[n, threads_for(D)](x, labels, centers, scale, g, losses[1])
-        if update:
-            _apply_update(dev, centers, x, grouped[0], grouped[1], alpha)
-        if scratch_for is not None:
-            _copy(g, scratch_for)
-    return finish(dev, losses, stats, reduction, (n,), dtype), g_native
+        center_rows_kernel[n, threads_for(D)](x, labels, centers, scale, g, losses[1])
+    if update:
+        center_update(call)
+    if n and scratch_for is not None:
+        _copy(g, scratch_for)
+    loss = finish(dev, losses, stats, reduction, (n,), dtype)
+    return loss, (dev.give_grad(g_native, grad_out) if grad else None)
 
 
 def ptx_signatures():
@@ -374,18 +401,19 @@ def ptx_signatures():
     for X in (f16, f32, f64):
         T = f64 if X is f64 else f32
         other = f32 if T is f64 else f64
-        sigs.append((center_rows, (X[:, ::1], i64[::1], T[:, ::1], T, types.none, T[::1])))
-        sigs.append((center_rows, (X[:, :], types.int32[:], other[:, :], T, X[:, :], X[::1])))
-        sigs.append((update_classes, (X[:, :], i64[::1], i64[::1], f64, other[:, :])))
-        sigs.append((update_classes, (X[:, ::1], i64[::1], i64[::1], f64, T[:, ::1])))
-        sigs.append((copy_rows, (X[:, :], X[:, ::1])))
+        sigs.append((center_rows_kernel, (X[:, ::1], i64[::1], T[:, ::1], T, types.none, T[::1])))
+        sigs.append((center_rows_kernel,
+                     (X[:, :], types.int32[:], other[:, :], T, X[:, :], X[::1])))
+        sigs.append((update_classes_kernel, (X[:, :], i64[::1], i64[::1], f64, other[:, :])))
+        sigs.append((update_classes_kernel, (X[:, ::1], i64[::1], i64[::1], f64, T[:, ::1])))
+        sigs.append((copy_rows_kernel, (X[:, :], X[:, ::1])))
     for L in (i64, types.uint8):
-        sigs.append((count_labels, (L[:], i64, i64[:, ::1])))
-        sigs.append((scatter_rows, (L[:], i64[::1], i64[:, ::1], i64, i64[::1])))
-    sigs.append((chunk_offsets, (i64[:, ::1], i64[::1])))
-    sigs.append((exclusive_scan, (i64[::1], i64[::1])))
+        sigs.append((count_labels_kernel, (L[:], i64, i64[:, ::1])))
+        sigs.append((scatter_rows_kernel, (L[:], i64[::1], i64[:, ::1], i64, i64[::1])))
+    sigs.append((chunk_offsets_kernel, (i64[:, ::1], i64[::1])))
+    sigs.append((exclusive_scan_kernel, (i64[::1], i64[::1])))
     return sigs
 
 
-__all__ = ["center_loss", "center_update", "group_rows", "ptx_signatures", "same_view",
-           "shares_memory"]
+__all__ = ["Call", "center_loss", "center_update", "checked_call", "checked_grad_out",
+           "group_rows", "ptx_signatures"]

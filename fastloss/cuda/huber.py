@@ -1,11 +1,8 @@
-r"""Fused Huber loss kernel (CUDA), elementwise, grid-stride.
+r"""Fused Huber loss (CUDA), elementwise, grid-stride: the kernels and their launch.
 
-With ``r = input - target``, threshold ``delta`` and weight ``w`` (as in
-``cpu/huber``)::
-
-    L = w * (0.5 r^2              if |r| <= delta
-             delta (|r| - delta/2) otherwise)
-    dL/dinput = w * clip(r, -delta, delta)   (NaN stays NaN)
+With ``r = input - target`` and weight ``w``, ``L = w * huber(r)`` and
+``dL/dinput = w * huber_slope(r)``: the formulas of ``fastloss.formulas.huber``,
+which the CPU kernel shares.
 
 Sample weights reach the kernel compactly, never broadcast to the input's
 size, as on the CPU: element ``i`` has weight ``w[(i // inner) % period]``,
@@ -15,7 +12,7 @@ the number of elements over the trailing axes they are broadcast along.
 Weights that vary along two groups of axes with a broadcast axis between
 them (shape ``(N, 1, K)`` against ``(N, M, K)``, say), or along several
 non-contiguous axes, are the exception: they are copied to the host once and
-compacted there, by the CPU path's ``_compact_weights``.
+compacted there, by the CPU's ``_storage.compact_weights``.
 
 "mean" divides by the sum of the broadcast weights, computed on the device
 before the fused kernel (each block sums a share of ``w``, in float64, times
@@ -29,15 +26,16 @@ import numpy as np
 from numba import cuda, float64, int64
 
 from fastloss._cache import CACHE
-from fastloss._reduction import grad_scale
+from fastloss.cpu._storage import compact_weights as compact_on_host
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import compute_type, flat
 from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, element, set_element
-from fastloss.cuda._reduction import _total, count_denominator, elementwise_outputs, finish
+from fastloss.cuda._reduction import count_denominator, elementwise_loss, gradient_scale, sum_to
+from fastloss.formulas.huber import huber, huber_slope
 
 
 @cuda.jit(cache=CACHE)
-def huber_elements(x, t, n, sw, inner, period, delta, stats, g, losses, partials):
+def huber_elements_kernel(x, t, n, sw, inner, period, delta, stats, g, losses, partials):
     """Elements ``0 <= i < n`` of ``x`` and ``t`` (1-D, or 2-D strided).
     ``sw`` (None: weight 1) gives element i the weight
     ``sw[(i // inner) % period]``; ``losses`` (n,) gets every element's loss
@@ -47,27 +45,24 @@ def huber_elements(x, t, n, sw, inner, period, delta, stats, g, losses, partials
     zero = cast_like(0, delta)
     one = cast_like(1, zero)
     half = cast_like(0.5, zero)
-    scale = one if stats is None else cast_like(grad_scale(True, stats[0]), zero)
+    scale = gradient_scale(stats, zero)
     acc = 0.0
     i = int64(cuda.grid(1))
     stride = int64(cuda.gridsize(1))
     while i < n:
         xr = element(x, i)
         r = cast_like(xr, zero) - cast_like(cast_like(element(t, i), xr), zero)
-        a = abs(r)
-        quad = a <= delta
         w = one
         if sw is not None:
             j = i % period if inner == 1 else (i // inner) % period
             w = cast_like(element(sw, j), zero)
-        loss = w * (half * r * r if quad else delta * (a - half * delta))
+        loss = w * huber(r, delta, half)
         if losses is not None:
             losses[i] = loss
         if partials is not None:
             acc += float64(loss)
         if g is not None:
-            set_element(g, i, scale * w * (r if quad else (delta if r > zero else
-                                                          (-delta if r < zero else r))))
+            set_element(g, i, scale * w * huber_slope(r, delta, zero))
         i += stride
     if partials is not None:
         total = block_sum(buf, acc)
@@ -76,7 +71,7 @@ def huber_elements(x, t, n, sw, inner, period, delta, stats, g, losses, partials
 
 
 @cuda.jit(cache=CACHE)
-def weight_partials(w, period, reps, partials):
+def weight_partials_kernel(w, period, reps, partials):
     """partials[b] = reps * (float64 sum of block b's share of w[0:period])."""
     buf = cuda.shared.array(MAX_THREADS, float64)
     acc = 0.0
@@ -114,8 +109,7 @@ def compact_weights(dev, sw, shape, T):
         if v.ndim <= 2:
             return v, inner, period
     # several groups of varying axes (or a strided view of more than 2 axes)
-    from fastloss.huber import _compact_weights
-    w, inner, period = _compact_weights(sw.copy_to_host(), shape, T)
+    w, inner, period = compact_on_host(sw.copy_to_host(), shape, T)
     return dev.cuda.to_device(w), inner, period
 
 
@@ -124,19 +118,21 @@ def weight_denominator(dev, w, period, n):
     elements, each of the ``period`` weights ``w`` repeating ``n / period`` times."""
     blocks, threads = _blocks.grid_for(period)
     partials = dev.cuda.device_array(blocks, np.float64)
-    weight_partials[blocks, threads](w, period, float(n // period), partials)
+    weight_partials_kernel[blocks, threads](w, period, float(n // period), partials)
     stats = dev.cuda.device_array(1, np.float64)
-    _total[1, _blocks.THREADS](partials, None, stats)
+    sum_to(partials, stats)
     return stats
 
 
-def huber_loss(dev, input, target, sample_weight, delta, reduction, grad, grad_out, dtype):
-    """Launch the elementwise kernel on checked device views of any shape;
-    ``(loss, grad)`` as native arrays of the call's kind.  ``sample_weight``
-    is None or a device view broadcasting against ``input``."""
+def huber_loss(dev, input, target, sample_weight, delta, reduction, grad, grad_out,
+               caller_grad_out):
+    """``(loss, grad)`` of ``fastloss.huber_loss`` on checked device views of any
+    shape, as native arrays of the call's kind (``grad`` the caller's
+    ``grad_out`` when given).  ``sample_weight`` is None or a device view
+    broadcasting against ``input``."""
     shape = tuple(input.shape)
     n = math.prod(shape)
-    T = compute_type(dtype)
+    T = compute_type(input.dtype)
     x, t = flat(input, "input"), flat(target, "target")
     sw, inner, period = None, 1, 1
     if sample_weight is not None and n:
@@ -145,13 +141,9 @@ def huber_loss(dev, input, target, sample_weight, delta, reduction, grad, grad_o
     if reduction == "mean":
         stats = weight_denominator(dev, sw, period, n) if sw is not None else count_denominator(
             dev, n)
-    losses, partials, g_native, g, blocks, threads = elementwise_outputs(
-        dev, n, shape, reduction, grad, grad_out, dtype)
-    if n:
-        huber_elements[blocks, threads](x, t, n, sw, inner, period, T(delta), stats, g,
-                                        losses[1], partials[1])
-    return finish(dev, losses if reduction == "none" else partials, stats, reduction, shape,
-                  dtype), g_native
+    loss, g = elementwise_loss(dev, huber_elements_kernel, (x, t, n, sw, inner, period, T(delta)),
+                               n, shape, stats, reduction, grad, grad_out, input.dtype)
+    return loss, dev.give_grad(g, caller_grad_out)
 
 
 def ptx_signatures():
@@ -169,8 +161,9 @@ def ptx_signatures():
                      (X[::1], f64[::1], T[::1], f64[::1], N, N, f64[::1]),  # no gradient
                      (X[:], X[:, :], f64[::1], N, X[::1], X[::1], N)):
             x, t, sw, stats, g, losses, partials = case
-            sigs.append((huber_elements, (x, t, i64, sw, i64, i64, T, stats, g, losses, partials)))
+            sigs.append((huber_elements_kernel,
+                         (x, t, i64, sw, i64, i64, T, stats, g, losses, partials)))
         for w in (X[::1], X[:], X[:, :]):
-            sigs.append((weight_partials, (w, i64, f64, f64[::1])))
-    sigs.append((weight_partials, (f64[::1], i64, f64, f64[::1])))
+            sigs.append((weight_partials_kernel, (w, i64, f64, f64[::1])))
+    sigs.append((weight_partials_kernel, (f64[::1], i64, f64, f64[::1])))
     return sigs

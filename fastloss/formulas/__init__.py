@@ -1,0 +1,1 @@
+"""The losses' formulas, each written once and shared by the CPU and CUDA kernels."""
