@@ -2,11 +2,10 @@
 import numpy as np
 
 from fastloss import _validation as check
-from fastloss._dispatch import on_gpu, rows, select_backend
-from fastloss._reduction import reduce
+from fastloss._dispatch import select_backend
 from fastloss._result import LossGrad
 from fastloss.cpu import _storage
-from fastloss.cpu.cross_entropy import cross_entropy_rows
+from fastloss.cpu import cross_entropy as cpu
 
 
 def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_index=-100,
@@ -123,10 +122,11 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
       >>> grad.shape, grad.dtype
       ((2, 3), dtype('float32'))
     """
-    dev = None
+    dev = caller_grad_out = None
     if select_backend(backend, logits=logits, target=target, weight=weight,
                       sample_weight=sample_weight, grad_out=grad_out) == "cuda":
-        dev, caller_grad_out = on_gpu(logits, grad_out)
+        from fastloss.cuda._arrays import Device
+        dev, caller_grad_out = Device(logits), grad_out
         logits, target, weight, sample_weight, grad_out = dev.views(
             logits=logits, target=target, weight=weight, sample_weight=sample_weight,
             grad_out=grad_out)
@@ -134,39 +134,18 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
     reduction = check.reduction(reduction)
     eps = check.unit_interval(label_smoothing, "label_smoothing")
     zcoef = check.nonnegative(z_loss, "z_loss")
-    cap = 0.0 if softcap is None else check.positive(softcap, "softcap")
-    cap = 0.0 if cap == np.inf else cap  # softcap=inf is the limit: no cap (inf * tanh(0) is nan)
+    cap = None if softcap is None else check.positive(softcap, "softcap")
+    cap = None if cap == np.inf else cap  # softcap=inf is the limit: no cap (inf * tanh(0) is nan)
     ignore_index = check.integer(ignore_index, "ignore_index")
-    batch_shape, C = tuple(logits.shape[:-1]), tuple(logits.shape)[-1]
     T = _storage.compute_type(logits.dtype)
-    weight = check.weight_vector(weight, C, "weight", T)
+    weight = check.weight_vector(weight, tuple(logits.shape)[-1], "weight", T)
     labels, probs, sw = check.class_batch(logits, target, sample_weight, grad_out, grad,
                                           ignore_index, T)
 
     if dev is not None:
         from fastloss.cuda import cross_entropy as gpu
-        from fastloss.cuda._checks import grad_out_apart
-        if grad:  # written directly: grad_out may be the logits, and overlap nothing else
-            grad_out_apart(grad_out, "logits", logits=logits, target=target, weight=weight,
-                           sample_weight=sample_weight)
-        loss, g = gpu.softmax_cross_entropy(
-            dev, rows(logits, C, "logits"), None if labels is None else rows(labels, None, "target"),
-            None if probs is None else rows(probs, C, "target"), weight, sw, ignore_index, eps,
-            zcoef, cap, reduction, grad, grad_out, batch_shape, logits.dtype)
-        return LossGrad(loss, dev.give_grad(g, caller_grad_out))
-
-    x, labels, probs = _storage.class_rows(logits, labels, probs)
-    n = x.shape[0]
-    params = np.array([C if weight is None else np.sum(weight, dtype=np.float64),
-                       eps, zcoef, cap])
-    if weight is None:
-        weight = _storage.ones(C, T)
-    # grad_out overlapping anything the kernel reads is written through a temporary
-    g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n, C),
-                                                         (probs, labels, weight, sw))
-    losses = np.empty(n, T)
-    total, denom = cross_entropy_rows(x, labels, probs, weight, _storage.no_weights(T, sw),
-                                      ignore_index, params, reduction == "mean", g_kernel, grad,
-                                      losses)
-    loss = reduce(losses, total, reduction, denom, batch_shape, logits.dtype)
-    return LossGrad(loss, _storage.finish_gradient(written, result) if grad else None)
+        return LossGrad(*gpu.softmax_cross_entropy(dev, logits, labels, probs, weight, sw,
+                                                   ignore_index, eps, zcoef, cap, reduction, grad,
+                                                   grad_out, caller_grad_out))
+    return LossGrad(*cpu.softmax_cross_entropy(logits, labels, probs, weight, sw, ignore_index, eps,
+                                               zcoef, cap, reduction, grad, grad_out))

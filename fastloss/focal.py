@@ -2,17 +2,29 @@
 import numpy as np
 
 from fastloss import _validation as check
-from fastloss._dispatch import on_device, on_gpu, rows, select_backend
-from fastloss._reduction import grad_scale, reduce
+from fastloss._dispatch import on_device, select_backend
 from fastloss._result import LossGrad
 from fastloss.cpu import _storage
-from fastloss.cpu.focal import focal_rows, sigmoid_focal_elements
+from fastloss.cpu import focal as cpu
 
 
 def _is_scalar(value):
     """A Python or NumPy number, or a 0-d NumPy array (not a device array)."""
     return (isinstance(value, (int, float, np.number))
             or (isinstance(value, np.ndarray) and value.ndim == 0))
+
+
+def _alpha(alpha, C, T):
+    """``(scale, vector)`` of the per-class factors: ``alpha`` None (1, None), a
+    number or a 0-d array (its value, None; a device one is read back, one
+    synchronisation) or a ``(C,)`` vector (1, the checked vector)."""
+    if alpha is None:
+        return 1.0, None
+    if on_device(alpha) and alpha.ndim == 0:
+        return check.scalar(float(alpha.copy_to_host()), "alpha"), None
+    if not on_device(alpha) and np.ndim(check.as_array(alpha, "alpha")) == 0:
+        return check.scalar(alpha, "alpha"), None
+    return 1.0, check.weight_vector(alpha, C, "alpha", T)
 
 
 def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ignore_index=-100,
@@ -96,13 +108,14 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
       >>> round(float(loss), 4)
       0.2497
     """
-    dev = None
+    dev = caller_grad_out = None
     # a scalar alpha lives nowhere (a NumPy scalar or 0-d array with CUDA logits is no mix)
     scalar_alpha = alpha is None or _is_scalar(alpha)
     if select_backend(backend, logits=logits, target=target,
                       alpha=None if scalar_alpha else alpha, sample_weight=sample_weight,
                       grad_out=grad_out) == "cuda":
-        dev, caller_grad_out = on_gpu(logits, grad_out)
+        from fastloss.cuda._arrays import Device
+        dev, caller_grad_out = Device(logits), grad_out
         logits, target, sample_weight, grad_out = dev.views(
             logits=logits, target=target, sample_weight=sample_weight, grad_out=grad_out)
         if not scalar_alpha:
@@ -111,50 +124,17 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
     reduction = check.reduction(reduction)
     gamma = check.nonnegative(gamma, "gamma")
     ignore_index = check.integer(ignore_index, "ignore_index")
-    batch_shape, C = tuple(logits.shape[:-1]), tuple(logits.shape)[-1]
     T = _storage.compute_type(logits.dtype)
-
-    if dev is not None:
-        # alpha as a scale and an optional (C,) device vector: nothing allocated for a scalar
-        ascale, alpha_vec = 1.0, None
-        if alpha is not None and on_device(alpha) and alpha.ndim != 0:
-            alpha_vec = check.weight_vector(alpha, C, "alpha", T)
-        elif on_device(alpha):  # a 0-d device array: its one value is read back
-            ascale = check.scalar(float(alpha.copy_to_host()), "alpha")
-        elif alpha is not None:
-            ascale = check.scalar(alpha, "alpha")
-        labels, probs, sw = check.class_batch(logits, target, sample_weight, grad_out, grad,
-                                              ignore_index, T)
-        from fastloss.cuda import focal as gpu
-        from fastloss.cuda._checks import grad_out_apart
-        if grad:  # written directly: grad_out may be the logits, and overlap nothing else
-            grad_out_apart(grad_out, "logits", logits=logits, target=target, alpha=alpha_vec,
-                           sample_weight=sample_weight)
-        loss, g = gpu.focal_loss(
-            dev, rows(logits, C, "logits"), None if labels is None else rows(labels, None, "target"),
-            None if probs is None else rows(probs, C, "target"), alpha_vec, ascale, sw,
-            ignore_index, gamma, reduction, grad, grad_out, batch_shape, logits.dtype)
-        return LossGrad(loss, dev.give_grad(g, caller_grad_out))
-
-    if alpha is None:
-        alpha = _storage.ones(C, T)
-    elif np.ndim(check.as_array(alpha, "alpha")) == 0:
-        alpha = np.full(C, check.scalar(alpha, "alpha"), T)
-    else:
-        alpha = check.weight_vector(alpha, C, "alpha", T)
+    ascale, alpha = _alpha(alpha, tuple(logits.shape)[-1], T)
     labels, probs, sw = check.class_batch(logits, target, sample_weight, grad_out, grad,
                                           ignore_index, T)
 
-    x, labels, probs = _storage.class_rows(logits, labels, probs)
-    n = x.shape[0]
-    # grad_out overlapping anything the kernel reads is written through a temporary
-    g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n, C),
-                                                         (probs, labels, alpha, sw))
-    losses = np.empty(n, T)
-    total, denom = focal_rows(x, labels, probs, alpha, _storage.no_weights(T, sw), ignore_index,
-                              gamma, reduction == "mean", g_kernel, grad, losses)
-    loss = reduce(losses, total, reduction, denom, batch_shape, logits.dtype)
-    return LossGrad(loss, _storage.finish_gradient(written, result) if grad else None)
+    if dev is not None:
+        from fastloss.cuda import focal as gpu
+        return LossGrad(*gpu.focal_loss(dev, logits, labels, probs, alpha, ascale, sw, ignore_index,
+                                        gamma, reduction, grad, grad_out, caller_grad_out))
+    return LossGrad(*cpu.focal_loss(logits, labels, probs, alpha, ascale, sw, ignore_index, gamma,
+                                    reduction, grad, grad_out))
 
 
 def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mean", grad=True,
@@ -222,9 +202,10 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mea
       >>> round(float(loss), 4)
       0.075
     """
-    dev = None
+    dev = caller_grad_out = None
     if select_backend(backend, logits=logits, targets=targets, grad_out=grad_out) == "cuda":
-        dev, caller_grad_out = on_gpu(logits, grad_out)
+        from fastloss.cuda._arrays import Device
+        dev, caller_grad_out = Device(logits), grad_out
         logits, targets, grad_out = dev.views(logits=logits, targets=targets, grad_out=grad_out)
     logits = check.float_array(logits, "logits")
     reduction = check.reduction(reduction)
@@ -239,21 +220,7 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mea
 
     if dev is not None:
         from fastloss.cuda import focal as gpu
-        from fastloss.cuda._checks import grad_out_apart
-        if grad:  # written directly: grad_out may be the logits, and overlap nothing else
-            grad_out_apart(grad_out, "logits", logits=logits, targets=targets)
-        loss, g = gpu.sigmoid_focal_loss(dev, logits, targets, alpha, gamma, reduction, grad,
-                                         grad_out, logits.dtype)
-        return LossGrad(loss, dev.give_grad(g, caller_grad_out))
-
-    T = _storage.compute_type(logits.dtype)
-    n = logits.size
-    x = _storage.kernel_view(logits, (n,))
-    t = _storage.kernel_view(targets.astype(logits.dtype, copy=False), (n,))
-    g_kernel, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n,), (targets,))
-    losses, losses_half = _storage.element_losses(n, reduction, logits.dtype, T)
-    total = sigmoid_focal_elements(x, t, alpha, gamma, grad_scale(reduction == "mean", n),
-                                   g_kernel, grad, losses, losses_half)
-    loss = reduce(_storage.element_losses_result(losses, losses_half), total, reduction, n,
-                  logits.shape, logits.dtype)
-    return LossGrad(loss, _storage.finish_gradient(written, result) if grad else None)
+        return LossGrad(*gpu.sigmoid_focal_loss(dev, logits, targets, alpha, gamma, reduction, grad,
+                                                grad_out, caller_grad_out))
+    return LossGrad(*cpu.sigmoid_focal_loss(logits, targets, alpha, gamma, reduction, grad,
+                                            grad_out))

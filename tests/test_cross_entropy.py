@@ -583,3 +583,19 @@ def test_non_contiguous_grad_out_is_written_or_rejected(rng):
     else:
         assert res.grad is out
         check_result(res, *naive.softmax_cross_entropy(x, t), np.float64)
+
+
+def test_cuda_row_kernels_load_unroll_columns_per_group(monkeypatch):
+    # The CUDA row kernels (cross entropy, focal) unpack one load_group per step and then
+    # advance by UNROLL columns: a load_group of another count would skip columns or read
+    # some twice.  Its Python body runs here with a stand-in block size.
+    pytest.importorskip("numba.cuda")
+    from types import SimpleNamespace
+
+    from fastloss.cuda import _blocks
+    threads = 3
+    monkeypatch.setattr(_blocks, "cuda", SimpleNamespace(blockDim=SimpleNamespace(x=threads)))
+    a = np.arange(2 * 40).reshape(2, 40)
+    got = _blocks.load_group.py_func(a, 1, 2)
+    assert list(got) == [a[1, 2 + k * threads] for k in range(_blocks.UNROLL)]
+    assert _blocks.group_end.py_func(40) == 40 - (_blocks.UNROLL - 1) * threads

@@ -69,7 +69,7 @@ def test_every_kernel_module_declares_its_signatures():
                   and obj.py_func.__module__ == module.__name__}
         assert jitted <= declared, f"{module.__name__}: kernels without ptx_signatures: {jitted - declared}"
         kernels |= declared
-    assert "cross_entropy_rows" in kernels
+    assert "cross_entropy_kernel" in kernels
 
 
 @pytest.mark.parametrize("kernel, sig", _cases())
@@ -86,11 +86,11 @@ def test_float32_cross_entropy_loop_has_no_float64_math():
     # Python literals are float64 in Numba: a slip makes a float32 kernel run
     # in float64.  The only float64 arithmetic allowed is the block reductions'.
     from numba import types
-    from fastloss.cuda.cross_entropy import cross_entropy_rows
+    from fastloss.cuda.cross_entropy import cross_entropy_kernel
     T = types.float32
     sig = (T[:, :], types.int64[::1], types.none, types.none, types.none, types.int64, T, T, T,
            types.none, T[:, :], T[::1])
-    ptx, _ = cuda.compile_ptx(cross_entropy_rows.py_func, sig, cc=(9, 0))
+    ptx, _ = cuda.compile_ptx(cross_entropy_kernel.py_func, sig, cc=(9, 0))
     assert "ex2.approx.f32" in ptx or "ex2.approx.ftz.f32" in ptx  # expf on the row
     # exp in float64 would call a long software sequence with many fma.rn.f64;
     # the tree reductions use a handful (merge_online's exp, one per level).

@@ -17,8 +17,11 @@ from numba import njit, types
 from numba.core.extending import overload, register_jitable
 
 from fastloss._cache import CACHE
-from fastloss.cpu._math import (_f32_as_i32, _f64_as_i64, _i32_as_f32, _i64_as_f64, load, store,
-                                vexp_nonpos, vtanh)
+from fastloss._reduction import reduce
+from fastloss.cpu import _storage
+from fastloss.cpu._math import _F32, _F64, load, store, vexp_nonpos, vtanh
+from fastloss.cpu._threads import launch
+from fastloss.formulas.softmax import class_gradient
 
 NARROW_ROW = 64  # classes up to which a kernel takes its whole row inline (narrow_softmax)
 ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many values, at least one row
@@ -51,9 +54,9 @@ def _float_max_overload(src, ninf):
     # above +inf, one of negative sign below -inf: either way it still reaches the
     # loss through the sum of exp.
     if src.dtype == types.float32:
-        as_int, as_float, shift, low = _f32_as_i32, _i32_as_f32, 31, 0x7FFFFFFF
+        k, shift, low = _F32, 31, 0x7FFFFFFF
     elif src.dtype == types.float64:
-        as_int, as_float, shift, low = _f64_as_i64, _i64_as_f64, 63, 0x7FFFFFFFFFFFFFFF
+        k, shift, low = _F64, 63, 0x7FFFFFFFFFFFFFFF
     else:  # float16 storage (uint16): as floats
         def half_impl(src, ninf):
             m = ninf
@@ -62,6 +65,7 @@ def _float_max_overload(src, ninf):
                 m = v if v > m else m
             return m
         return half_impl
+    as_int, as_float = k.as_int, k.as_float
     int_type = types.int32 if src.dtype == types.float32 else types.int64
 
     def impl(src, ninf):
@@ -91,12 +95,16 @@ def row_sum(src, zero):
 
 @reduction_jit
 def row_dot(src, w, zero):
-    """sum(w * src), where a zero weight contributes 0 even against an infinite value
-    (xlogy's convention: no mass on a class, no penalty for it)."""
+    """sum(w * src) (``w`` None: sum(src)), where a zero weight contributes 0 even
+    against an infinite value (xlogy's convention: no mass on a class, no penalty
+    for it)."""
     s = zero
     for c in range(src.shape[0]):
-        wc = w[c]
-        s += zero if wc == 0 else wc * load(src, c)
+        if w is None:
+            s += load(src, c)
+        else:
+            wc = w[c]
+            s += zero if wc == 0 else wc * load(src, c)
     return s
 
 
@@ -138,10 +146,10 @@ def narrow_softmax(x, i, skip, e, ninf):
     classes other than ``skip``).
 
     Up to a few dozen classes, calling ``row_max`` and ``exp_shifted`` and
-    setting up their vector loops costs more than the arithmetic (at C = 10,
-    about 125 ns a row against 50 for the cross entropy; the two break even
-    between 64 and 96 classes, hence NARROW_ROW).  The exp loop still vectorizes; the max
-    and the sums run in order.  A NaN is skipped by the max but reaches the
+    setting up their vector loops costs more than the arithmetic (the two
+    break even between 64 and 96 classes, hence NARROW_ROW; figures in
+    bench/results/).  The exp loop still vectorizes; the max and the sums run
+    in order.  A NaN is skipped by the max but reaches the
     sums through its exp, as in ``row_max``.
     """
     m = ninf
@@ -155,11 +163,12 @@ def narrow_softmax(x, i, skip, e, ninf):
 
 
 @jit
-def softcap_row(x, z, slope, cap, inv_cap):
+def softcap_row(x, z, slope, cap):
     """z = cap * tanh(x / cap) (Gemma 2's logit soft-capping) and its slope
     dz/dx = sech(x / cap)^2, which far from 0 is 4 e / (1 + e)^2 with
     e = exp(-2|x / cap|) rather than 1 - tanh^2 (which cancels)."""
     one = z.dtype.type(1.0)
+    inv_cap = one / cap
     for c in range(x.shape[0]):
         u = load(x, c) * inv_cap
         t = vtanh(u)
@@ -171,31 +180,33 @@ def softcap_row(x, z, slope, cap, inv_cap):
 
 @jit
 def softmax_grad_row(e, a, b, weight, g, slope):
-    """g_c = (e_c * a - b * w_c) * slope_c, with e_c = exp(z_c - m) and slope_c
-    = dz_c/dx_c of the soft-cap (all ones when ``slope`` is empty)."""
-    if slope.shape[0] > 0:
-        for c in range(e.shape[0]):
-            store(g, c, (e[c] * a - b * weight[c]) * slope[c])
-    else:
-        for c in range(e.shape[0]):
-            store(g, c, e[c] * a - b * weight[c])
+    """g_c = class_gradient(e_c, a, b, w_c) * slope_c, with e_c = exp(z_c - m), the
+    class weights ``weight`` (None: ones) and slope_c = dz_c/dx_c of the soft-cap
+    (None: no soft-cap)."""
+    # conditional expressions are named before they are passed (see formulas.softmax.formula)
+    one = e.dtype.type(1.0)
+    for c in range(e.shape[0]):
+        wc = one if weight is None else weight[c]
+        v = class_gradient(e[c], a, b, wc)
+        gc = v if slope is None else v * slope[c]
+        store(g, c, gc)
 
 
 @jit
 def mean_denominator(labels, probs, ignore_index, weight, sw):
     """"mean" denominator: sum of w[y] * sw over rows not ignored (integer targets),
-    sum of sw or the row count (probability targets, as in PyTorch).  An empty
-    ``weight`` or ``sw`` means all ones."""
+    sum of sw or the row count (probability targets, as in PyTorch).  ``weight``
+    and ``sw`` are None when not given (ones)."""
     # One of labels/probs is None: Numba prunes the branch that tests it.
     total = 0.0
     if labels is not None:
         for i in range(labels.shape[0]):
             y = labels[i]
             if y != ignore_index:
-                total += (weight[y] if weight.shape[0] > 0 else 1.0) * (sw[i] if sw.shape[0] > 0 else 1.0)
+                total += (1.0 if weight is None else weight[y]) * (1.0 if sw is None else sw[i])
     if probs is not None:
         for i in range(probs.shape[0]):
-            total += sw[i] if sw.shape[0] > 0 else 1.0
+            total += 1.0 if sw is None else sw[i]
     return total
 
 
@@ -209,13 +220,36 @@ def loss_total(losses):
 
 
 @jit
-def ignored_row(y, ignore_index, losses, i, g, grad):
-    """Whether row i's label y is ignore_index; if so its loss and gradient are 0."""
+def ignored_row(y, ignore_index, losses, g, i):
+    """Whether row i's label y is ignore_index; if so its loss is 0, and so is
+    its gradient row ``g[i]`` (``g`` None: no gradient)."""
     if y != ignore_index:
         return False
     losses[i] = 0
-    if grad:
+    if g is not None:
         zero = losses.dtype.type(0.0)
-        for c in range(g.shape[0]):
-            store(g, c, zero)
+        for c in range(g.shape[1]):
+            store(g, (i, c), zero)
     return True
+
+
+def row_loss(parallel, serial, logits, labels, probs, options, reads, reduction, grad, grad_out):
+    """``(loss, grad)`` of a row kernel on checked NumPy inputs: ``parallel`` or
+    ``serial`` (by size) called as ``(x, labels, probs, *options, mean, g,
+    losses)`` on the logits ``(..., C)`` as rows ``(N, C)``, integer ``labels``
+    or ``probs`` (the other None), returning ``(sum of losses, "mean"
+    denominator)``.  The gradient (None unless ``grad``) is ``grad_out`` or a
+    new array; written through a temporary where ``grad_out`` overlaps what
+    the kernel reads (``reads`` beside the targets)."""
+    C = logits.shape[-1]
+    x, labels, probs = _storage.class_rows(logits, labels, probs)
+    n = x.shape[0]
+    g = written = result = None
+    if grad:
+        g, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n, C),
+                                                      (probs, labels) + reads)
+    losses = np.empty(n, _storage.compute_type(logits.dtype))
+    total, denom = launch(parallel, serial, use_threads(x), x, labels, probs, *options,
+                          reduction == "mean", g, losses)
+    loss = reduce(losses, total, reduction, denom, logits.shape[:-1], logits.dtype)
+    return loss, _storage.finish_gradient(written, result) if grad else None

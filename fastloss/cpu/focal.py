@@ -1,36 +1,22 @@
 r"""Fused focal-loss kernels (CPU): softmax focal (rows) and sigmoid focal (elementwise).
 
-Softmax focal, per row with ``p = softmax(z)``, ``alpha`` per class, sample
-weight ``sw`` and, for class ``c``,
-``F_c = (1-p_c)^g - g p_c (1-p_c)^(g-1) log p_c``::
+The formulas are ``fastloss.formulas.softmax``'s (softmax focal) and
+``fastloss.formulas.sigmoid_focal``'s.  The per-class factors are
+``ascale`` times the optional ``(C,)`` vector ``alpha``, as on CUDA.
 
-    integer target y:  L = -sw alpha_y (1-p_y)^g log p_y
-                       dL/dz_k = sw alpha_y F_y (p_k - [k == y])
-    probabilities t:   L = -sw sum_c t_c alpha_c (1-p_c)^g log p_c
-                       dL/dz_k = sw (p_k sum_c t_c alpha_c F_c - t_k alpha_k F_k)
+Softmax focal: for an integer target the row's terms are computed in
+float64 (``_label_terms``); for probability targets per class, in the
+compute type, with the vectorizable exp and log of ``cpu/_math``.  Rows of at
+most ``NARROW_ROW`` classes with integer targets run inline, as in
+``fastloss.cpu.cross_entropy`` (``_narrow_label_rows``).
 
-Everything runs in log space: ``(1-p)^g = exp(g log(1-p))`` and
-``p (1-p)^(g-1) (-log p) = p exp((g-1) log(1-p) + log(-log p))``, which tends
-to 0 as p -> 1 for every ``g > 0``; where ``1-p`` or ``log p`` is exactly 0 the
-term is 0 (its limit), so ``0 < g < 1`` and saturated logits give finite
-gradients.  For an integer target ``1-p_y`` is computed as
-``sum_{k != y} e_k / s`` (``e = exp(z - max z)``) and ``log p_y`` as ``-log1p(sum_{k != y} e_k / e_y)``
-when ``p_y >= 1/2``: both keep their relative precision as ``p_y -> 1``.
-Rows of at most ``NARROW_ROW`` classes with integer targets run inline, as in
-``fastloss.cpu.cross_entropy`` (``_narrow_label_rows``, sharing ``_label_terms``).
+Sigmoid focal: chunks of ``ELEMENT_CHUNK`` elements, one parallel task each;
+``gamma == 2``, the default, has a loop of its own without a log and an exp
+per element.
 
-Sigmoid focal (torchvision's RetinaNet loss), per element with ``p = sigmoid(x)``,
-``u = 1 - p_t = p (1-t) + (1-p) t``, ``ce = softplus(x) - t x`` and
-``alpha_t = alpha t + (1-alpha)(1-t)`` (1 when ``alpha < 0``)::
-
-    L = alpha_t u^g ce
-    dL/dx = alpha_t [(p - t) u^g + g (1-2t) ce u^(g-1) p (1-p)]
-
-where ``p``, ``1-p``, ``softplus(x)`` and ``softplus(-x)`` all come from one
-``exp(-|x|)`` without cancellation, ``u`` is a sum of two non-negative terms
-(no cancellation either), ``u^g = exp(g log u)`` and ``u^(g-1) = u^g / u``;
-where ``u`` underflows to 0 the loss and ``ce`` are 0 too, and the second
-term takes its limit, 0, so nothing is NaN at saturated logits.
+Absent options are None (``alpha``, ``sw``, the gradient ``g``, the loss
+buffers): Numba compiles a specialization per combination and prunes the
+branches that test them.
 """
 import math
 
@@ -38,48 +24,49 @@ import numpy as np
 from numba import njit, prange
 from numba.core.extending import register_jitable
 
-from fastloss._reduction import grad_scale
-from fastloss.cpu._math import load, store, vexp, vexp_nonpos, vlog, vlog1p
+from fastloss._reduction import grad_scale, reduce
+from fastloss.cpu import _storage
+from fastloss.cpu._math import compute_type, load, store
 from fastloss.cpu._rows import (KERNEL_OPTIONS, NARROW_ROW, ROW_BLOCK_ELEMENTS, exp_shifted,
                                 ignored_row, jit, loss_total, mean_denominator, narrow_softmax,
-                                row_max, row_sum, softmax_grad_row, use_threads)
+                                row_loss, row_max, row_sum, softmax_grad_row, use_threads)
 from fastloss.cpu._threads import launch
+from fastloss.formulas.sigmoid_focal import (alpha_weight, modulating_power, sigmoid_focal_value,
+                                             sigmoid_terms)
+from fastloss.formulas.softmax import (class_gradient, focal_class_at_limit, focal_class_power,
+                                       focal_class_second, focal_class_terms, focal_label_factors,
+                                       focal_label_gradient)
 
 
 @register_jitable(inline="always")
-def _label_terms(zy, m, s, rest, ey, alpha_y, gamma, gscale):
-    """-alpha_y (1-p_y)^gamma log p_y of a row with integer target y (float64),
-    and its gradient as g_c = e_c a for c != y, g_y = gy; ``s`` = sum of
-    e = exp(z - m), ``rest`` = that sum without e_y."""
+def _label_terms(zy, m, s, rest, ey, ay, gamma, gscale):
+    """The loss ``-ay (1-p_y)^gamma log p_y`` of a row with integer target y
+    and its gradient as g_c = e_c a for c != y, g_y at y: ``(loss, a, g_y)``,
+    in float64."""
     s, rest, ey = float(s), float(rest), float(ey)
-    if ey >= rest:
-        nlp = math.log1p(rest / ey)  # -log p_y, precise as p_y -> 1
-    else:
-        nlp = math.log(s) - (float(zy) - float(m))
-    l1mp = math.log(rest) - math.log(s) if rest > 0 else -math.inf  # log(1 - p_y)
-    pw = 1.0 if gamma == 0 else math.exp(gamma * l1mp)  # (1 - p_y)^gamma
-    loss = float(alpha_y) * pw * nlp
-    t2 = 0.0
-    if gamma > 0 and rest > 0 and nlp > 0:
-        t2 = gamma * (ey / s) * math.exp((gamma - 1.0) * l1mp + math.log(nlp))
-    c = gscale * float(alpha_y) * (pw + t2)
-    return loss, c / s, -c * rest / s  # g_y = c (p_y - 1) without the cancellation
+    nlp, l1mp, pw = focal_label_factors(float(zy), float(m), s, rest, ey, gamma, 0.0, 1.0,
+                                        -math.inf)
+    a, gy = focal_label_gradient(nlp, l1mp, pw, s, rest, ey, ay, gamma, gscale, 0.0, 1.0)
+    return ay * pw * nlp, a, gy
 
 
 @jit
-def _label_row(src, y, alpha, gamma, gscale, e, g, grad, T):
-    """-alpha_y (1-p_y)^gamma log p_y for one row; writes the gradient when grad."""
+def _label_row(src, y, alpha, ascale, gamma, gscale, e, g, i):
+    """Loss of one row with integer target y, before its sample weight; writes
+    its gradient into ``g[i]`` unless ``g`` is None."""
+    T = e.dtype.type
     m = row_max(src, T(-np.inf))
     s, rest = exp_shifted(src, m, e, y)
-    loss, a, gy = _label_terms(load(src, y), m, s, rest, e[y], alpha[y], gamma, gscale)
-    if grad:
-        softmax_grad_row(e, T(a), T(0.0), alpha, g, alpha[:0])
-        store(g, y, T(gy))
+    ay = ascale if alpha is None else ascale * alpha[y]
+    loss, a, gy = _label_terms(load(src, y), m, s, rest, e[y], float(ay), gamma, gscale)
+    if g is not None:
+        softmax_grad_row(e, T(a), T(0.0), None, g[i], None)
+        store(g, (i, y), T(gy))
     return loss
 
 
 @jit
-def _narrow_label_rows(first, last, x, labels, alpha, sw, ignore_index, gamma, scale, g, grad,
+def _narrow_label_rows(first, last, x, labels, alpha, ascale, sw, ignore_index, gamma, scale, g,
                        losses):
     """Rows [first, last) with integer labels, at most NARROW_ROW classes:
     ``_label_row`` with every step inline (see ``narrow_softmax``)."""
@@ -88,15 +75,15 @@ def _narrow_label_rows(first, last, x, labels, alpha, sw, ignore_index, gamma, s
     e = np.empty(C, T)
     for i in range(first, last):
         y = labels[i]
-        if y == ignore_index:
-            ignored_row(y, ignore_index, losses, i, g[i if grad else 0], grad)
+        if ignored_row(y, ignore_index, losses, g, i):
             continue
         m, s, rest = narrow_softmax(x, i, y, e, T(-np.inf))
-        swi = float(sw[i]) if sw.shape[0] > 0 else 1.0
-        loss, a, gy = _label_terms(load(x, (i, y)), m, s, rest, e[y], alpha[y], gamma,
+        swi = 1.0 if sw is None else float(sw[i])
+        ay = ascale if alpha is None else ascale * alpha[y]
+        loss, a, gy = _label_terms(load(x, (i, y)), m, s, rest, e[y], float(ay), gamma,
                                    swi * scale)
         losses[i] = swi * loss
-        if grad:
+        if g is not None:
             a = T(a)
             for c in range(C):
                 store(g, (i, c), e[c] * a)
@@ -104,208 +91,201 @@ def _narrow_label_rows(first, last, x, labels, alpha, sw, ignore_index, gamma, s
 
 
 @jit
-def _focal_terms(src, t, alpha, gamma, m, log_s, inv_s, e, f, terms):
-    """Per class: e_c <- p_c, f_c <- t_c alpha_c F_c, terms_c <- t_c alpha_c (1-p_c)^g (-log p_c).
-
-    A class without target mass contributes 0 (even at p_c = 0).  The second
-    term of F_c, g p_c (1-p_c)^(g-1) (-log p_c), takes its limit 0 where p_c
-    is exactly 0 or 1 (or g = 0) instead of 0 * inf."""
+def _focal_terms(src, t, alpha, ascale, gamma, m, log_s, inv_s, e, f, terms):
+    """Per class: e_c <- p_c, f_c <- t_c alpha_c F_c, terms_c <- t_c alpha_c (1-p_c)^g (-log p_c)
+    (``focal_class_terms``)."""
     one = e.dtype.type(1.0)
     zero = e.dtype.type(0.0)
     for c in range(src.shape[0]):
         p = e[c] * inv_s
         nlp = log_s - (load(src, c) - m)
-        l1mp = vlog1p(-p)
-        pw = one if gamma == 0 else vexp(gamma * l1mp)
-        t2 = gamma * p * vexp((gamma - one) * l1mp + vlog(nlp))
-        t2 = zero if (p == one or p == zero or nlp == zero or gamma == zero) else t2
-        ta = load(t, c) * alpha[c]
+        l1mp, pw = focal_class_power(p, gamma, zero, one)
+        t2 = focal_class_second(p, l1mp, nlp, gamma, one)  # branch-free: the loop vectorizes
+        t2 = zero if focal_class_at_limit(p, nlp, gamma, zero, one) else t2
+        ac = ascale if alpha is None else ascale * alpha[c]
+        fc, term = focal_class_terms(load(t, c) * ac, pw, t2, nlp, zero)
         e[c] = p
-        f[c] = zero if ta == zero else ta * (pw + t2)
-        terms[c] = zero if ta == zero else ta * pw * nlp
+        f[c] = fc
+        terms[c] = term
 
 
 @jit
-def _prob_row(src, t, alpha, gamma, gscale, e, f, terms, g, grad, T):
+def _prob_row(src, t, alpha, ascale, gamma, gscale, e, f, terms, g, i):
+    """Loss of one row with probability target t, before its sample weight;
+    writes its gradient into ``g[i]`` unless ``g`` is None."""
+    T = e.dtype.type
     m = row_max(src, T(-np.inf))
     s, _ = exp_shifted(src, m, e, -1)
-    _focal_terms(src, t, alpha, T(gamma), m, T(math.log(s)), T(1.0) / s, e, f, terms)
+    _focal_terms(src, t, alpha, ascale, gamma, m, T(math.log(s)), T(1.0) / s, e, f, terms)
     loss = row_sum(terms, T(0.0))
-    if grad:
-        q = row_sum(f, T(0.0))
-        a = T(gscale) * q
+    if g is not None:
+        # g_c = gscale (p_c q - t_c alpha_c F_c), q = sum_c t_c alpha_c F_c
+        a = T(gscale) * row_sum(f, T(0.0))
         b = T(gscale)
+        gi = g[i]
         for c in range(src.shape[0]):
-            store(g, c, e[c] * a - b * f[c])
+            store(gi, c, class_gradient(e[c], a, b, f[c]))
     return loss
 
 
 @jit
-def _rows(first, last, x, labels, probs, alpha, sw, ignore_index, gamma, scale, g, grad, losses):
+def _rows(first, last, x, labels, probs, alpha, ascale, sw, ignore_index, gamma, scale, g, losses):
+    """Rows [first, last): integer ``labels`` or ``probs`` (the other is None)."""
     T = losses.dtype.type
     C = x.shape[1]
     if labels is not None and C <= NARROW_ROW:
-        _narrow_label_rows(first, last, x, labels, alpha, sw, ignore_index, gamma, scale, g, grad,
-                           losses)
+        _narrow_label_rows(first, last, x, labels, alpha, ascale, sw, ignore_index, gamma, scale,
+                           g, losses)
         return
     e = np.empty(C, T)
     f = np.empty(0 if probs is None else C, T)
     terms = np.empty(0 if probs is None else C, T)
     for i in range(first, last):
-        gi = g[i if grad else 0]
-        swi = float(sw[i]) if sw.shape[0] > 0 else 1.0
+        swi = 1.0 if sw is None else float(sw[i])
         if labels is not None:
             y = labels[i]
-            if ignored_row(y, ignore_index, losses, i, gi, grad):
+            if ignored_row(y, ignore_index, losses, g, i):
                 continue
-            losses[i] = swi * _label_row(x[i], y, alpha, gamma, swi * scale, e, gi, grad, T)
+            loss = _label_row(x[i], y, alpha, ascale, gamma, swi * scale, e, g, i)
         if probs is not None:
-            losses[i] = swi * _prob_row(x[i], probs[i], alpha, gamma, swi * scale, e, f, terms,
-                                        gi, grad, T)
+            loss = _prob_row(x[i], probs[i], alpha, ascale, T(gamma), swi * scale, e, f, terms,
+                             g, i)
+        losses[i] = swi * loss
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _focal_parallel(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses):
+def _focal_parallel(x, labels, probs, alpha, ascale, sw, ignore_index, gamma, mean, g, losses):
     n, C = x.shape
-    denom = mean_denominator(labels, probs, ignore_index, alpha[:0], sw)
+    denom = mean_denominator(labels, probs, ignore_index, None, sw)
     scale = grad_scale(mean, denom)
     block = max(1, ROW_BLOCK_ELEMENTS // C)
     for b in prange((n + block - 1) // block):
-        _rows(b * block, min(n, (b + 1) * block), x, labels, probs, alpha, sw, ignore_index,
-              gamma, scale, g, grad, losses)
+        _rows(b * block, min(n, (b + 1) * block), x, labels, probs, alpha,
+              losses.dtype.type(ascale), sw, ignore_index, gamma, scale, g, losses)
     return loss_total(losses), denom
 
 
 @jit
-def _focal_serial(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses):
-    denom = mean_denominator(labels, probs, ignore_index, alpha[:0], sw)
-    _rows(0, x.shape[0], x, labels, probs, alpha, sw, ignore_index, gamma,
-          grad_scale(mean, denom), g, grad, losses)
+def _focal_serial(x, labels, probs, alpha, ascale, sw, ignore_index, gamma, mean, g, losses):
+    denom = mean_denominator(labels, probs, ignore_index, None, sw)
+    _rows(0, x.shape[0], x, labels, probs, alpha, losses.dtype.type(ascale), sw, ignore_index,
+          gamma, grad_scale(mean, denom), g, losses)
     return loss_total(losses), denom
 
 
-def focal_rows(x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses):
-    """Fill ``losses`` (and ``g``) for all rows of ``x`` (N, C); returns
-    ``(sum of losses, "mean" denominator)``.  ``alpha`` is a (C,) vector."""
-    return launch(_focal_parallel, _focal_serial, use_threads(x),
-                  x, labels, probs, alpha, sw, ignore_index, gamma, mean, g, grad, losses)
+def focal_loss(logits, labels, probs, alpha, ascale, sw, ignore_index, gamma, reduction, grad,
+               grad_out):
+    """``(loss, grad)`` of checked NumPy inputs: logits ``(..., C)``, integer
+    ``labels`` or ``probs`` (the other None), the per-class factors ``ascale``
+    (a float) times ``alpha`` ((C,) or None), the optional ``sw``; ``grad``
+    None unless asked for.  Runs serially when the input is small."""
+    options = (alpha, ascale, sw, ignore_index, gamma)  # Python floats: the kernels convert
+    return row_loss(_focal_parallel, _focal_serial, logits, labels, probs, options, (alpha, sw),
+                    reduction, grad, grad_out)
 
 
 # ---------------------------------------------------------------- sigmoid focal
 
 
-@register_jitable(inline="always")
-def _sigmoid_terms(xi, ti, one, zero):
-    """(p, 1 - p, ce, u = 1 - p_t) of one element (see module docstring)."""
-    ea = vexp_nonpos(-abs(xi))
-    l1pe = vlog1p(ea)
-    sp_pos = (xi if xi > zero else zero) + l1pe  # softplus(x)  = -log(1-p)
-    sp_neg = (zero if xi > zero else -xi) + l1pe  # softplus(-x) = -log p
-    inv = one / (one + ea)
-    p = inv if xi >= zero else ea * inv  # sigmoid(x)
-    q = ea * inv if xi >= zero else inv  # 1 - sigmoid(x), without cancellation
-    ce = (one - ti) * sp_pos + ti * sp_neg
-    u = p * (one - ti) + q * ti  # 1 - p_t: a sum of two non-negative terms
-    return p, q, ce, u
+def _sigmoid_focal_loop(squared):
+    """The loop over one chunk, written once and compiled twice: for gamma == 2,
+    the default (``squared``: u**gamma is u * u and u**(gamma-1) is u, without a
+    log and an exp per element), and for any gamma."""
+    @jit
+    def loop(x, t, alpha, gamma, scale, g, out):
+        """out_i = loss of element i; g_i = scale * dloss/dx_i unless ``g`` is None."""
+        T = out.dtype.type
+        one = T(1.0)
+        zero = T(0.0)
+        if squared:
+            gamma = T(2.0)
+        use_alpha = alpha >= 0
+        for i in range(x.shape[0]):
+            ti = load(t, i)
+            p, q, ce, u = sigmoid_terms(load(x, i), ti, zero, one)
+            if squared:
+                pw, num, den = u * u, u, one
+            else:
+                pw = modulating_power(u, gamma, zero, one)
+                num, den = pw, u
+            at = alpha_weight(ti, alpha, use_alpha, one)
+            loss, d = sigmoid_focal_value(p, q, ce, u, ti, at, pw, num, den, gamma, zero, one)
+            out[i] = loss
+            if g is not None:
+                store(g, i, scale * (at * d))
+    return loop
 
 
-@register_jitable(inline="always")
-def _sigmoid_focal_value(p, q, ce, u, ti, pw, u_gm1, alpha, gamma, use_alpha, one, zero):
-    """(loss, dloss/dx) of one element from its terms, pw = u**gamma, u_gm1 = u**(gamma-1)."""
-    at = alpha * ti + (one - alpha) * (one - ti) if use_alpha else one
-    # d(1 - p_t)/dx = p q (1 - 2t).  u == 0 only where ce == 0 too (saturated and
-    # right), and the second term's limit there is 0.
-    t2 = gamma * (one - ti - ti) * ce * u_gm1 * p * q
-    t2 = zero if (ce == zero or u == zero or gamma == zero) else t2
-    return at * pw * ce, at * ((p - ti) * pw + t2)
-
-
-@jit
-def _sigmoid_focal_squared(x, t, alpha, scale, g, out):
-    """``_sigmoid_focal_chunk`` at gamma == 2: u**gamma is u * u and u**(gamma-1) is u."""
-    T = out.dtype.type
-    one = T(1.0)
-    zero = T(0.0)
-    use_alpha = alpha >= 0
-    for i in range(x.shape[0]):
-        ti = load(t, i)
-        p, q, ce, u = _sigmoid_terms(load(x, i), ti, one, zero)
-        loss, d = _sigmoid_focal_value(p, q, ce, u, ti, u * u, u, alpha, T(2.0), use_alpha,
-                                       one, zero)
-        out[i] = loss
-        store(g, i, scale * d)
+_sigmoid_focal_squared = _sigmoid_focal_loop(True)
+_sigmoid_focal_any = _sigmoid_focal_loop(False)
 
 
 @jit
 def _sigmoid_focal_chunk(x, t, alpha, gamma, scale, g, out):
-    """out_i = loss of element i; g_i = scale * dloss/dx_i (see module docstring).
-    gamma == 2, the default, runs without a log and an exp per element (2x faster)."""
     if gamma == 2:
-        _sigmoid_focal_squared(x, t, alpha, scale, g, out)
-        return
-    T = out.dtype.type
-    one = T(1.0)
-    zero = T(0.0)
-    use_alpha = alpha >= 0
-    for i in range(x.shape[0]):
-        ti = load(t, i)
-        p, q, ce, u = _sigmoid_terms(load(x, i), ti, one, zero)
-        pw = one if gamma == zero else vexp(gamma * vlog(u))  # u**gamma, 0**gamma = 0
-        loss, d = _sigmoid_focal_value(p, q, ce, u, ti, pw, pw / u, alpha, gamma, use_alpha,
-                                       one, zero)
-        out[i] = loss
-        store(g, i, scale * d)
+        _sigmoid_focal_squared(x, t, alpha, gamma, scale, g, out)
+    else:
+        _sigmoid_focal_any(x, t, alpha, gamma, scale, g, out)
 
 
 @jit
-def _sigmoid_focal_chunks(first, last, x, t, params, g, grad, losses, losses_half, chunk_sums):
+def _sigmoid_focal_chunks(first, last, x, t, alpha, gamma, scale, g, losses, losses_half,
+                          chunk_sums):
     """Chunks [first, last) of ELEMENT_CHUNK elements; chunk_sums[b] = float64 sum of
-    chunk b's losses, which are also kept in ``losses`` when it has one per element, or
-    rounded into ``losses_half`` (float16 bits) when that has."""
-    T = losses.dtype.type
-    alpha, gamma, scale = T(params[0]), T(params[1]), T(params[2])
+    chunk b's losses, which are also kept in ``losses`` (compute type) or rounded
+    into ``losses_half`` (float16 bits) when either is given.  ``alpha``,
+    ``gamma`` and ``scale`` are float64, computed in the compute type."""
+    T = compute_type(x)
     n = x.shape[0]
-    per_element = losses.shape[0] == n
-    scratch = np.empty(0 if per_element else ELEMENT_CHUNK, losses.dtype)
-    g_scratch = np.empty(0 if grad else ELEMENT_CHUNK, g.dtype)  # the branch-free loop writes a gradient
+    scratch = np.empty(ELEMENT_CHUNK if losses is None else 0, T)
     for b in range(first, last):
         lo = b * ELEMENT_CHUNK
         hi = min(n, lo + ELEMENT_CHUNK)
-        out = losses[lo:hi] if per_element else scratch[:hi - lo]
-        _sigmoid_focal_chunk(x[lo:hi], t[lo:hi], alpha, gamma, scale,
-                             g[lo:hi] if grad else g_scratch[:hi - lo], out)
+        out = scratch[:hi - lo] if losses is None else losses[lo:hi]
+        if g is None:
+            _sigmoid_focal_chunk(x[lo:hi], t[lo:hi], T(alpha), T(gamma), T(scale), None, out)
+        else:
+            _sigmoid_focal_chunk(x[lo:hi], t[lo:hi], T(alpha), T(gamma), T(scale), g[lo:hi], out)
         chunk_sums[b] = row_sum(out, 0.0)
-        if losses_half.shape[0] == n:
+        if losses_half is not None:
             for i in range(hi - lo):
                 store(losses_half, lo + i, out[i])
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _sigmoid_focal_parallel(x, t, params, g, grad, losses, losses_half, chunk_sums):
+def _sigmoid_focal_parallel(x, t, alpha, gamma, scale, g, losses, losses_half, chunk_sums):
     for b in prange(chunk_sums.shape[0]):
-        _sigmoid_focal_chunks(b, b + 1, x, t, params, g, grad, losses, losses_half, chunk_sums)
+        _sigmoid_focal_chunks(b, b + 1, x, t, alpha, gamma, scale, g, losses, losses_half,
+                              chunk_sums)
     return loss_total(chunk_sums)
 
 
 @jit
-def _sigmoid_focal_serial(x, t, params, g, grad, losses, losses_half, chunk_sums):
-    _sigmoid_focal_chunks(0, chunk_sums.shape[0], x, t, params, g, grad, losses, losses_half,
-                          chunk_sums)
+def _sigmoid_focal_serial(x, t, alpha, gamma, scale, g, losses, losses_half, chunk_sums):
+    _sigmoid_focal_chunks(0, chunk_sums.shape[0], x, t, alpha, gamma, scale, g, losses,
+                          losses_half, chunk_sums)
     return loss_total(chunk_sums)
 
 
 ELEMENT_CHUNK = 4096  # elements per parallel task; its scratch stays in L1
 
 
-def sigmoid_focal_elements(x, t, alpha, gamma, scale, g, grad, losses, losses_half):
-    """Loss (and gradient) of every element of the flat arrays ``x``, ``t``.
-
-    ``losses`` (compute type) has one slot per element ("none") or none at all;
-    for float16 input, ``"none"`` losses go to ``losses_half`` (uint16 bits, one
-    slot per element, else none) instead, so no float32 array of the input's
-    length is made.  Returns the float64 sum of the losses.
-    """
-    n = x.shape[0]
+def sigmoid_focal_loss(logits, targets, alpha, gamma, reduction, grad, grad_out):
+    """``(loss, grad)`` of checked NumPy inputs of any shape; ``grad`` None
+    unless asked for.  For float16 input, ``"none"`` losses are rounded into
+    float16 bits as they are made, so no float32 array of the input's length
+    is made."""
+    n = logits.size
+    T = _storage.compute_type(logits.dtype)
+    x = _storage.kernel_view(logits, (n,))
+    t = _storage.kernel_view(targets.astype(logits.dtype, copy=False), (n,))
+    g = written = result = None
+    if grad:
+        g, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n,), (targets,))
+    losses, losses_half = _storage.element_loss_buffers(n, reduction, logits.dtype, T)
     chunk_sums = np.empty(-(-n // ELEMENT_CHUNK), np.float64)
-    return launch(_sigmoid_focal_parallel, _sigmoid_focal_serial, use_threads(x),
-                  x, t, np.array([alpha, gamma, scale]), g, grad, losses, losses_half, chunk_sums)
+    total = launch(_sigmoid_focal_parallel, _sigmoid_focal_serial, use_threads(x), x, t, alpha,
+                   gamma, grad_scale(reduction == "mean", n), g, losses, losses_half, chunk_sums)
+    loss = reduce(_storage.element_losses_result(losses, losses_half), total, reduction, n,
+                  logits.shape, logits.dtype)
+    return loss, _storage.finish_gradient(written, result) if grad else None

@@ -2,11 +2,11 @@
 
 Row kernels run one block per row, persistent: a grid sized to the GPU
 (``row_grid``) whose blocks loop over the rows, each thread loading
-``UNROLL`` elements before using them.  Elementwise kernels run a grid-stride
-loop.  Threads per block: 256 for elementwise kernels, up to 1024 for rows;
-``FASTLOSS_CUDA_THREADS`` (a power of two) or ``set_threads_per_block`` sets
-both, which the simulator tests use to run with 8 to 32 (it runs each thread
-of a block as a Python thread).
+``UNROLL`` elements (``load_group``) before using them.  Elementwise kernels
+run a grid-stride loop (``grid_stride``).  Threads per block: 256 for
+elementwise kernels, up to 1024 for rows; ``FASTLOSS_CUDA_THREADS`` (a power
+of two) or ``set_threads_per_block`` sets both, which the simulator tests use
+to run with 8 to 32 (it runs each thread of a block as a Python thread).
 
 Block reductions go through a shared float64 buffer of ``MAX_THREADS``
 entries with a tree of barriers (``syncthreads`` reached by every thread of
@@ -16,7 +16,7 @@ the reductions are a sliver of each row's work, the memory traffic is the rest.
 import math
 import os
 
-from numba import cuda
+from numba import cuda, int64
 from numba.cuda.extending import overload
 
 from fastloss._cache import CACHE
@@ -24,7 +24,7 @@ from fastloss._cache import CACHE
 MAX_THREADS = 1024  # size of every shared reduction buffer (a compile-time constant)
 DEFAULT_THREADS = 256  # elementwise (grid-stride) kernels
 DEFAULT_ROW_THREADS = 1024  # row kernels: one block per wide row, one block per SM
-UNROLL = 4  # row kernels load this many elements per thread before using them
+UNROLL = 4  # row kernels load this many elements per thread before using them: load_group's count
 MAX_BLOCKS = 65535 * 16  # grid-stride kernels: enough blocks to fill any GPU
 
 
@@ -94,6 +94,12 @@ def row_grid(n, threads):
     return max(1, min(n, per_sm * sm_count()))
 
 
+@cuda.jit(device=True)
+def grid_stride():
+    """``(first element, stride)`` of this thread in a grid-stride loop, 64-bit."""
+    return int64(cuda.grid(1)), int64(cuda.gridsize(1))
+
+
 def grid_for(n):
     """``(blocks, threads)`` for a grid-stride loop over ``n`` elements."""
     return max(1, min(MAX_BLOCKS, -(-n // THREADS))), THREADS
@@ -160,26 +166,9 @@ def _set_element(a, i, value):
 
 
 @cuda.jit(device=True)
-def block_sum(buf, value):
-    """Sum of ``value`` over the block (float64), returned to every thread."""
-    t = cuda.threadIdx.x
-    buf[t] = value
-    cuda.syncthreads()
-    half = cuda.blockDim.x // 2
-    while half > 0:
-        if t < half:
-            buf[t] += buf[t + half]
-        cuda.syncthreads()
-        half //= 2
-    total = buf[0]
-    cuda.syncthreads()  # buf is reused by the next reduction
-    return total
-
-
-@cuda.jit(device=True)
-def block_max(buf, value):
-    """Maximum of ``value`` over the block, returned to every thread; a NaN
-    anywhere gives NaN (as max(x) in PyTorch)."""
+def _block_reduce(buf, value, largest):
+    """The sum of ``value`` over the block, or its maximum when ``largest`` (a
+    constant), returned to every thread: a tree of barriers over ``buf``."""
     t = cuda.threadIdx.x
     buf[t] = value
     cuda.syncthreads()
@@ -188,12 +177,28 @@ def block_max(buf, value):
         if t < half:
             a = buf[t]
             b = buf[t + half]
-            buf[t] = a if (a >= b or a != a) else b
+            if largest:
+                buf[t] = a if (a >= b or a != a) else b
+            else:
+                buf[t] = a + b
         cuda.syncthreads()
         half //= 2
-    m = buf[0]
-    cuda.syncthreads()
-    return m
+    total = buf[0]
+    cuda.syncthreads()  # buf is reused by the next reduction
+    return total
+
+
+@cuda.jit(device=True)
+def block_sum(buf, value):
+    """Sum of ``value`` over the block (float64), returned to every thread."""
+    return _block_reduce(buf, value, False)
+
+
+@cuda.jit(device=True)
+def block_max(buf, value):
+    """Maximum of ``value`` over the block, returned to every thread; a NaN
+    anywhere gives NaN (as max(x) in PyTorch)."""
+    return _block_reduce(buf, value, True)
 
 
 @cuda.jit(device=True)
@@ -232,6 +237,24 @@ def online_add(m, s, z, counted, ninf):
 
 
 @cuda.jit(device=True)
+def load_group(a, row, c):
+    """``a[row, c + k * blockDim.x]`` for ``k < UNROLL``: a thread's ``UNROLL``
+    independent loads, issued before any of them is used, so that enough bytes
+    are in flight.  Written out (a loop over a local array compiles to other
+    code where the use of the values branches); the kernels unpack exactly
+    ``UNROLL`` values, and tests/test_cross_entropy.py checks the count."""
+    nt = cuda.blockDim.x
+    return a[row, c], a[row, c + nt], a[row, c + 2 * nt], a[row, c + 3 * nt]
+
+
+@cuda.jit(device=True)
+def group_end(C):
+    """Columns ``c < group_end(C)`` start a full group of ``UNROLL`` loads
+    (``load_group``) in a row of ``C``."""
+    return C - (UNROLL - 1) * cuda.blockDim.x
+
+
+@cuda.jit(device=True)
 def ignored_row(row, losses, g, zero):
     """A row that ``ignore_index`` skips: loss 0 and, when ``g`` is given, a
     zero gradient row (the block's threads share the columns)."""
@@ -262,6 +285,14 @@ def fill_kernel(out, value):
     while i < out.shape[0]:
         out[i] = value
         i += stride
+
+
+def ptx_dtypes():
+    """``(storage, compute)`` Numba types of each input dtype, for the kernels'
+    ``ptx_signatures``: float16 data computes in float32."""
+    from numba import types
+    return ((types.float16, types.float32), (types.float32, types.float32),
+            (types.float64, types.float64))
 
 
 def ptx_signatures():

@@ -91,8 +91,8 @@ def test_block_size_does_not_change_the_answer(rng, dev, threads):
 
 def test_persistent_blocks_loop_over_rows(rng, dev, monkeypatch):
     # two blocks for seven rows: each block runs the row loop several times
-    from fastloss.cuda import cross_entropy as gpu
-    monkeypatch.setattr(gpu, "row_grid", lambda n, threads: 2)
+    from fastloss.cuda import _rows
+    monkeypatch.setattr(_rows, "row_grid", lambda n, threads: 2)
     for prob in (False, True):
         x, t, kw = _inputs(rng, (7,), 70, np.float32, OPTIONS["everything"], prob=prob)
         res = fl.softmax_cross_entropy(dev.put(x), dev.put(t), **_on_device(dev, kw))
