@@ -1,35 +1,15 @@
 """Triplet losses: the public wrappers (``triplet_margin_loss``, ``batch_triplet_loss``)."""
-import math
-
-import numpy as np
-
 from fastloss import _validation as check
-from fastloss._dispatch import on_gpu, select_backend
-from fastloss._reduction import grad_scale, reduce
+from fastloss._dispatch import select_backend
 from fastloss._result import LossGrad
-from fastloss.cpu import _storage
-from fastloss.cpu.triplet import (COSINE_NORM_EPS, DISTANCES, MININGS, batch_backward,
-                                  batch_hard_blocked, batch_mine, triplet_margin_rows)
+from fastloss.cpu import _storage, batch_mining, triplet_margin
+from fastloss.formulas.triplet import DISTANCES, MININGS
 
 
 def _choice(value, allowed, name):
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
     return value
-
-
-def _gram(E):
-    """E @ E.T as two row blocks: NumPy hands E @ E.T itself to BLAS's syrk, which
-    OpenBLAS runs about half as fast as gemm; a row block against E.T is a gemm
-    with a transposed operand (no transposed copy either)."""
-    N = E.shape[0]
-    G = np.empty((N, N), E.dtype)
-    half = N // 2
-    if half == 0:
-        return np.dot(E, E.T)
-    np.dot(E[:half], E.T, out=G[:half])
-    np.dot(E[half:], E.T, out=G[half:])
-    return G
 
 
 _GRAD_OUT_NAMES = ("grad_out[0]", "grad_out[1]", "grad_out[2]")
@@ -50,7 +30,7 @@ def _grad_outs(grad_out, shape, dtype, dev=None):
     if dev is None:
         shared = _storage.may_overlap
     else:
-        from fastloss.cuda.triplet import overlap as shared
+        from fastloss.cuda._checks import shares_memory as shared
         grad_out = dev.views(**{f"grad_out[{k}]": g for k, g in enumerate(grad_out)})
     for k in range(3):
         for m in range(k):
@@ -138,11 +118,12 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
       >>> float(fl.triplet_margin_loss(u, v, u, distance="cosine", margin=0.5).loss)  # 0.5 + (1 - 0) - (1 - 1)
       1.5
     """
-    dev = None
+    dev = caller_grad_out = None
     if select_backend(backend, anchor=anchor, positive=positive, negative=negative,
                       **({} if grad_out is None or not isinstance(grad_out, (tuple, list))
                          else dict(zip(_GRAD_OUT_NAMES, grad_out)))) == "cuda":
-        dev, _ = on_gpu(anchor)
+        from fastloss.cuda._arrays import Device
+        dev = Device(anchor)
         anchor, positive, negative = dev.views(anchor=anchor, positive=positive, negative=negative)
     anchor = check.float_array(anchor, "anchor")
     if anchor.ndim not in (1, 2):
@@ -157,49 +138,21 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
     eps = check.nonnegative(eps, "eps")
     distance = _choice(distance, DISTANCES, "distance")
     reduction = check.reduction(reduction)
-    if grad and grad_out is not None:
+    if not grad:
+        grad_out = None
+    elif grad_out is not None:
         caller_grad_out = tuple(grad_out) if isinstance(grad_out, (tuple, list)) else grad_out
         on_device = dev is not None and dev.kind != "numpy"
         grad_out = _grad_outs(grad_out, anchor.shape, anchor.dtype, dev if on_device else None)
 
     if dev is not None:
         from fastloss.cuda import triplet as gpu
-        host_outs = grad_out if grad and grad_out is not None and dev.kind == "numpy" else None
-        loss, grads = gpu.triplet_margin_loss(
-            dev, anchor, positive, negative, distance, swap, margin, eps, reduction, grad,
-            grad_out if grad and host_outs is None else None, tuple(anchor.shape)[:-1],
-            anchor.dtype)
-        if not grad:
-            return LossGrad(loss, None)
-        if host_outs is not None:  # NumPy in, backend="cuda": copied back into the caller's
-            return LossGrad(loss, tuple(dev.give_grad(g, h) for g, h in zip(grads, host_outs)))
-        if grad_out is not None:  # written on the device: the caller's own arrays
-            return LossGrad(loss, caller_grad_out)
-        return LossGrad(loss, tuple(dev.give_grad(g, None) for g in grads))
-
-    batch_shape = anchor.shape[:-1]
-    D = anchor.shape[-1]
-    n = math.prod(batch_shape)
-    T = _storage.compute_type(anchor.dtype)
-    inputs = (anchor, positive, negative)
-    views = [_storage.kernel_view(x, (n, D)) for x in inputs]
-    if grad:
-        buffers = []
-        for k, x in enumerate(inputs):
-            out = None if grad_out is None else grad_out[k]
-            # the three grad_out are apart (_grad_outs): each is checked against the inputs
-            others = tuple(y for m, y in enumerate(inputs) if m != k)
-            buffers.append(_storage.gradient_arrays(True, out, x, (n, D), others))
-        gk = [b[0] for b in buffers]
-    else:
-        gk = [_storage.gradient_arrays(False, None, anchor, (n, D))[0]] * 3
-    losses = np.empty(n, T)
-    total = triplet_margin_rows(*views, distance, swap, margin, eps,
-                                grad_scale(reduction == "mean", n), *gk, bool(grad), losses)
-    loss = reduce(losses, total, reduction, n, batch_shape, anchor.dtype)
-    if not grad:
-        return LossGrad(loss, None)
-    return LossGrad(loss, tuple(_storage.finish_gradient(w, r) for _, w, r in buffers))
+        return LossGrad(*gpu.triplet_margin_loss(dev, anchor, positive, negative, distance, swap,
+                                                 margin, eps, reduction, grad, grad_out,
+                                                 caller_grad_out))
+    return LossGrad(*triplet_margin.triplet_margin_loss(anchor, positive, negative, distance,
+                                                        swap, margin, eps, reduction, grad,
+                                                        grad_out))
 
 
 def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distance="euclidean",
@@ -309,81 +262,25 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
     """
     dev = None
     if select_backend(backend, embeddings=embeddings, labels=labels, grad_out=grad_out) == "cuda":
-        dev, _ = on_gpu(embeddings)
+        from fastloss.cuda._arrays import Device
+        dev = Device(embeddings)
         embeddings, labels = dev.views(embeddings=embeddings, labels=labels)
     embeddings = check.feature_rows(embeddings, "embeddings")
-    N, D = embeddings.shape
-    labels = check.row_labels(labels, N, "labels")
+    labels = check.row_labels(labels, embeddings.shape[0], "labels")
     mining = _choice(mining, MININGS, "mining")
     distance = _choice(distance, DISTANCES, "distance")
     margin = check.nonnegative(margin, "margin")
     reduction = check.reduction(reduction)
     soft = bool(soft)
-    if grad and grad_out is not None:
+    if not grad:
+        grad_out = None
+    elif grad_out is not None:
         on_device = dev is not None and dev.kind != "numpy"
         check.grad_buffer(grad_out, embeddings.shape, embeddings.dtype, on_device)
 
     if dev is not None:
         from fastloss.cuda import triplet as gpu
-        device_out = None
-        if grad and grad_out is not None and dev.kind != "numpy":
-            device_out = dev.view(grad_out, "grad_out")
-        loss, g = gpu.batch_triplet_loss(dev, embeddings, labels, mining, distance, margin, soft,
-                                         reduction, grad, device_out, embeddings.dtype)
-        if not grad:
-            return LossGrad(loss, None)
-        if device_out is not None:
-            return LossGrad(loss, grad_out)  # written in place: the caller's own array
-        return LossGrad(loss, dev.give_grad(g, grad_out))
-
-    T = _storage.compute_type(embeddings.dtype)
-    E = np.ascontiguousarray(embeddings, dtype=T)
-    _, cls, class_sizes = np.unique(labels, return_inverse=True, return_counts=True)
-    cls = np.ascontiguousarray(cls.reshape(N), dtype=np.int32)
-    size = class_sizes[cls]  # size of each anchor's class
-    has_neg = size < N
-    if mining == "hard":
-        denom = float(np.count_nonzero((size > 1) & has_neg))
-        slots = np.full(N, 2, np.int64)
-    elif mining == "semihard":
-        pairs = np.where(has_neg, size - 1, 0)
-        denom = float(pairs.sum())
-        slots = 2 * pairs
-    else:
-        slots = np.zeros(N, np.int64)
-    rec_off = np.zeros(N + 1, np.int64)
-    np.cumsum(slots, out=rec_off[1:])
-    rec_j = np.empty(rec_off[-1], np.int64)
-    rec_c = np.empty(rec_off[-1], T)
-    S = np.zeros((N, N) if mining == "all" and grad else (0, 0), T)
-    losses = np.zeros(N, np.float64)
-    counts = np.zeros(N if mining == "all" else 0, np.int64)
-    # hard: the upper triangle of the Gram matrix by blocks, each mined while in cache (None
-    # when a distance is NaN: the full-Gram path then applies its NaN rule)
-    mined = (batch_hard_blocked(E, cls, distance, margin, soft, rec_j, rec_c, losses)
-             if mining == "hard" and N else None)  # N = 0: no blocks (the Gram path copes)
-    if mined is not None:
-        total, sq, inv = mined
-    else:
-        G = _gram(E)
-        sq = np.ascontiguousarray(np.diagonal(G))
-        inv = (1.0 / np.maximum(np.sqrt(sq), T(COSINE_NORM_EPS))).astype(T, copy=False)
-        total = batch_mine(G, sq, inv, cls, mining, distance, margin, soft, rec_off, rec_j, rec_c,
-                           S, grad, losses, counts)
-        del G  # the backward works from the embeddings alone
-    if mining == "all":
-        denom = float(np.sum((size - 1) * (N - size))) if soft else float(counts.sum())
-
-    if reduction == "mean" and mining == "all" and denom == 0:
-        loss = np.asarray(0.0, dtype=embeddings.dtype)
-    else:
-        loss = reduce(losses, total, reduction, denom, (N,), embeddings.dtype)
-    if not grad:
-        return LossGrad(loss, None)
-    written, result = _storage.gradient_buffer(grad_out, embeddings.shape, embeddings.dtype, None,
-                                               (embeddings, E))
-    if mining == "all":
-        S += S.T  # row r: every coefficient of a pair touching r (NumPy buffers the overlap)
-    batch_backward(E, inv, distance, rec_off, rec_j, rec_c, S,
-                   grad_scale(reduction == "mean", denom), _storage.kernel_view(written))
-    return LossGrad(loss, _storage.finish_gradient(written, result))
+        return LossGrad(*gpu.batch_triplet_loss(dev, embeddings, labels, mining, distance, margin,
+                                                soft, reduction, grad, grad_out))
+    return LossGrad(*batch_mining.batch_triplet_loss(embeddings, labels, mining, distance, margin,
+                                                     soft, reduction, grad, grad_out))

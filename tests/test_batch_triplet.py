@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 import fastloss as fl
-import fastloss.triplet as wrapper
 import naive
-from fastloss.cpu import triplet as kernels
+from fastloss.cpu import batch_mining
+from fastloss.cpu import hard_mining
 from naive import check_result, finite_difference
 
 REDUCTIONS = ["mean", "sum", "none"]
@@ -232,9 +232,9 @@ def test_nan_propagates(rng):
 
 # ---------------------------------------------------------------- hard mining by blocks
 #
-# mining="hard" takes the upper triangle of the Gram matrix in kernels.HARD_GEMM_BLOCKS column
-# blocks, each mined from both sides in slices of at most kernels.HARD_BLOCK columns; a NaN
-# distance sends it back to the full-Gram path (kernels.batch_mine).  Small slices and many
+# mining="hard" takes the upper triangle of the Gram matrix in hard_mining.HARD_GEMM_BLOCKS column
+# blocks, each mined from both sides in slices of at most hard_mining.HARD_BLOCK columns; a NaN
+# distance sends it back to the full-Gram path (batch_mining.batch_mine).  Small slices and many
 # blocks make small batches span many of them.
 
 
@@ -242,11 +242,11 @@ def both_paths(monkeypatch, e, labels, block, gemm_blocks=None, **kw):
     """(blocked: slices of ``block`` columns, ``gemm_blocks`` gemm blocks (default: one per
     slice); full-Gram) results of one hard-mining call."""
     with monkeypatch.context() as m:
-        m.setattr(kernels, "HARD_BLOCK", block)
-        m.setattr(kernels, "HARD_GEMM_BLOCKS",
+        m.setattr(hard_mining, "HARD_BLOCK", block)
+        m.setattr(hard_mining, "HARD_GEMM_BLOCKS",
                   -(-e.shape[0] // block) if gemm_blocks is None else gemm_blocks)
         blocked = fl.batch_triplet_loss(e, labels, **kw)
-        m.setattr(wrapper, "batch_hard_blocked", lambda *args: None)
+        m.setattr(batch_mining, "batch_hard_blocked", lambda *args: None)
         full = fl.batch_triplet_loss(e, labels, **kw)
     return blocked, full
 
@@ -273,7 +273,7 @@ def integer_batch(rng, n, d, classes, dtype):
 @pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean"])
 @pytest.mark.parametrize("block, gemm_blocks", [(1, None), (2, None), (3, None), (8, None),
                                                 (32, None), (256, 4), (5, 3), (8, 2), (16, 1),
-                                                (7, 4), (kernels.HARD_BLOCK_MAX, 1)])
+                                                (7, 4), (hard_mining.HARD_BLOCK_MAX, 1)])
 def test_hard_blocks_equal_the_full_gram_path_bit_for_bit(rng, monkeypatch, block, gemm_blocks,
                                                           distance, dtype):
     # exact distances: the same selections (lowest index on ties) and the same bits, whatever
@@ -294,8 +294,8 @@ def test_hard_blocks_equal_the_full_gram_path_bit_for_bit(rng, monkeypatch, bloc
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: np.dtype(d).name)
 def test_hard_blocks_match_reference(rng, monkeypatch, dtype, distance, soft):
     e, labels = make_batch(rng, n=70, d=6, classes=6, dtype=dtype)
-    monkeypatch.setattr(kernels, "HARD_BLOCK", 7)  # slices of 7 columns in gemm blocks of 16
-    monkeypatch.setattr(kernels, "HARD_GEMM_BLOCKS", 5)
+    monkeypatch.setattr(hard_mining, "HARD_BLOCK", 7)  # slices of 7 columns in gemm blocks of 16
+    monkeypatch.setattr(hard_mining, "HARD_GEMM_BLOCKS", 5)
     for reduction in REDUCTIONS:
         kw = dict(distance=distance, margin=MARGIN[distance], soft=soft, reduction=reduction)
         check_result(fl.batch_triplet_loss(e, labels, **kw),
@@ -306,8 +306,8 @@ def test_hard_blocks_match_reference(rng, monkeypatch, dtype, distance, soft):
 def test_hard_blocks_agree_with_full_gram_at_default_block(rng, monkeypatch, distance):
     # the default blocks and slices; random float64 rows (no near ties): the same selections
     e, labels = make_batch(rng, n=1100, d=12, classes=20)
-    blocked, full = both_paths(monkeypatch, e, labels, kernels.HARD_BLOCK,
-                               kernels.HARD_GEMM_BLOCKS, distance=distance,
+    blocked, full = both_paths(monkeypatch, e, labels, hard_mining.HARD_BLOCK,
+                               hard_mining.HARD_GEMM_BLOCKS, distance=distance,
                                margin=MARGIN[distance], reduction="none")
     np.testing.assert_allclose(blocked.loss, full.loss, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(blocked.grad, full.grad, rtol=1e-10, atol=1e-14)
@@ -341,17 +341,17 @@ def test_hard_ties_across_blocks_go_to_the_lowest_index(rng, monkeypatch, block,
         for k, j in enumerate(neg[1:]):
             e[j] = base + [[0.0, -1.0], [1.0, 0.0]][k]  # both at distance 1
         labels[list(neg)] = yn
-    monkeypatch.setattr(kernels, "HARD_BLOCK", block)
-    monkeypatch.setattr(kernels, "HARD_GEMM_BLOCKS", -(-n // block) if gemm_blocks is None
+    monkeypatch.setattr(hard_mining, "HARD_BLOCK", block)
+    monkeypatch.setattr(hard_mining, "HARD_GEMM_BLOCKS", -(-n // block) if gemm_blocks is None
                         else gemm_blocks)
     # the selections themselves
     cls = np.unique(labels, return_inverse=True)[1].astype(np.int32)
-    rec_j = np.empty(2 * n, np.int64)
-    rec_c = np.empty(2 * n)
-    losses = np.zeros(n)
-    assert kernels.batch_hard_blocked(e, cls, "euclidean", 1.0, False, rec_j, rec_c, losses)
+    records = batch_mining.Records(np.arange(0, 2 * n + 1, 2), np.empty(2 * n, np.int64),
+                                   np.empty(2 * n))
+    rule = batch_mining.MiningRule(batch_mining.DISTANCES["euclidean"], 1.0, False)
+    assert hard_mining.batch_hard_blocked(e, cls, rule, records, np.zeros(n))
     for a, _, pos, neg in cases:
-        assert (rec_j[2 * a], rec_j[2 * a + 1]) == (min(pos[1:]), min(neg[1:]))
+        assert (records.j[2 * a], records.j[2 * a + 1]) == (min(pos[1:]), min(neg[1:]))
     res = fl.batch_triplet_loss(e, labels, margin=1.0, reduction="none")
     check_result(res, *naive.batch_triplet_loss(e, labels, margin=1.0, reduction="none"),
                  np.float64)
@@ -386,8 +386,8 @@ def test_hard_blocks_zero_norm_and_duplicate_rows(rng, monkeypatch):
     labels[20] = labels[2]
     e[25] = e[9]
     labels[25] = (labels[9] + 1) % 3
-    monkeypatch.setattr(kernels, "HARD_BLOCK", 5)
-    monkeypatch.setattr(kernels, "HARD_GEMM_BLOCKS", 3)
+    monkeypatch.setattr(hard_mining, "HARD_BLOCK", 5)
+    monkeypatch.setattr(hard_mining, "HARD_GEMM_BLOCKS", 3)
     for distance in DISTANCES:
         kw = dict(distance=distance, margin=MARGIN[distance], reduction="none")
         res = fl.batch_triplet_loss(e, labels, **kw)
@@ -396,8 +396,8 @@ def test_hard_blocks_zero_norm_and_duplicate_rows(rng, monkeypatch):
 
 
 def test_hard_block_larger_than_its_buffer_raises(rng, monkeypatch):
-    e, labels = make_batch(rng, n=kernels.HARD_BLOCK_MAX + 3, d=2)
-    monkeypatch.setattr(kernels, "HARD_BLOCK", kernels.HARD_BLOCK_MAX + 1)
+    e, labels = make_batch(rng, n=hard_mining.HARD_BLOCK_MAX + 3, d=2)
+    monkeypatch.setattr(hard_mining, "HARD_BLOCK", hard_mining.HARD_BLOCK_MAX + 1)
     with pytest.raises(ValueError, match="HARD_BLOCK"):
         fl.batch_triplet_loss(e, labels)
 
@@ -466,7 +466,7 @@ def test_parallel_path_matches_reference_and_serial(rng, dtype, monkeypatch):
     e, labels = make_batch(rng, n=40, d=7, classes=5, dtype=dtype)
     results = {}
     for threshold in [0, 1 << 62]:  # every kernel parallel, then every kernel serial
-        monkeypatch.setattr(kernels, "BATCH_PARALLEL_MIN_WORK", threshold)
+        monkeypatch.setattr(batch_mining, "BATCH_PARALLEL_MIN_WORK", threshold)
         results[threshold] = [fl.batch_triplet_loss(e, labels, mining=m, distance=dist,
                                                     reduction="none", margin=MARGIN[dist])
                               for m in MININGS for dist in ["euclidean", "cosine"]]

@@ -76,8 +76,8 @@ def test_the_tbb_extra_loads_by_default():
 
 def test_concurrent_calls_in_this_process_match_serial_calls(monkeypatch):
     """The layer this test session uses (whatever Numba chose), in-process."""
-    from fastloss.cpu import triplet as cpu_triplet
-    monkeypatch.setattr(cpu_triplet, "BATCH_PARALLEL_MIN_WORK", 0)
+    from fastloss.cpu import batch_mining
+    monkeypatch.setattr(batch_mining, "BATCH_PARALLEL_MIN_WORK", 0)
     sys.path.insert(0, os.path.dirname(__file__))
     try:
         import threads_probe

@@ -4,7 +4,7 @@ import pytest
 
 import fastloss as fl
 import naive
-from fastloss.cpu import triplet as kernels
+from fastloss.cpu import triplet_margin
 from naive import assert_close, check_result, finite_difference
 
 REDUCTIONS = ["mean", "sum", "none"]
@@ -291,11 +291,11 @@ def test_grad_out_reuse_and_in_place(rng, dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: np.dtype(d).name)
 def test_parallel_path_matches_reference_and_serial(rng, dtype, monkeypatch):
     a, p, n = make_triplets(rng, (2000, 17), dtype)  # 34000 elements: the parallel path
-    assert kernels.use_threads(a)
+    assert triplet_margin.use_threads(a)
     kw = dict(margin=4.0, distance="squared_euclidean", swap=True, reduction="none")
     res = fl.triplet_margin_loss(a, p, n, **kw)
     check_triplet(res, naive.triplet_margin_loss(a, p, n, **kw), dtype)
-    monkeypatch.setattr(kernels, "use_threads", lambda x: False)
+    monkeypatch.setattr(triplet_margin, "use_threads", lambda x: False)
     serial = fl.triplet_margin_loss(a, p, n, **kw)
     np.testing.assert_array_equal(res.loss, serial.loss)
     for g, s in zip(res.grad, serial.grad):

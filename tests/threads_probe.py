@@ -27,7 +27,7 @@ import numpy as np
 
 import fastloss as fl
 from fastloss.cpu import _threads
-from fastloss.cpu import triplet as cpu_triplet
+from fastloss.cpu import batch_mining
 
 THREADS = 8
 CALLS = 50
@@ -140,7 +140,7 @@ def fork_unguarded_mode():
 
 
 if __name__ == "__main__":
-    cpu_triplet.BATCH_PARALLEL_MIN_WORK = 0  # batch mining's parallel kernels at a test's size
+    batch_mining.BATCH_PARALLEL_MIN_WORK = 0  # batch mining's parallel kernels at a test's size
     mode = sys.argv[1]
     {"threads": threads_mode, "threads-unlocked": threads_unlocked_mode, "fork": fork_mode, "fork-unguarded": fork_unguarded_mode}[mode]()
     print(f"layer={_threads.threading_layer()} ok")
