@@ -1,10 +1,10 @@
 """What every bench file shares: the cases, one entry's check and its timing.
 
 The cases (loss, sizes, inputs, hyper-parameters), the entries (fastloss, the
-copy ceiling, NumPy, and the competitors of ``fastloss._competitors``: torch
-eager, ``torch.compile``, JAX) and the agreement check live in
-``fastloss._bench``, which ``python -m fastloss bench`` runs too: one copy of
-each.  This module adds pytest-benchmark around them.
+copy ceiling, NumPy, and the competitors of ``fastloss.tools.competitors``:
+torch eager, ``torch.compile``, JAX) and the agreement check live in
+``fastloss.tools.bench`` (each loss's sizes and inputs in ``fastloss.tools.registry``),
+which ``python -m fastloss bench`` runs too: one copy of each.  This module adds pytest-benchmark around them.
 
 ``run_entry(benchmark, config, case, role)``:
 
@@ -22,8 +22,9 @@ import time
 
 import pytest
 
-from fastloss import _bench as B
-from fastloss import _competitors
+from fastloss.tools import bench as B
+from fastloss.tools import competitors as _competitors
+from fastloss.tools import registry
 
 # Each suite case runs at these sizes in float32, and at the medium size in float16
 # where the loss takes float16.
@@ -37,10 +38,10 @@ ROLES = ("fastloss", "fastloss-grad_out", "numpy", "copy", "torch", "torch-compi
 def suite_cases(shorts):
     cases = []
     for short in shorts:
-        spec = B.SPEC_BY_NAME[short]
+        spec = registry.BY_NAME[short]
         for size in SIZES:
             cases.append(B.Case(spec, size))
-        if spec.float16:
+        if spec.bench.float16:
             cases.append(B.Case(spec, "medium", "float16"))
     return cases
 
@@ -50,8 +51,8 @@ def params(cases, roles=ROLES, extra=None, names=None):
     ``extra`` maps a loss's short name to roles only it has (``matmul``), ``names``
     renames a role in the id (batch-hard's ``copy`` is a ``gemm``)."""
     for case in cases:
-        for role in roles + tuple((extra or {}).get(case.spec.short, ())):
-            name = (names or {}).get((case.spec.short, role), role)
+        for role in roles + tuple((extra or {}).get(case.short, ())):
+            name = (names or {}).get((case.short, role), role)
             yield pytest.param(case, role, id=f"{case.group}-{name}")
 
 

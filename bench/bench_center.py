@@ -4,7 +4,7 @@ Groups ``center-64x32-k10``, ``center-8192x512-k1000`` (the medium size) and
 ``center-65536x512-k10000``, float32: ``center_loss(features, labels, centers,
 alpha=0.5)`` computes the loss, the gradient and updates the centers in place.
 
-* ``numpy``: ``x - c[y]`` and ``np.add.at`` (``fastloss._numpy_losses.center_loss``);
+* ``numpy``: ``x - c[y]`` and ``np.add.at`` (``fastloss.tools.numpy_losses.center_loss``);
 * ``torch``: eager forward, ``autograd.grad``, ``index_add_`` update; ``torch-compile``
   compiles the forward and the update;
 * ``jax``: one ``jax.jit`` of ``value_and_grad`` and the update, returning the new

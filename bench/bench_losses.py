@@ -7,20 +7,20 @@ group holds, measured in the same run:
 
 * ``fastloss``           the fused call, a fresh gradient array each call;
 * ``fastloss-grad_out``  the same call writing into a preallocated ``grad_out=``;
-* ``numpy``              the vectorized NumPy version (``fastloss._numpy_losses``);
-* ``copy``               the bandwidth ceiling (``fastloss._bench.ceiling``):
+* ``numpy``              the vectorized NumPy version (``fastloss.tools.numpy_losses``);
+* ``copy``               the bandwidth ceiling (``fastloss.tools.bench.ceiling``):
                          ``np.copyto`` of the logits into a preallocated array; for
                          sigmoid focal and Huber ``np.subtract(x, t, out=g)`` (read
                          both inputs, write the gradient);
 * ``torch``, ``torch-compile``, ``jax``  torch eager + ``torch.autograd.grad``, the
                          same through ``torch.compile``, ``jax.jit(jax.value_and_grad)``
-                         (``fastloss._competitors``; skipped when not installed);
+                         (``fastloss.tools.competitors``; skipped when not installed);
 * ``fastloss-cuda``      fastloss on device arrays, with a device synchronize
                          (skipped without a CUDA GPU).
 
 Before an entry is timed, its result is checked against fastloss's (fastloss's
 against NumPy's); that first call is also the warm-up.  The sizes, inputs and
-entries come from ``fastloss._bench``, which ``python -m fastloss bench`` runs too.
+entries come from ``fastloss.tools.bench``, which ``python -m fastloss bench`` runs too.
 """
 import pytest
 from _suite import ROLES, params, run_entry, suite_cases

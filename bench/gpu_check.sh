@@ -2,7 +2,8 @@
 # The GPU check, for a machine with a CUDA GPU (the device tool's H200, which
 # has numba, numba-cuda, CuPy, PyTorch and Cython but no package registry):
 #   1. use fastloss from this checkout (no install from a registry),
-#   2. run the GPU tests (tests/cuda) on the real chip,
+#   2. run the CUDA side of the tests (marker cuda: tests/cuda and every test
+#      parametrized by the backend fixture) on the real chip,
 #   3. time every loss against PyTorch CUDA and a device-to-device copy,
 #      writing gpu.md / gpu.json (bench/gpu_bench.py).
 # Usage: bash bench/gpu_check.sh [OUT_DIR]  (default: $OUT, else bench/results)
@@ -30,7 +31,7 @@ PY
 python setup.py build_ext --inplace -q >"$out/build.txt" 2>&1 || echo "build_ext failed (CPU center update only): see build.txt"
 
 echo "== GPU tests (first calls compile each kernel for this GPU)"
-timeout "${TEST_TIMEOUT:-270}" python -m pytest tests/cuda -q -p no:cacheprovider -x \
+timeout "${TEST_TIMEOUT:-270}" python -m pytest tests -m cuda -q -p no:cacheprovider -x \
   2>&1 | tee "$out/gpu_tests.txt" | tail -25
 echo "tests exit: ${PIPESTATUS[0]}"
 

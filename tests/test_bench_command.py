@@ -1,8 +1,8 @@
-"""``python -m fastloss bench`` (``fastloss._bench``), run in-process on the hidden ``tiny`` size.
+"""``python -m fastloss bench`` (``fastloss.tools.bench``), run in-process on the hidden ``tiny`` size.
 
 Competitors are made missing by putting ``None`` in ``sys.modules`` (``import torch``
 then raises ImportError, whether or not torch is installed), and wrong by replacing
-``fastloss._competitors.prepare``; the CUDA backend is made absent.  Each run takes
+``fastloss.tools.competitors.prepare``; the CUDA backend is made absent.  Each run takes
 a second or two once the kernels are in Numba's disk cache.
 """
 import importlib.util
@@ -13,9 +13,10 @@ import sys
 import numpy as np
 import pytest
 
-from fastloss import __main__ as cli
-from fastloss import _bench, _competitors
-from fastloss import _numpy_losses as npl
+from fastloss.tools import bench as _bench
+from fastloss.tools import cli, registry
+from fastloss.tools import competitors as _competitors
+from fastloss.tools import numpy_losses as npl
 
 
 @pytest.fixture
@@ -179,7 +180,7 @@ def test_installed_competitors_agree(tmp_path):
 
 
 def test_import_fastloss_imports_no_framework():
-    code = ("import sys, fastloss, fastloss.__main__, fastloss._bench, fastloss._competitors; "
+    code = ("import sys, fastloss, fastloss.__main__, fastloss.tools.bench, fastloss.tools.competitors; "
             "print(sorted(m for m in ('torch', 'jax', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -189,14 +190,14 @@ def test_numpy_references_agree_with_fastloss():
     """The NumPy center, triplet and batch-hard implementations added for the command."""
     import fastloss
     for short in ("center", "triplet", "batch_hard"):
-        case = _bench.Case(_bench.SPEC_BY_NAME[short], "small")
+        case = _bench.Case(registry.BY_NAME[short], "small")
         args = _bench.make_args(case)
         got = _bench.numpy_reference(case, args)
         ref = _bench.prepare_entry(case, "fastloss", args)
         ok = _bench.agreement(case, got, ref.result(ref.run()))
         assert ok[2], (short, ok)
     # float16: NumPy computes in float32 and returns float16 gradients
-    case = _bench.Case(_bench.SPEC_BY_NAME["focal"], "small", "float16")
+    case = _bench.Case(registry.BY_NAME["focal"], "small", "float16")
     args = _bench.make_args(case)
     got = _bench.numpy_reference(case, args)
     assert got.grads[0].dtype == np.float16

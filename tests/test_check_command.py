@@ -13,8 +13,8 @@ import sys
 import pytest
 
 import fastloss
-from fastloss import __main__ as cli
-from fastloss import _check
+from fastloss.tools import check as _check
+from fastloss.tools import cli
 
 ALL_LOSSES = _check.LOSS_NAMES
 
@@ -159,7 +159,7 @@ def test_cuda_backend_under_the_simulator():
 
 
 def test_imports_stay_lazy():
-    code = ("import sys, fastloss, fastloss.__main__, fastloss._check; "
+    code = ("import sys, fastloss, fastloss.__main__, fastloss.tools.check; "
             "print(sorted(m for m in ('torch', 'jax', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -1,4 +1,4 @@
-"""``python -m fastloss demo`` (``fastloss._demo``): the network's gradients, convergence,
+"""``python -m fastloss demo`` (``fastloss.tools.demo``): the network's gradients, convergence,
 center loss tightening the clusters, the picture with and without matplotlib, the CLI.
 
 Training runs use the built-in synthetic dataset at a small size; each takes
@@ -13,8 +13,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fastloss import __main__ as cli
-from fastloss import _demo as demo
+from fastloss.tools import cli
+from fastloss.tools import demo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL = demo.DemoConfig(dataset="synthetic", epochs=12, out=None)  # 1500 training rows

@@ -1,20 +1,22 @@
 """Value and gradient parity with PyTorch (autograd) for the losses that mirror torch.
 
-The reference side is plain torch; sample_weight (which torch has not) is applied to
-torch's reduction="none" output the way SPEC.md defines it.  The sigmoid focal loss is
-torchvision.ops.sigmoid_focal_loss, reimplemented below (torchvision is not installed).
-The naive references are also checked against torch here, so a disagreement can be
-pinned on the right side.
+The reference side is the tools' reference in torch (``fastloss.tools.references``, the
+one that ``python -m fastloss check --framework torch`` runs): ``torch.nn.functional``
+where PyTorch has the loss, and, for the rest (sample_weight and z-loss, which torch has
+not; the focal losses; torchvision's sigmoid focal loss, not installed here), the
+formula in torch ops as SPEC.md defines it.  The naive references are also checked
+against torch here, so a disagreement can be pinned on the right side.
 """
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-F = torch.nn.functional
 
 import fastloss as fl  # noqa: E402
 import naive  # noqa: E402
+from fastloss.tools import references  # noqa: E402
 
+NS = references.torch_namespace(torch)
 DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-10, atol=1e-12)}
 
@@ -30,80 +32,22 @@ def _close(got, want, dtype, what):
     np.testing.assert_allclose(got, want, rtol=t["rtol"], atol=t["atol"] * scale, err_msg=what)
 
 
-def _autograd(fn, x, dtype):
-    xt = torch.tensor(x, dtype=DTYPES[dtype], requires_grad=True)
-    loss = fn(xt)
+def _reference(formula, args, reduction="mean", **kwargs):
+    """``(loss, gradient w.r.t. the first argument)`` of the torch reference ``formula``;
+    NumPy arguments become tensors, floating ones in the first argument's dtype."""
+    dtype = DTYPES[args[0].dtype.type]
+
+    def tensor(a):
+        if not isinstance(a, np.ndarray):
+            return a
+        t = torch.tensor(a)
+        return t.to(dtype) if t.is_floating_point() else t
+
+    xt = tensor(args[0]).requires_grad_(True)
+    loss = formula(NS, xt, *map(tensor, args[1:]), reduction=reduction,
+                   **{k: tensor(v) for k, v in kwargs.items()})
     loss.sum().backward()
     return loss.detach().numpy(), xt.grad.numpy()
-
-
-# ------------------------------------------------------------------ torch refs
-
-
-def torch_cross_entropy(xt, y, *, weight=None, sample_weight=None, ignore_index=-100, label_smoothing=0.0,
-                        z_loss=0.0, softcap=None, reduction="mean"):
-    """F.cross_entropy on logits.reshape(-1, C) plus the fastloss extras, as SPEC.md defines them."""
-    C = xt.shape[-1]
-    batch = xt.shape[:-1]
-    z = xt.reshape(-1, C)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    prob = np.asarray(y).dtype.kind == "f"
-    yt = torch.tensor(np.asarray(y).reshape((-1, C) if prob else (-1,)))
-    if prob:
-        yt = yt.to(z.dtype)
-    wt = None if weight is None else torch.tensor(weight, dtype=z.dtype)
-    if sample_weight is None and not z_loss:
-        out = F.cross_entropy(z, yt, weight=wt, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                              reduction=reduction)
-        return out.reshape(batch) if reduction == "none" else out
-    per = F.cross_entropy(z, yt, weight=wt, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                          reduction="none")
-    n = z.shape[0]
-    sw = torch.ones(n, dtype=z.dtype) if sample_weight is None else torch.tensor(
-        np.asarray(sample_weight).reshape(-1), dtype=z.dtype)
-    keep = torch.ones(n, dtype=torch.bool) if prob else yt != ignore_index
-    if z_loss:
-        per = per + z_loss * torch.logsumexp(z, dim=-1) ** 2 * keep
-    per = per * sw
-    if reduction == "none":
-        return per.reshape(batch)
-    if reduction == "sum":
-        return per.sum()
-    if prob:
-        denom = sw.sum()
-    else:
-        wy = torch.ones(n, dtype=z.dtype) if wt is None else wt[yt.clamp(0, C - 1)]
-        denom = (wy * sw * keep).sum()
-    return per.sum() / denom
-
-
-def torchvision_sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
-    """torchvision.ops.sigmoid_focal_loss, line for line."""
-    p = torch.sigmoid(inputs)
-    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce_loss * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        loss = alpha_t * loss
-    if reduction == "none":
-        pass
-    elif reduction == "mean":
-        loss = loss.mean()
-    elif reduction == "sum":
-        loss = loss.sum()
-    return loss
-
-
-def torch_focal(xt, y, *, gamma, alpha=None, reduction="mean"):
-    """-alpha[y] (1 - p_y)**gamma log p_y, integer targets, no ignored rows."""
-    logp = F.log_softmax(xt, dim=-1)
-    yt = torch.tensor(y)
-    lpy = logp.gather(-1, yt[..., None])[..., 0]
-    a = 1.0 if alpha is None else torch.tensor(alpha, dtype=xt.dtype)[yt]
-    per = -a * (1 - lpy.exp()) ** gamma * lpy
-    return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
 
 
 # ------------------------------------------------------------------ CE parity
@@ -148,7 +92,7 @@ def _ce_inputs(rng, case, dtype, batch=(12,), C=6):
 @pytest.mark.parametrize("case", list(CE_CASES))
 def test_cross_entropy_parity(rng, case, reduction, dtype):
     x, y, o = _ce_inputs(rng, case, dtype)
-    want_loss, want_grad = _autograd(lambda xt: torch_cross_entropy(xt, y, reduction=reduction, **o), x, dtype)
+    want_loss, want_grad = _reference(references.softmax_cross_entropy, (x, y), reduction, **o)
     res = fl.softmax_cross_entropy(x, y, reduction=reduction, **o)
     _close(res.loss, want_loss, dtype, "loss")
     assert res.grad.dtype == np.dtype(dtype)
@@ -158,7 +102,7 @@ def test_cross_entropy_parity(rng, case, reduction, dtype):
 @pytest.mark.parametrize("case", ["smoothing_weight_ignore", "softcap_everything", "prob_everything"])
 def test_cross_entropy_three_dimensional_batch_parity(rng, case):
     x, y, o = _ce_inputs(rng, case, np.float64, batch=(2, 3))
-    want_loss, want_grad = _autograd(lambda xt: torch_cross_entropy(xt, y, **o), x, np.float64)
+    want_loss, want_grad = _reference(references.softmax_cross_entropy, (x, y), "mean", **o)
     res = fl.softmax_cross_entropy(x, y, **o)
     _close(res.loss, want_loss, np.float64, "loss")
     _close(res.grad, want_grad, np.float64, "grad")
@@ -169,8 +113,7 @@ def test_naive_cross_entropy_agrees_with_torch(rng, case):
     # guards the reference itself
     x, y, o = _ce_inputs(rng, case, np.float64)
     for reduction in ["mean", "none"]:
-        want_loss, want_grad = _autograd(lambda xt: torch_cross_entropy(xt, y, reduction=reduction, **o), x,
-                                         np.float64)
+        want_loss, want_grad = _reference(references.softmax_cross_entropy, (x, y), reduction, **o)
         loss, grad = naive.softmax_cross_entropy(x, y, reduction=reduction, **o)
         _close(loss, want_loss, np.float64, "loss")
         _close(grad, want_grad, np.float64, "grad")
@@ -185,8 +128,7 @@ def test_naive_cross_entropy_agrees_with_torch(rng, case):
 def test_huber_parity(rng, delta, reduction, dtype):
     x = (rng.normal(size=(10, 7)) * 2).astype(dtype)
     t = (rng.normal(size=(10, 7)) * 2).astype(dtype)
-    tt = torch.tensor(t)
-    want_loss, want_grad = _autograd(lambda xt: F.huber_loss(xt, tt, delta=delta, reduction=reduction), x, dtype)
+    want_loss, want_grad = _reference(references.huber_loss, (x, t), reduction, delta=delta)
     res = fl.huber_loss(x, t, delta=delta, reduction=reduction)
     _close(res.loss, want_loss, dtype, "loss")
     _close(res.grad, want_grad, dtype, "grad")
@@ -197,13 +139,7 @@ def test_huber_sample_weight_parity(rng, dtype):
     x = (rng.normal(size=(10, 7)) * 2).astype(dtype)
     t = (rng.normal(size=(10, 7)) * 2).astype(dtype)
     sw = rng.uniform(size=(10, 1)).astype(dtype)
-    tt, swt = torch.tensor(t), torch.tensor(sw)
-
-    def ref(xt):
-        per = F.huber_loss(xt, tt, delta=0.7, reduction="none") * swt
-        return per.sum() / swt.expand_as(per).sum()
-
-    want_loss, want_grad = _autograd(ref, x, dtype)
+    want_loss, want_grad = _reference(references.huber_loss, (x, t), "mean", delta=0.7, sample_weight=sw)
     res = fl.huber_loss(x, t, delta=0.7, sample_weight=sw)
     _close(res.loss, want_loss, dtype, "loss")
     _close(res.grad, want_grad, dtype, "grad")
@@ -218,9 +154,7 @@ def test_huber_sample_weight_parity(rng, dtype):
 def test_sigmoid_focal_parity(rng, alpha, gamma, reduction, dtype):
     x = (rng.normal(size=(8, 9)) * 3).astype(dtype)
     t = (rng.random((8, 9)) < 0.3).astype(dtype)
-    tt = torch.tensor(t)
-    want_loss, want_grad = _autograd(
-        lambda xt: torchvision_sigmoid_focal_loss(xt, tt, alpha=alpha, gamma=gamma, reduction=reduction), x, dtype)
+    want_loss, want_grad = _reference(references.sigmoid_focal_loss, (x, t), reduction, alpha=alpha, gamma=gamma)
     res = fl.sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma, reduction=reduction)
     _close(res.loss, want_loss, dtype, "loss")
     _close(res.grad, want_grad, dtype, "grad")
@@ -250,8 +184,7 @@ def test_focal_parity(rng, gamma, alpha, dtype):
     y = rng.integers(0, 5, size=11)
     a = None if alpha is None else rng.uniform(0.2, 1.0, size=5).astype(dtype)
     for reduction in ["mean", "none"]:
-        want_loss, want_grad = _autograd(lambda xt: torch_focal(xt, y, gamma=gamma, alpha=a, reduction=reduction),
-                                         x, dtype)
+        want_loss, want_grad = _reference(references.focal_loss, (x, y), reduction, gamma=gamma, alpha=a)
         res = fl.focal_loss(x, y, gamma=gamma, alpha=a, reduction=reduction)
         _close(res.loss, want_loss, dtype, "loss")
         _close(res.grad, want_grad, dtype, "grad")

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from fastloss import __main__ as cli
-from fastloss import _demo as demo
+from fastloss.tools import cli
+from fastloss.tools import demo
 
 TINY = demo.DemoConfig(dataset="synthetic", samples=40, epochs=1, batch_size=15, hidden=(8,),
                        center_weight=0.5, triplet_weight=0.5, backend="cuda", out=None)

@@ -1,15 +1,15 @@
 """``python -m fastloss bench``: fastloss beside what a user would otherwise run.
 
 For each chosen loss, size, dtype and backend (a *case*), on synthetic data
-(``fastloss._numpy_losses.make_inputs``), it times, in the same run:
+(the ``bench`` inputs of ``fastloss.tools.registry``), it times, in the same run:
 
 * ``fastloss``           the fused call, a fresh gradient array each call;
 * ``fastloss-grad_out``  the same call writing into a preallocated ``grad_out=``;
 * ``copy``               the memory-copy ceiling: the least a one-pass kernel must
                          move (see ``ceiling`` below);
-* ``numpy``              the vectorized NumPy implementation (``fastloss._numpy_losses``;
+* ``numpy``              the vectorized NumPy implementation (``fastloss.tools.numpy_losses``;
                          CPU only);
-* ``torch``, ``torch-compile``, ``jax``  the competitors of ``fastloss._competitors``
+* ``torch``, ``torch-compile``, ``jax``  the competitors of ``fastloss.tools.competitors``
                          (loss AND gradient), when installed.
 
 Every competitor's ``(loss, gradient)`` (and, for the center loss, the updated
@@ -22,10 +22,10 @@ The table gives each entry's median time and ratios: every competitor's median
 over fastloss's (above 1: fastloss is faster by that factor), ``grad_out``'s over
 fastloss's, and fastloss's over the copy ceiling (1.0 is the bandwidth floor).
 It is printed and written to ``--out`` as ``results.json`` and ``results.md``,
-with a bar chart ``results.png`` when matplotlib is installed.
+with a bar chart ``results.png`` when matplotlib is installed (``bench_table``).
 
 This module also serves the pytest-benchmark suite in ``bench/`` (the cases,
-their inputs, the entries and the checks live here, once).
+the entries and the checks live here, once; each loss's sizes and inputs in the registry).
 """
 import argparse
 import datetime
@@ -38,13 +38,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import _competitors
-from . import _numpy_losses as _npl
+from . import competitors, registry
+from . import numpy_losses as npl
+from .bench_table import COMPETITORS, LEGEND, collect_notes, draw_chart, format_markdown, format_text, shape_str
 
 # ---------------------------------------------------------------------- the cases
 
@@ -52,79 +53,39 @@ SIZES = ("small", "medium", "large")
 HIDDEN_SIZES = ("tiny",)  # for the tests: seconds, not minutes
 DTYPES = ("float32", "float16")
 BACKENDS = ("cpu", "cuda")
-COMPETITORS = ("numpy",) + _competitors.NAMES
 ENTRIES = ("fastloss", "fastloss-grad_out", "copy") + COMPETITORS
 RTOL = {"float32": 1e-4, "float16": 2e-3}
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """One loss as the benchmarks run it."""
-    short: str                 # name in --losses, prefix of the pytest-benchmark group
-    name: str                  # the fastloss function (and key of _numpy_losses.LOSSES)
-    sizes: dict                # size -> shape passed to make_inputs
-    kwargs: dict = field(default_factory=dict)     # hyper-parameters, the same for every entry
-    fl_kwargs: dict = field(default_factory=dict)  # spelled out for fastloss only
-    classes: dict = field(default_factory=dict)    # size -> number of classes (center, batch)
-    float16: bool = False      # also benchmarked in float16 (at the medium size in the suite)
-    what: str = ""             # one line for the docs
-
-
-_ROWS = dict(tiny=(8, 5), small=(64, 10), medium=(8192, 1000), large=(2048, 32000))
-
-SPECS = (
-    LossSpec("ce", "softmax_cross_entropy", _ROWS, float16=True,
-             what="softmax_cross_entropy(logits, labels)"),
-    LossSpec("focal", "focal_loss", _ROWS, {"gamma": 2.0}, float16=True,
-             what="focal_loss(logits, labels, gamma=2) (multi-class softmax focal)"),
-    LossSpec("sigmoid_focal", "sigmoid_focal_loss",
-             dict(tiny=(8, 5), small=(64, 10), medium=(8192, 1000), large=(16384, 1000)),
-             {"alpha": 0.25, "gamma": 2.0}, float16=True,
-             what="sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2), 0/1 targets, ~10 % positive"),
-    LossSpec("huber", "huber_loss", dict(tiny=(40,), small=(4096,), medium=(2 ** 24,), large=(2 ** 26,)),
-             {"delta": 1.0}, float16=True, what="huber_loss(input, target, delta=1)"),
-    LossSpec("center", "center_loss",
-             dict(tiny=(8, 4), small=(64, 32), medium=(8192, 512), large=(32768, 512)),
-             {"alpha": 0.5}, classes=dict(tiny=3, small=10, medium=1000, large=10000),
-             what="center_loss(features, labels, centers, alpha=0.5): loss, gradient, in-place update"),
-    LossSpec("triplet", "triplet_margin_loss",
-             dict(tiny=(8, 4), small=(64, 128), medium=(65536, 128), large=(131072, 128)),
-             {"margin": 1.0, "eps": 1e-6},
-             what="triplet_margin_loss(anchor, positive, negative), euclidean, three gradients"),
-    LossSpec("batch_hard", "batch_triplet_loss",
-             dict(tiny=(8, 4), small=(64, 128), medium=(2048, 128), large=(4096, 128)),
-             {"margin": 1.0}, {"mining": "hard"}, classes=dict(tiny=2, small=8, medium=64, large=128),
-             what="batch_triplet_loss(embeddings, labels, mining='hard'), classes of equal size"),
-)
-SPEC_BY_NAME = {**{s.short: s for s in SPECS}, **{s.name: s for s in SPECS}}
-LOSS_CHOICES = tuple(s.short for s in SPECS)
-
-
-def shape_str(shape):
-    return "x".join(str(s) for s in shape)
+SPECS = tuple(sorted(registry.LOSSES, key=lambda info: info.bench.position))  # the table's order
+LOSS_CHOICES = tuple(info.bench.short for info in SPECS)
 
 
 @dataclass(frozen=True)
 class Case:
-    """One loss at one size, dtype and backend."""
-    spec: LossSpec
+    """One loss (its ``registry.LossInfo``) at one size, dtype and backend."""
+    spec: registry.LossInfo
     size: str
     dtype: str = "float32"
     backend: str = "cpu"
 
     @property
     def shape(self):
-        return self.spec.sizes[self.size]
+        return self.spec.bench.sizes[self.size]
 
     @property
     def classes(self):
-        return self.spec.classes.get(self.size)
+        return self.spec.bench.classes.get(self.size)
+
+    @property
+    def short(self):
+        return self.spec.bench.short
 
     @property
     def group(self):
         """The pytest-benchmark group: ``ce-8192x1000``, ``center-8192x512-k1000``, ``...-float16``."""
-        g = f"{self.spec.short}-{shape_str(self.shape)}"
-        if self.spec.name == "center_loss":
+        g = f"{self.short}-{shape_str(self.shape)}"
+        if self.spec.updates is not None:  # the classes size the updated array: part of the case
             g += f"-k{self.classes}"
         if self.dtype != "float32":
             g += f"-{self.dtype}"
@@ -134,7 +95,7 @@ class Case:
 
     @property
     def label(self):
-        return f"{self.spec.short} {self.size} {shape_str(self.shape)} {self.dtype} {self.backend}"
+        return f"{self.short} {self.size} {shape_str(self.shape)} {self.dtype} {self.backend}"
 
     @property
     def rtol(self):
@@ -142,20 +103,17 @@ class Case:
 
 
 def make_args(case, seed=0):
-    """The case's positional inputs (NumPy arrays, on the host)."""
-    return _npl.make_inputs(case.spec.name, case.shape, seed=seed, dtype=np.dtype(case.dtype),
-                            classes=case.classes)
-
-
-def n_grads(spec):
-    return 3 if spec.name == "triplet_margin_loss" else 1
+    """The case's positional inputs (NumPy arrays, on the host): floating ones in the case's dtype."""
+    rng = np.random.default_rng(seed)
+    args = case.spec.bench.make_inputs(rng, tuple(case.shape), case.classes)
+    return tuple(a if a.dtype.kind == "i" else a.astype(np.dtype(case.dtype), copy=False) for a in args)
 
 
 def bytes_moved(case, args):
     """Bytes a one-pass kernel reads and writes: every input once, every gradient once
-    (and, for the center loss, the centers written back)."""
-    grads = sum(a.nbytes for a in args[:n_grads(case.spec)])
-    extra = args[2].nbytes if case.spec.name == "center_loss" else 0
+    (and an array updated in place, the centers, written back)."""
+    grads = sum(a.nbytes for a in args[:case.spec.n_grad])
+    extra = 0 if case.spec.updates is None else args[case.spec.updates].nbytes
     return sum(a.nbytes for a in args) + grads + extra
 
 
@@ -190,13 +148,38 @@ def _grads_tuple(g):
     return tuple(g) if isinstance(g, (tuple, list)) else (g,)
 
 
+def agree(loss, grad, ref_loss, ref_grad, rtol=1e-4):
+    """Compare a ``(loss, grad)`` pair with a reference one.
+
+    Returns ``(loss_err, grad_err, ok)``: ``loss_err = |loss - ref_loss|``,
+    ``grad_err = max|grad - ref_grad|`` (both absolute), and ``ok`` when
+    ``loss_err <= rtol * max(1, |ref_loss|)`` and
+    ``grad_err <= rtol * max|ref_grad|`` (float32 tolerance by default: the
+    gradient of a mean loss scales as 1/n, so its error is judged against its
+    own largest entry).  NaN anywhere makes ``ok`` false.
+    """
+    loss = float(loss)
+    ref_loss = float(ref_loss)
+    grad = np.asarray(grad)
+    ref_grad = np.asarray(ref_grad)
+    if grad.shape != ref_grad.shape:
+        return abs(loss - ref_loss), float("inf"), False
+    loss_err = abs(loss - ref_loss)
+    diff = np.subtract(grad, ref_grad, dtype=np.float64)
+    grad_err = float(np.max(np.abs(diff))) if diff.size else 0.0
+    scale = float(np.max(np.abs(ref_grad))) if ref_grad.size else 0.0
+    ok = bool(loss_err <= rtol * max(1.0, abs(ref_loss)) and grad_err <= rtol * scale
+              or (loss_err == 0.0 and grad_err == 0.0))
+    return loss_err, grad_err, ok
+
+
 def agreement(case, got, ref):
     """``(loss_err, grad_err, ok, what)``: ``got`` against ``ref`` (``Outcome``s) at the
-    case's tolerance (``_numpy_losses.agreement``: the loss relative to itself, the
-    gradient relative to its largest entry), and the updated centers where there are."""
+    case's tolerance (``agree``: the loss relative to itself, the gradient relative to its
+    largest entry), and the updated centers where there are."""
     ref_flat = ref.flat()
     got_flat = got.flat()
-    loss_err, grad_err, ok = _npl.agreement(got.loss, got_flat, ref.loss, ref_flat, rtol=case.rtol)
+    loss_err, grad_err, ok = agree(got.loss, got_flat, ref.loss, ref_flat, rtol=case.rtol)
     what = ""
     if not ok:
         what = (f"loss {got.loss:.7g} vs {ref.loss:.7g} (|d|={loss_err:.3g}), max|dgrad|={grad_err:.3g} "
@@ -247,29 +230,33 @@ class Prepared:
 
 def _own(case, args):
     """The entry's own copy of what a call mutates (the centers), the rest shared."""
-    if case.spec.name == "center_loss":
-        return args[:2] + (args[2].copy(),)
+    k = case.spec.updates
+    if k is not None:
+        return args[:k] + (args[k].copy(),) + args[k + 1:]
     return args
 
 
+def _updated(case, args):
+    """The argument the call updates in place (the centers), else None."""
+    return None if case.spec.updates is None else args[case.spec.updates]
+
+
 def _fastloss(case, args, grad_out, device):
-    import fastloss
     spec = case.spec
-    fn = getattr(fastloss, spec.name)
-    kw = {**spec.kwargs, **spec.fl_kwargs}
+    fn = spec.function
+    kw = {**spec.bench.kwargs, **spec.bench.fl_kwargs}
     args = _own(case, args)
-    centers = args[2] if spec.name == "center_loss" else None
     sync = None
     if device == "cuda":
         cuda = _cuda()
         args = tuple(cuda.to_device(a) for a in args)
-        centers = args[2] if spec.name == "center_loss" else None
         sync = cuda.synchronize
+    centers = _updated(case, args)
     if grad_out:
         if device == "cuda":
-            outs = tuple(_cuda().device_array_like(a) for a in args[:n_grads(spec)])
+            outs = tuple(_cuda().device_array_like(a) for a in args[:spec.n_grad])
         else:
-            outs = tuple(np.empty_like(a) for a in args[:n_grads(spec)])
+            outs = tuple(np.empty_like(a) for a in args[:spec.n_grad])
         kw["grad_out"] = outs if len(outs) > 1 else outs[0]
 
     def run():
@@ -286,12 +273,11 @@ def _fastloss(case, args, grad_out, device):
 
 
 def _numpy(case, args):
-    spec = case.spec
-    fn = _npl.LOSSES[spec.name]
+    fn = npl.LOSSES[case.spec.name]
     args = _own(case, args)
-    centers = args[2] if spec.name == "center_loss" else None
+    centers = _updated(case, args)
     half = np.dtype(case.dtype) == np.float16
-    kw = spec.kwargs
+    kw = case.spec.bench.kwargs
 
     if half:  # compute in float32, return float16 gradients: fastloss's float16 contract
         def run():
@@ -307,38 +293,40 @@ def _numpy(case, args):
 
 
 def ceiling(case, args, device="cpu"):
-    """The memory-copy ceiling (entry ``copy``): the least a one-pass kernel must move.
+    """The memory-copy ceiling (entry ``copy``): the least a one-pass kernel must move,
+    by the loss's ``bench.ceiling``:
 
-    * cross entropy, focal, center: ``np.copyto`` of the first input into a preallocated
-      array (read it once, write a gradient of its size once);
-    * sigmoid focal, Huber: ``np.subtract(x, t, out=g)`` (read both inputs, write the
-      gradient); in float16, a bitwise XOR of their int16 views (NumPy's float16
+    * ``"copy"`` (cross entropy, focal, center, triplet margin): ``np.copyto`` of each input
+      that gets a gradient into a preallocated array (read it once, write a gradient of its
+      size once);
+    * ``"subtract"`` (sigmoid focal, Huber): ``np.subtract(x, t, out=g)`` (read both inputs,
+      write the gradient); in float16, a bitwise XOR of their int16 views (NumPy's float16
       arithmetic is emulated, far below bandwidth);
-    * triplet margin: ``np.copyto`` of each of the three inputs;
-    * batch-hard: one Gram matrix ``E @ E.T`` as a gemm on a transposed copy made
-      beforehand (the product fastloss itself forms), not a copy.
+    * ``"gemm"`` (batch-hard): one Gram matrix ``E @ E.T`` as a gemm on a transposed copy
+      made beforehand (the product fastloss itself forms), not a copy.
 
     On CUDA: a device-to-device copy of every input that gets a gradient.
     """
-    spec = case.spec
+    n_grad = case.spec.n_grad
+    kind = case.spec.bench.ceiling
     if device == "cuda":
         cuda = _cuda()
-        srcs = [cuda.to_device(a) for a in args[:n_grads(spec)]]
+        srcs = [cuda.to_device(a) for a in args[:n_grad]]
         dsts = [cuda.device_array_like(a) for a in srcs]
 
         def run():
             for d, s in zip(dsts, srcs):
                 d.copy_to_device(s)
             cuda.synchronize()
-        return Prepared(run, bytes_moved=2 * sum(a.nbytes for a in args[:n_grads(spec)]))
+        return Prepared(run, bytes_moved=2 * sum(a.nbytes for a in args[:n_grad]))
     x = args[0]
-    if spec.name == "batch_triplet_loss":
+    if kind == "gemm":
         et = np.ascontiguousarray(x.T)
 
         def run():
             return x @ et
         return Prepared(run, bytes_moved=x.nbytes + x.shape[0] ** 2 * x.itemsize)
-    if spec.name in ("sigmoid_focal_loss", "huber_loss"):
+    if kind == "subtract":
         t = args[1]
         g = np.empty_like(x)
         if x.dtype == np.float16:
@@ -350,7 +338,7 @@ def ceiling(case, args, device="cpu"):
             def run():
                 return np.subtract(x, t, out=g)
         return Prepared(run, bytes_moved=x.nbytes + t.nbytes + g.nbytes)
-    srcs = args[:n_grads(spec)]
+    srcs = args[:n_grad]
     dsts = [np.empty_like(a) for a in srcs]
 
     def run():
@@ -371,8 +359,8 @@ def numpy_matmul(case, args):
 def prepare_entry(case, entry, args, device=None):
     """Entry ``entry`` of ``ENTRIES`` for ``case`` on its host inputs ``args``.
 
-    ``device`` defaults to the case's backend.  Raises ``_competitors.Missing`` (the
-    library is not installed) or ``_competitors.Unavailable`` (it cannot run here).
+    ``device`` defaults to the case's backend.  Raises ``competitors.Missing`` (the
+    library is not installed) or ``competitors.Unavailable`` (it cannot run here).
     """
     device = case.backend if device is None else device
     if entry in ("fastloss", "fastloss-grad_out"):
@@ -381,12 +369,12 @@ def prepare_entry(case, entry, args, device=None):
         return ceiling(case, args, device)
     if entry == "numpy":
         if device != "cpu":
-            raise _competitors.Unavailable("NumPy runs on the CPU")
+            raise competitors.Unavailable("NumPy runs on the CPU")
         return _numpy(case, args)
     if entry == "matmul":
         return numpy_matmul(case, args)
-    if entry in _competitors.NAMES:
-        p = _competitors.prepare(entry, case.spec.name, _own(case, args), case.spec.kwargs, device)
+    if entry in competitors.NAMES:
+        p = competitors.prepare(entry, case.spec.name, _own(case, args), case.spec.bench.kwargs, device)
 
         def result(out, p=p):
             loss, grads, centers = p.result(out)
@@ -480,7 +468,7 @@ def _brief(exc):
 def run_case(case, entries, repeat=None, progress=None, skip=()):
     """Run every entry of ``case``; returns the case's result dict (see ``run_bench``)."""
     args = make_args(case)
-    res = {"loss": case.spec.name, "short": case.spec.short, "size": case.size,
+    res = {"loss": case.spec.name, "short": case.short, "size": case.size,
            "shape": list(case.shape), "classes": case.classes, "dtype": case.dtype,
            "backend": case.backend, "group": case.group, "bytes_moved": bytes_moved(case, args),
            "entries": {}}
@@ -514,10 +502,10 @@ def _run_entry(case, entry, args, ref, repeat, skip):
         return e
     try:
         p = prepare_entry(case, entry, args)
-    except _competitors.Missing as exc:
+    except competitors.Missing as exc:
         e.update(status="missing", note=str(exc))
         return e
-    except _competitors.Unavailable as exc:
+    except competitors.Unavailable as exc:
         e.update(status="n/a" if entry == "numpy" else "unavailable", note=str(exc))
         return e
     except Exception as exc:
@@ -552,154 +540,6 @@ def _run_entry(case, entry, args, ref, repeat, skip):
     if p.threads is not None:
         e["threads"] = p.threads
     return e
-
-
-# ---------------------------------------------------------------------- the table
-
-
-def _ms(seconds):
-    ms = seconds * 1e3
-    if ms >= 100:
-        return f"{ms:.0f}"
-    if ms >= 10:
-        return f"{ms:.1f}"
-    if ms >= 1:
-        return f"{ms:.2f}"
-    return f"{ms:.3f}"
-
-
-def _cell(e, ratio_key="vs_fastloss"):
-    if e is None:
-        return "-"
-    st = e.get("status")
-    if st == "ok":
-        r = e.get(ratio_key)
-        return _ms(e["median_s"]) + (f" ({r:.2f}x)" if r is not None else "")
-    return "-" if st == "n/a" else st
-
-
-COLUMNS = ("loss", "size", "shape", "dtype", "backend", "fastloss ms", "grad_out ms (ratio)", "copy ms",
-           "fastloss/copy", "numpy ms (ratio)", "torch ms (ratio)", "torch-compile ms (ratio)",
-           "jax ms (ratio)")
-
-
-def table_rows(results):
-    rows = []
-    for c in results["cases"]:
-        en = c["entries"]
-        fl = en.get("fastloss", {})
-        shape = shape_str(c["shape"]) + (f" k{c['classes']}" if c["loss"] == "center_loss" else "")
-        fl_cell = _ms(fl["median_s"]) if fl.get("status") == "ok" else (fl.get("status") or "-")
-        if fl.get("check") == "mismatch":
-            fl_cell += " (mismatch vs numpy)"
-        vs_copy = fl.get("vs_copy")
-        rows.append([c["short"], c["size"], shape, c["dtype"], c["backend"], fl_cell,
-                     _cell(en.get("fastloss-grad_out")), _cell(en.get("copy"), None),
-                     f"{vs_copy:.2f}x" if vs_copy is not None else "-",
-                     *(_cell(en.get(name)) for name in COMPETITORS)])
-    return rows
-
-
-def format_text(results):
-    rows = table_rows(results)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(COLUMNS)]
-    right = set(range(5, len(COLUMNS)))
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [line(COLUMNS), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
-
-
-def format_markdown(results):
-    meta = results["meta"]
-    lines = ["# fastloss benchmark", "",
-             f"`{meta['command']}`, {meta['date']}", "",
-             f"* machine: {meta['machine']}",
-             f"* versions: {meta['versions']}",
-             f"* threads: {meta['threads']}",
-             f"* timing: {meta['timing']}", ""]
-    lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "|".join("---" if i < 5 else "---:" for i in range(len(COLUMNS))) + "|")
-    for r in table_rows(results):
-        lines.append("| " + " | ".join(r) + " |")
-    lines += ["", LEGEND]
-    if results["notes"]:
-        lines += ["", "Notes:", ""] + [f"* {n}" for n in results["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-LEGEND = ("Medians in milliseconds. `(ratio)` = the entry's median / fastloss's median: above 1, "
-          "fastloss is faster by that factor (for grad_out, below 1: reusing the gradient buffer "
-          "pays). `fastloss/copy` = fastloss's median / the memory-copy ceiling's (1.0 is the "
-          "bandwidth floor of a one-pass kernel; for batch_hard the ceiling is one gemm). "
-          "`missing`: not installed; `mismatch`: its loss or gradient disagrees with fastloss "
-          "(not timed); `unavailable`/`failed`/`skipped`: see the notes; `-`: does not apply.")
-
-
-def collect_notes(results):
-    notes = list(results.get("notes", []))
-    seen = set()
-    for c in results["cases"]:
-        for name, e in c["entries"].items():
-            st = e.get("status")
-            note = e.get("note")
-            if not note or st == "n/a":
-                continue
-            if st == "missing":
-                key = (name, note)
-                if key in seen:
-                    continue
-                seen.add(key)
-                notes.append(f"{name}: missing ({note})")
-            elif st in ("mismatch", "failed", "unavailable") or e.get("check") == "mismatch":
-                notes.append(f"{c['short']} {c['size']} {c['dtype']} {c['backend']}, {name}: {st}: {note}")
-    return notes
-
-
-# ---------------------------------------------------------------------- the chart
-
-
-def draw_chart(results, path):
-    """A horizontal bar chart of the ratios (log scale); ``False`` when matplotlib is missing."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    series = [(name, f"{name} / fastloss") for name in COMPETITORS] + [("copy", "fastloss / copy")]
-    cases = results["cases"]
-    labels, values = [], {name: [] for name, _ in series}
-    for c in cases:
-        labels.append(f"{c['short']} {c['size']} {c['dtype']} {c['backend']}")
-        for name, _ in series:
-            if name == "copy":
-                v = c["entries"].get("fastloss", {}).get("vs_copy")
-            else:
-                e = c["entries"].get(name, {})
-                v = e.get("vs_fastloss") if e.get("status") == "ok" else None
-            values[name].append(v)
-    n = len(labels)
-    fig = Figure(figsize=(9, 1.0 + 0.55 * n * max(1, len(series)) / 3))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    h = 0.8 / len(series)
-    for k, (name, label) in enumerate(series):
-        ys = [i + (k - (len(series) - 1) / 2) * h for i in range(n)]
-        xs = [v if v else 0 for v in values[name]]
-        ax.barh(ys, xs, height=h, label=label)
-    ax.set_xscale("log")
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(n))
-    ax.set_yticklabels(labels)
-    ax.invert_yaxis()
-    ax.set_xlabel("ratio of medians (competitor / fastloss: >1 means fastloss is faster)")
-    ax.set_title("fastloss vs competitors (same run)")
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
 
 
 # ---------------------------------------------------------------------- the command
@@ -763,7 +603,7 @@ def select_cases(losses, sizes, dtypes, backends):
         for spec in losses:
             for size in sizes:
                 for dtype in dtypes:
-                    if dtype == "float16" and not spec.float16:
+                    if dtype == "float16" and not spec.bench.float16:
                         continue
                     cases.append(Case(spec, size, dtype, backend))
     return cases
@@ -779,13 +619,13 @@ def run_bench(losses=None, sizes=("medium",), dtypes=("float32",), backends=("cp
     """
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
-    specs = [SPEC_BY_NAME[n] for n in (losses or LOSS_CHOICES)]
+    specs = [registry.BY_NAME[n] for n in (losses or LOSS_CHOICES)]
     notes = []
     jax_note = None
     if threads:
         import numba
         numba.set_num_threads(threads)
-        jax_note = _competitors.set_threads(threads)
+        jax_note = competitors.set_threads(threads)
     backends = list(backends)
     if "cuda" in backends:
         ok, why = cuda_status()
@@ -793,7 +633,7 @@ def run_bench(losses=None, sizes=("medium",), dtypes=("float32",), backends=("cp
             backends.remove("cuda")
             notes.append(f"cuda backend skipped: {why}")
             print(f"note: cuda backend skipped: {why}", file=stderr)
-    skipped_f16 = [s.short for s in specs if not s.float16] if "float16" in dtypes else []
+    skipped_f16 = [s.bench.short for s in specs if not s.bench.float16] if "float16" in dtypes else []
     if skipped_f16:
         notes.append(f"float16 is benchmarked only for losses that take it in the suite: not for "
                      f"{', '.join(skipped_f16)}")
@@ -860,13 +700,13 @@ def _size(value):
 
 
 def _loss(value):
-    if value not in SPEC_BY_NAME:
+    if value not in registry.BY_NAME:
         raise argparse.ArgumentTypeError(f"invalid loss {value!r} (choose from {', '.join(LOSS_CHOICES)})")
-    return SPEC_BY_NAME[value].short
+    return registry.BY_NAME[value].bench.short
 
 
 def add_arguments(p):
-    ce = SPEC_BY_NAME["ce"]
+    ce = registry.BY_NAME["ce"].bench
     sizes = ", ".join(f"{s} (ce {shape_str(ce.sizes[s])})" for s in SIZES)
     p.add_argument("--losses", nargs="+", type=_loss, default=None, metavar="LOSS",
                    help=f"losses to run (default: all): {', '.join(LOSS_CHOICES)} "

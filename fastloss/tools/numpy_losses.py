@@ -1,7 +1,9 @@
 """Plain NumPy loss + gradient: the competitor a NumPy user would write.
 
-Used by ``python -m fastloss`` and by the benchmarks (``bench/``) as the
-baseline that fastloss is checked against and timed against.  Every function
+Used by ``python -m fastloss bench`` and by the benchmarks (``bench/``) as the
+baseline that fastloss is checked against and timed against (the ``numpy`` entry).
+NumPy has no autograd, so unlike the other competitors (``competitors``: autograd of
+``references``) these are written by hand, gradient included: what a NumPy user writes.  Every function
 is vectorized, idiomatic NumPy (max-subtract, ``exp``, ``sum``, a few ``out=``
 arguments to avoid the worst temporaries), with fixed hyper-parameters and
 ``reduction="mean"``:
@@ -34,12 +36,10 @@ import numpy as np
 
 __all__ = [
     "LOSSES",
-    "agreement",
     "batch_triplet_loss",
     "center_loss",
     "focal_loss",
     "huber_loss",
-    "make_inputs",
     "sigmoid_focal_loss",
     "softmax_cross_entropy",
     "triplet_margin_loss",
@@ -256,83 +256,3 @@ LOSSES = {
     "triplet_margin_loss": triplet_margin_loss,
     "batch_triplet_loss": batch_triplet_loss,
 }
-
-
-def make_inputs(name, shape, seed=0, dtype=np.float32, classes=None):
-    """Synthetic positional inputs for loss ``name`` (a key of ``LOSSES``), as a tuple.
-
-    * cross entropy, focal: ``(logits, labels)``; logits ``N(0, 2**2)`` of ``shape``,
-      labels uniform int64 in ``[0, C)``;
-    * sigmoid focal: ``(logits, targets)``, 0/1 targets with about 10 % positives
-      (detection-like);
-    * Huber: ``(input, target)``, both ``N(0, 1)``, so both branches are hit;
-    * center: ``(features, labels, centers)``, ``shape = (N, D)``, ``classes`` centers
-      (default 1000), all ``N(0, 1)``;
-    * triplet margin: ``(anchor, positive, negative)`` of ``shape``; positives near the
-      anchors, negatives a little farther, so that about half of the rows are active;
-    * batch triplet: ``(embeddings, labels)``, ``shape = (N, D)``, ``classes`` classes
-      (default 64) of equal size, shuffled; embeddings clustered by class.
-    """
-    rng = np.random.default_rng(seed)
-    shape = tuple(shape)
-    if name in ("softmax_cross_entropy", "focal_loss"):
-        x = rng.standard_normal(shape, dtype=np.float32)
-        x *= 2
-        y = rng.integers(0, shape[-1], size=shape[:-1], dtype=np.int64)
-        out = (x, y)
-    elif name == "sigmoid_focal_loss":
-        x = rng.standard_normal(shape, dtype=np.float32)
-        x *= 2
-        y = (rng.random(shape, dtype=np.float32) < 0.1).astype(np.float32)
-        out = (x, y)
-    elif name == "huber_loss":
-        x = rng.standard_normal(shape, dtype=np.float32)
-        y = rng.standard_normal(shape, dtype=np.float32)
-        out = (x, y)
-    elif name == "center_loss":
-        k = 1000 if classes is None else classes
-        x = rng.standard_normal(shape, dtype=np.float32)
-        labels = rng.integers(0, k, size=shape[0], dtype=np.int64)
-        centers = rng.standard_normal((k, shape[1]), dtype=np.float32)
-        out = (x, labels, centers)
-    elif name == "triplet_margin_loss":
-        a = rng.standard_normal(shape, dtype=np.float32)
-        p = a + 0.12 * rng.standard_normal(shape, dtype=np.float32)
-        q = a + 0.21 * rng.standard_normal(shape, dtype=np.float32)
-        out = (a, p, q)
-    elif name == "batch_triplet_loss":
-        k = 64 if classes is None else classes
-        n, d = shape
-        centers = rng.standard_normal((k, d), dtype=np.float32)
-        labels = np.repeat(np.arange(k, dtype=np.int64), -(-n // k))[:n]
-        rng.shuffle(labels)
-        e = 0.12 * centers[labels] + 0.1 * rng.standard_normal((n, d), dtype=np.float32)
-        out = (e, labels)
-    else:
-        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
-    return tuple(a if a.dtype.kind == "i" else a.astype(dtype, copy=False) for a in out)
-
-
-def agreement(loss, grad, ref_loss, ref_grad, rtol=1e-4):
-    """Compare a ``(loss, grad)`` pair with a reference one.
-
-    Returns ``(loss_err, grad_err, ok)``: ``loss_err = |loss - ref_loss|``,
-    ``grad_err = max|grad - ref_grad|`` (both absolute), and ``ok`` when
-    ``loss_err <= rtol * max(1, |ref_loss|)`` and
-    ``grad_err <= rtol * max|ref_grad|`` (float32 tolerance by default: the
-    gradient of a mean loss scales as 1/n, so its error is judged against its
-    own largest entry).  NaN anywhere makes ``ok`` false.
-    """
-    loss = float(loss)
-    ref_loss = float(ref_loss)
-    grad = np.asarray(grad)
-    ref_grad = np.asarray(ref_grad)
-    if grad.shape != ref_grad.shape:
-        return abs(loss - ref_loss), float("inf"), False
-    loss_err = abs(loss - ref_loss)
-    diff = np.subtract(grad, ref_grad, dtype=np.float64)
-    grad_err = float(np.max(np.abs(diff))) if diff.size else 0.0
-    scale = float(np.max(np.abs(ref_grad))) if ref_grad.size else 0.0
-    ok = bool(loss_err <= rtol * max(1.0, abs(ref_loss)) and grad_err <= rtol * scale
-              or (loss_err == 0.0 and grad_err == 0.0))
-    return loss_err, grad_err, ok

@@ -7,9 +7,10 @@ instead of compiling it (see ``bench/startup.py`` for the figures).
 
 Numba compiles one kernel per combination of argument types, and fastloss's
 options are compile-time switches (an array, or None for "not given").  So the
-warm-up calls every loss on tiny synthetic inputs, for each chosen dtype, with
-its default options and then each option on its own (weights, probability
-targets, ``grad=False``, every distance and mining mode...), once below and
+warm-up calls every loss on tiny synthetic inputs (each loss's ``warmup_variants``
+in ``fastloss.tools.registry``), for each chosen dtype, with its default options
+and then each option on its own (weights, probability targets, ``grad=False``,
+every distance and mining mode...), once below and
 once above the size at which the parallel kernel takes over, so that both the
 serial and the parallel kernel compile.  Combinations of several options that
 are not in the list compile on their first use, as without a warm-up.
@@ -19,78 +20,39 @@ import time
 
 import numpy as np
 
+from . import registry
+
 HELP = "compile every kernel ahead of time into the on-disk cache (for deployments)"
 DESCRIPTION = ("Compile fastloss's kernels for the chosen dtypes (each loss with its default options "
                "and with each option on its own, serial and parallel kernels) and cache them on disk, "
                "so that the first call of a loss in a new process loads instead of compiling.")
 
-LOSSES = ("softmax_cross_entropy", "focal_loss", "sigmoid_focal_loss", "huber_loss",
-          "triplet_margin_loss", "batch_triplet_loss", "center_loss")
+LOSSES = tuple(info.name for info in registry.LOSSES)
 DTYPES = ("float16", "float32", "float64")
 ROWS = {"serial": 4, "parallel": 64}  # 64 rows x 512 values: over every parallel threshold
-WIDTH = 512
-
-
-def _variants(loss, dtype, rows, rng):
-    """(positional args, keyword args) of the calls that compile ``loss``'s kernels."""
-    T = np.dtype(dtype)
-    x = rng.standard_normal((rows, WIDTH)).astype(T)
-    labels = rng.integers(0, WIDTH, rows)
-    if loss in ("softmax_cross_entropy", "focal_loss"):
-        probs = np.full_like(x, 1.0 / WIDTH)
-        sw = np.ones(rows, T)
-        per_class = np.ones(WIDTH, T)
-        common = [{}, {"grad": False}, {"sample_weight": sw}]
-        if loss == "softmax_cross_entropy":
-            extra = [{"weight": per_class}, {"label_smoothing": 0.1}, {"z_loss": 1e-4}, {"softcap": 30.0}]
-        else:
-            extra = [{"alpha": per_class}, {"gamma": 0.5}]
-        return [((x, labels), kw) for kw in common + extra] + [((x, probs), {}), ((x, probs), {"grad": False})]
-    if loss == "sigmoid_focal_loss":
-        t = (rng.random(x.shape) < 0.1).astype(T)
-        return [((x, t), {}), ((x, t), {"grad": False})]
-    if loss == "huber_loss":
-        t = rng.standard_normal(x.shape).astype(T)
-        return [((x, t), {}), ((x, t), {"grad": False}), ((x, t), {"sample_weight": np.ones_like(x)}),
-                ((x, t), {"sample_weight": np.ones((rows, 1), T)})]
-    if loss == "triplet_margin_loss":
-        p, n = (rng.standard_normal(x.shape).astype(T) for _ in range(2))
-        return [((x, p, n), {"distance": d, "swap": s})
-                for d in ("euclidean", "squared_euclidean", "cosine") for s in (False, True)]
-    if loss == "batch_triplet_loss":
-        e = rng.standard_normal((max(rows, 8), 16)).astype(T)
-        y = np.arange(e.shape[0]) % 4
-        return [((e, y), {"mining": m, "distance": d, "soft": s})
-                for m in ("hard", "semihard", "all") for d in ("euclidean", "squared_euclidean", "cosine")
-                for s in (False, True)]
-    if loss == "center_loss":
-        centers_dtype = np.float64 if T == np.float64 else np.float32
-        centers = np.zeros((WIDTH, WIDTH), centers_dtype)
-        return [((x, labels, centers), {}), ((x, labels, centers), {"update": False, "grad": False})]
-    raise ValueError(loss)
 
 
 def warm_up(losses=LOSSES, dtypes=DTYPES, backend="cpu", progress=None):
     """Compile (or load) the kernels of ``losses`` for ``dtypes``; returns ``{loss: seconds}``."""
-    import fastloss
-    from fastloss.cpu import triplet as cpu_triplet
+    from fastloss.cpu import batch_mining
 
     rng = np.random.default_rng(0)
     seconds = {}
     jobs = [(loss, dtype, size) for loss in losses for dtype in dtypes for size in ROWS]
-    saved = cpu_triplet.BATCH_PARALLEL_MIN_WORK
+    saved = batch_mining.BATCH_PARALLEL_MIN_WORK
     try:
         for k, (loss, dtype, size) in enumerate(jobs):
             if progress:
                 progress(k, len(jobs), f"{loss} {dtype} {size}")
             # batch mining goes parallel only for thousands of rows: lower its threshold
-            cpu_triplet.BATCH_PARALLEL_MIN_WORK = 0 if size == "parallel" else saved
+            batch_mining.BATCH_PARALLEL_MIN_WORK = 0 if size == "parallel" else saved
+            info = registry.BY_NAME[loss]
             start = time.perf_counter()
-            for args, kwargs in _variants(loss, dtype, ROWS[size], rng):
-                getattr(fastloss, loss)(*args, backend=backend, **kwargs)
+            for args, kwargs in info.warmup_variants(dtype, ROWS[size], rng):
+                info.function(*args, backend=backend, **kwargs)
             seconds[loss] = seconds.get(loss, 0.0) + time.perf_counter() - start
     finally:
-        cpu_triplet.BATCH_PARALLEL_MIN_WORK = saved
+        batch_mining.BATCH_PARALLEL_MIN_WORK = saved
     if progress:
         progress(len(jobs), len(jobs), "done")
     return seconds
