@@ -1,4 +1,4 @@
-"""Hostile and odd input, for every public function (issue 6, part 5).
+"""Hostile and odd input, for every public function, on both sides (issue 6, part 5).
 
 One table (``CASES``) holds each public function with a builder of a small
 random valid call; every test below takes a valid call, mutates ONE thing into
@@ -7,14 +7,38 @@ a clear error, and nothing is changed"):
 
 1. the call either returns a result that agrees with a reference (the same call
    on pristine, C-contiguous copies, bit for bit; or the float64 references of
-   ``naive.py``), or raises ``ValueError``/``TypeError`` whose message names the
-   offending argument;
+   ``naive.py``; on the GPU, the CPU path's answer), or raises
+   ``ValueError``/``TypeError`` whose message names the offending argument;
 2. never any other exception (no IndexError, ZeroDivisionError, Numba error,
    SystemError, crash);
 3. inputs that are not documented as written are unchanged, and on an error
-   nothing at all is (``centers`` compared bit for bit);
+   nothing at all is (``centers`` compared bit for bit, on the host or the device);
 4. a ``grad_out`` is either fully written (and is the returned gradient) or,
    on an error, untouched.
+
+The CPU's matrix (the tests marked ``cpu``) makes every argument hostile in
+every way; the GPU's (marked ``cuda``: Numba device arrays, under the CUDA
+simulator in CI, so shapes stay tiny and examples few) checks what differs on
+the device: mixed devices, device arrays of the wrong dtype or shape, a wrong
+``grad_out`` on the device, labels out of range caught by the range-check
+kernel, and the odd but legal inputs (NaN, empty batches, zero width, strided
+and Fortran-ordered device views, ``grad_out`` sharing memory with an input,
+``backend="cuda"`` with odd NumPy inputs) against the CPU path's answer.  The
+bad options and ``ignore_index`` values are refused before any kernel runs and
+are checked on both sides (``backend``).
+
+The table comes from the registry (``fastloss.tools.registry.LOSSES``): each
+loss's function, its positional arguments (the names of what ``make_inputs``
+draws), which of them are floats or labels, which is updated in place, whether
+it takes ``grad_out``.  What the registry cannot say is in tables here:
+``BUILDS`` (per loss, the calls this file makes: fuller than the registry's
+inputs, with every optional array given so that each can be made hostile, one
+ignored row, and any size down to empty and zero-width; a loss not listed runs
+its registry inputs with its first check option), ``SAME_DTYPE``, the two
+functions that are not losses (``center_update``, ``CenterLoss``),
+``MUST_RAISE``/``MAY_RETURN`` (each loss's bad and odd option values; every
+loss gets ``COMMON_MUST_RAISE``), and the per-loss expectations written in the
+tests themselves (``CLASSIFICATION``, the names in their conditions).
 
 What is decided here where SPEC.md is silent (and why):
 
@@ -23,9 +47,9 @@ What is decided here where SPEC.md is silent (and why):
   the labels, or the logits shifted by one element): SPEC promises in-place
   only for ``grad_out=<first argument>``; anything else must give the correct
   gradient (the CPU writes through a temporary) or a ``ValueError`` naming
-  ``grad_out`` (the GPU's softmax, focal and Huber losses refuse it; see
-  tests/cuda/test_cuda_hostile_input.py).  ``grad_out`` overlapping ``centers`` is a ValueError (SPEC of
-  center_loss: "must not share memory with centers").
+  ``grad_out`` (the GPU's softmax, focal and Huber losses refuse it).
+  ``grad_out`` overlapping ``centers`` is a ValueError (SPEC of center_loss:
+  "must not share memory with centers").
 * ``ignore_index`` equal to a valid class is legal: those rows are ignored.
 * Lists are accepted wherever arrays are (SPEC: lists live on the CPU), except
   ``centers``, which is updated in place and must be a NumPy array.
@@ -46,12 +70,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastloss as fl
+from fastloss.tools.registry import LOSSES
 
 DTYPES = [np.float16, np.float32, np.float64]
 WIDE = [np.float32, np.float64]
 REDUCTIONS = ["mean", "sum", "none"]
 FEW = settings(max_examples=3, deadline=None)
 SOME = settings(max_examples=5, deadline=None)
+CHEAP = settings(max_examples=2, deadline=None)  # GPU: refused before any kernel runs
+KERNELS = settings(max_examples=1, deadline=None)  # GPU: runs kernels (the simulator is slow)
 ERRORS = (ValueError, TypeError)
 
 
@@ -64,40 +91,43 @@ class Case:
     ``build(rng, dtype, n, c, reduction)`` returns the call's arguments as one
     dict (positional ones by name).  ``floats`` are the float array arguments,
     ``labels`` the integer ones, ``first`` the argument the gradient is taken
-    against, ``rows`` maps an array argument to the axis that indexes samples.
+    against; ``updated`` the argument written in place (``centers``), if any.
     """
 
-    def __init__(self, name, func, positional, build, floats, labels, first, *, writes=False,
-                 same_dtype=False, sample_axes=None):
+    def __init__(self, name, func, positional, build, *, first=None, updated=None,
+                 grad_out=True, same_dtype=False):
         self.name, self.func, self.positional, self.build = name, func, positional, build
-        self.floats, self.labels, self.first = floats, labels, first
-        self.writes = writes  # updates centers in place
+        self.first = first or positional[0]
+        self.updated = updated
+        self.writes = updated is not None  # updates centers in place
+        self.grad_out = grad_out  # takes grad_out=
         self.same_dtype = same_dtype  # float inputs must share one dtype (triplet)
-        self.sample_axes = sample_axes or {}
+        sample = build(np.random.default_rng(0), np.float64, 3, 2, "mean")
+        arrays = [k for k in dict.fromkeys(positional + tuple(sample))
+                  if isinstance(sample.get(k), np.ndarray)]
+        self.floats = tuple(k for k in arrays if sample[k].dtype.kind == "f")
+        self.labels = tuple(k for k in arrays if sample[k].dtype.kind in "iu")
 
     def arrays(self, kw):
         return [k for k in self.floats + self.labels if kw.get(k) is not None]
 
     def call(self, kw):
-        """(raw result, outputs): outputs maps "loss", "grad", "grad0..2", "centers" to arrays."""
+        """(raw result, outputs): outputs maps "loss", "grad", "grad0..2", "centers" to
+        host arrays (copies), whichever side the call ran on."""
         kw = dict(kw)
         if self.name == "CenterLoss":
             return _call_center_object(kw)
         args = [kw.pop(k) for k in self.positional]
         raw = self.func(*args, **kw)
-        outs = {}
         if self.name == "center_update":
-            outs["centers"] = np.array(raw, copy=True)
-            return raw, outs
-        outs["loss"] = np.asarray(raw.loss)
+            return raw, {"centers": host(raw)}
+        outs = {"loss": host(raw.loss)}
         if isinstance(raw.grad, tuple):
-            for k, g in enumerate(raw.grad):
-                outs[f"grad{k}"] = np.array(g, copy=True)
+            outs.update({f"grad{k}": host(g) for k, g in enumerate(raw.grad)})
         else:
-            outs["grad"] = None if raw.grad is None else np.array(raw.grad, copy=True)
-        if self.writes:
-            centers = args[2] if self.name == "center_loss" else None
-            outs["centers"] = np.array(centers, copy=True)
+            outs["grad"] = host(raw.grad)
+        if self.updated is not None:
+            outs[self.updated] = host(args[self.positional.index(self.updated)])
         return raw, outs
 
     def reference(self, kw):
@@ -126,28 +156,55 @@ class Case:
         return {"loss": loss, "grad": grad}
 
 
+def on_device(a):
+    return hasattr(a, "copy_to_host")
+
+
+def host(a):
+    """A host copy of an array of either side (None stays None)."""
+    if a is None:
+        return None
+    return a.copy_to_host() if on_device(a) else np.array(a, copy=True)
+
+
+def to_device(a):
+    from numba import cuda
+    return cuda.to_device(a)
+
+
+def put(kw, case, keep=()):
+    """The call with every array argument on the device, except those in ``keep``."""
+    out = dict(kw)
+    for k in case.floats + case.labels:
+        if k not in keep and isinstance(kw.get(k), np.ndarray):
+            out[k] = to_device(kw[k])
+    return out
+
+
 def _call_center_object(kw):
+    """The CenterLoss object on the call's arguments: on the device when any of them is."""
     centers = kw["centers"]
+    device = "cuda" if any(on_device(v) for v in kw.values()) else "cpu"
+    init = host(centers) if on_device(centers) else centers
     try:
-        K, D = np.shape(centers)
+        K, D = np.shape(init)
     except ValueError:  # not a matrix: then init is refused
         K, D = 3, 2
     try:
-        dtype = np.asarray(centers).dtype  # a list of floats: float64
+        dtype = np.asarray(init).dtype  # a list of floats: float64
     except ValueError:
         dtype = None
-    cl = fl.CenterLoss(K, D, alpha=kw.get("alpha", 0.5), init=centers,
+    cl = fl.CenterLoss(K, D, alpha=kw.get("alpha", 0.5), init=init, device=device,
                        dtype=dtype if dtype in (np.float32, np.float64) else "float32")
-    before = cl.centers.copy()
+    before = host(cl.centers)
     try:
         raw = cl(kw["features"], kw["labels"], update=kw.get("update", True),
                  reduction=kw.get("reduction", "mean"), grad=kw.get("grad", True),
                  grad_out=kw.get("grad_out"))
     except ERRORS:
-        assert cl.centers.tobytes() == before.tobytes(), "CenterLoss.centers changed on an error"
+        assert host(cl.centers).tobytes() == before.tobytes(), "CenterLoss.centers changed on an error"
         raise
-    grad = None if raw.grad is None else np.array(raw.grad, copy=True)
-    return raw, {"loss": np.asarray(raw.loss), "grad": grad, "centers": cl.centers.copy()}
+    return raw, {"loss": host(raw.loss), "grad": host(raw.grad), "centers": host(cl.centers)}
 
 
 def _classes(rng, dtype, n, c, reduction, *, prob, focal):
@@ -159,7 +216,7 @@ def _classes(rng, dtype, n, c, reduction, *, prob, focal):
         if n > 2:
             t[-1] = -100  # one ignored row
     kw = {"logits": x, "target": t, "sample_weight": rng.uniform(0.5, 2.0, n).astype(dtype),
-              "reduction": reduction, "grad": bool(rng.random() < 0.85)}
+          "reduction": reduction, "grad": bool(rng.random() < 0.85)}
     if focal:
         kw.update(alpha=rng.uniform(0.25, 1.0, c).astype(dtype), gamma=1.5)
     else:
@@ -169,38 +226,42 @@ def _classes(rng, dtype, n, c, reduction, *, prob, focal):
 
 def _sigmoid(rng, dtype, n, c, reduction):
     return {"logits": (rng.normal(size=(n, c)) * 2).astype(dtype),
-                "targets": (rng.random((n, c)) < 0.4).astype(dtype), "reduction": reduction,
-                "grad": bool(rng.random() < 0.85)}
+            "targets": (rng.random((n, c)) < 0.4).astype(dtype), "reduction": reduction,
+            "grad": bool(rng.random() < 0.85)}
 
 
 def _huber(rng, dtype, n, c, reduction):
     return {"input": (rng.normal(size=(n, c)) * 2).astype(dtype),
-                "target": rng.normal(size=(n, c)).astype(dtype),
-                "sample_weight": rng.uniform(0.5, 2.0, (n, 1)).astype(dtype), "delta": 1.0,
-                "reduction": reduction, "grad": bool(rng.random() < 0.85)}
+            "target": rng.normal(size=(n, c)).astype(dtype),
+            "sample_weight": rng.uniform(0.5, 2.0, (n, 1)).astype(dtype), "delta": 1.0,
+            "reduction": reduction, "grad": bool(rng.random() < 0.85)}
 
 
 def _triplet(rng, dtype, n, c, reduction):
     a, p, m = (rng.normal(size=(n, c)).astype(dtype) for _ in range(3))
     return {"anchor": a, "positive": p, "negative": m, "margin": 1.0,
-                "distance": str(rng.choice(["euclidean", "squared_euclidean", "cosine"])),
-                "swap": bool(rng.random() < 0.3), "reduction": reduction, "grad": bool(rng.random() < 0.85)}
+            "distance": str(rng.choice(["euclidean", "squared_euclidean", "cosine"])),
+            "swap": bool(rng.random() < 0.3), "reduction": reduction,
+            "grad": bool(rng.random() < 0.85)}
 
 
 def _batch(rng, dtype, n, c, reduction):
     return {"embeddings": rng.normal(size=(n, c)).astype(dtype),
-                "labels": rng.integers(0, 3, size=n), "margin": 1.0,
-                "mining": str(rng.choice(["hard", "semihard", "all"])),
-                "distance": str(rng.choice(["euclidean", "squared_euclidean", "cosine"])),
-                "soft": bool(rng.random() < 0.3), "reduction": reduction, "grad": bool(rng.random() < 0.85)}
+            "labels": rng.integers(0, 3, size=n), "margin": 1.0,
+            "mining": str(rng.choice(["hard", "semihard", "all"])),
+            "distance": str(rng.choice(["euclidean", "squared_euclidean", "cosine"])),
+            "soft": bool(rng.random() < 0.3), "reduction": reduction,
+            "grad": bool(rng.random() < 0.85)}
 
 
 def _center(rng, dtype, n, c, reduction):
     k = 3
     cdt = np.float32 if dtype == np.float16 else dtype
-    return {"features": rng.normal(size=(n, c)).astype(dtype), "labels": rng.integers(0, k, size=n),
-                "centers": rng.normal(size=(k, c)).astype(cdt), "alpha": 0.5, "reduction": reduction,
-                "grad": bool(rng.random() < 0.85), "update": bool(rng.random() < 0.8)}
+    return {"features": rng.normal(size=(n, c)).astype(dtype),
+            "labels": rng.integers(0, k, size=n),
+            "centers": rng.normal(size=(k, c)).astype(cdt), "alpha": 0.5,
+            "reduction": reduction, "grad": bool(rng.random() < 0.85),
+            "update": bool(rng.random() < 0.8)}
 
 
 def _center_update(rng, dtype, n, c, reduction):
@@ -208,36 +269,61 @@ def _center_update(rng, dtype, n, c, reduction):
     return {k: kw[k] for k in ("centers", "features", "labels", "alpha")}
 
 
-CASES = {c.name: c for c in [
-    Case("ce", fl.softmax_cross_entropy, ("logits", "target"),
-         lambda *a: _classes(*a, prob=False, focal=False),
-         ("logits", "weight", "sample_weight"), ("target",), "logits"),
-    Case("ce_prob", fl.softmax_cross_entropy, ("logits", "target"),
-         lambda *a: _classes(*a, prob=True, focal=False),
-         ("logits", "target", "weight", "sample_weight"), (), "logits"),
-    Case("focal", fl.focal_loss, ("logits", "target"), lambda *a: _classes(*a, prob=False, focal=True),
-         ("logits", "alpha", "sample_weight"), ("target",), "logits"),
-    Case("focal_prob", fl.focal_loss, ("logits", "target"),
-         lambda *a: _classes(*a, prob=True, focal=True),
-         ("logits", "target", "alpha", "sample_weight"), (), "logits"),
-    Case("sigmoid_focal", fl.sigmoid_focal_loss, ("logits", "targets"), _sigmoid,
-         ("logits", "targets"), (), "logits"),
-    Case("huber", fl.huber_loss, ("input", "target"), _huber, ("input", "target", "sample_weight"),
-         (), "input"),
-    Case("triplet", fl.triplet_margin_loss, ("anchor", "positive", "negative"), _triplet,
-         ("anchor", "positive", "negative"), (), "anchor", same_dtype=True),
-    Case("batch_triplet", fl.batch_triplet_loss, ("embeddings", "labels"), _batch, ("embeddings",),
-         ("labels",), "embeddings"),
-    Case("center_loss", fl.center_loss, ("features", "labels", "centers"), _center,
-         ("features", "centers"), ("labels",), "features", writes=True),
-    Case("center_update", fl.center_update, ("centers", "features", "labels"), _center_update,
-         ("centers", "features"), ("labels",), "features", writes=True),
-    Case("CenterLoss", None, (), _center, ("features", "centers"), ("labels",), "features",
-         writes=True),
-]}
+#: per loss, the cases of this file: (case name, builder of a call)
+BUILDS = {
+    "softmax_cross_entropy": [("ce", lambda *a: _classes(*a, prob=False, focal=False)),
+                              ("ce_prob", lambda *a: _classes(*a, prob=True, focal=False))],
+    "focal_loss": [("focal", lambda *a: _classes(*a, prob=False, focal=True)),
+                   ("focal_prob", lambda *a: _classes(*a, prob=True, focal=True))],
+    "sigmoid_focal_loss": [("sigmoid_focal", _sigmoid)],
+    "huber_loss": [("huber", _huber)],
+    "triplet_margin_loss": [("triplet", _triplet)],
+    "batch_triplet_loss": [("batch_triplet", _batch)],
+    "center_loss": [("center_loss", _center)],
+}
+SAME_DTYPE = {"triplet_margin_loss"}  # its float inputs must share one dtype
+
+
+def _positional(info):
+    """The names of the positional arguments the registry's ``make_inputs`` draws."""
+    n = len(info.make_inputs(np.random.default_rng(0), np.dtype(np.float64)))
+    return tuple(inspect.signature(info.function).parameters)[:n]
+
+
+def _registry_build(info, positional):
+    """A loss not in BUILDS: its registry inputs at ``(n, c)``, its first check option."""
+    option = info.options[0]
+    inputs = {k: v for k, v in option.inputs.items() if k != "shape"}
+
+    def build(rng, dtype, n, c, reduction):
+        args = info.make_inputs(rng, np.dtype(dtype), shape=(n, c), **inputs)
+        kw = dict(zip(positional, args))
+        kw.update(option.make_kwargs(rng, np.dtype(dtype), args))
+        return {**kw, "reduction": reduction, "grad": bool(rng.random() < 0.85)}
+    return build
+
+
+def _cases():
+    assert set(BUILDS) <= {info.name for info in LOSSES}, "BUILDS names a loss the registry lacks"
+    cases = []
+    for info in LOSSES:
+        positional = _positional(info)
+        updated = None if info.updates is None else positional[info.updates]
+        for name, build in BUILDS.get(info.name, [(info.short, _registry_build(info, positional))]):
+            cases.append(Case(name, info.function, positional, build, updated=updated,
+                              grad_out=info.grad_out, same_dtype=info.name in SAME_DTYPE))
+    # the functions that are not losses: the update alone, and the object
+    cases.append(Case("center_update", fl.center_update, ("centers", "features", "labels"),
+                      _center_update, first="features", updated="centers", grad_out=False))
+    cases.append(Case("CenterLoss", None, ("features", "labels", "centers"), _center,
+                      updated="centers"))
+    return {c.name: c for c in cases}
+
+
+CASES = _cases()
 NAMES = list(CASES)
-WITH_GRAD_OUT = [n for n in NAMES if n not in ("center_update", "triplet")]
-CLASSIFICATION = ["ce", "ce_prob", "focal", "focal_prob"]
+WITH_GRAD_OUT = [n for n in NAMES if CASES[n].grad_out]
+CLASSIFICATION = ["ce", "ce_prob", "focal", "focal_prob"]  # zero classes: an error naming logits
 
 
 @st.composite
@@ -255,16 +341,19 @@ def calls(draw, name, dtypes=DTYPES, n=(2, 6), c=(2, 5)):
 
 
 def _snap(v):
+    if on_device(v):
+        return ("device", v.dtype, v.shape, v.copy_to_host().tobytes())
     if isinstance(v, np.ndarray):
         return ("array", v.dtype, v.shape, v.tolist() if v.dtype == object else np.array(v).tobytes())
     if isinstance(v, (list, tuple)):
-        return ("seq", copy.deepcopy(v) if not any(isinstance(e, np.ndarray) for e in v)
+        return ("seq", copy.deepcopy(v)
+                if not any(isinstance(e, np.ndarray) or on_device(e) for e in v)
                 else tuple(_snap(e) for e in v))
     return ("other", id(v))
 
 
 def _pristine(kw):
-    return {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else copy.deepcopy(v))
+    return {k: (host(v) if isinstance(v, np.ndarray) or on_device(v) else copy.deepcopy(v))
             for k, v in kw.items()}
 
 
@@ -277,14 +366,16 @@ def ref(case):
 
 
 def attempt(case, kw, *, written=(), buffers=()):
-    """Make the call; return ``(raw, outputs)`` or the ValueError/TypeError raised.
+    """Make the call (on either side); return ``(raw, host outputs)`` or the
+    ValueError/TypeError raised.
 
     Any other exception propagates (a test failure).  Inputs other than those
     in ``written`` (plus ``centers`` when the call updates it, and
     ``grad_out``) must be unchanged on success; on an error nothing may have
     changed, ``buffers`` (the arrays that inputs are views of) included."""
     updates = case.writes and (case.name == "center_update" or kw.get("update", True))
-    before = {k: _snap(v) for k, v in kw.items() if isinstance(v, (np.ndarray, list, tuple))}
+    before = {k: _snap(v) for k, v in kw.items()
+              if isinstance(v, (np.ndarray, list, tuple)) or on_device(v)}
     bufs = [_snap(b) for b in buffers]
     _LAST["kw"] = _pristine(kw)
     try:
@@ -372,6 +463,7 @@ def _as(v, dt):
     return a.astype(dt)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("arg", [(n, a) for n in NAMES for a in CASES[n].floats],
                          ids=lambda p: f"{p[0]}-{p[1]}")
 @pytest.mark.parametrize("bad", BAD_FLOAT_DTYPES)
@@ -395,6 +487,7 @@ LABEL_DTYPES_OK = [np.int8, np.uint8, np.int16, np.int32, np.uint32, np.uint64]
 LABEL_DTYPES_BAD = [np.float64, np.float32, np.bool_, np.complex128, object, "U3"]
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("arg", [(n, a) for n in NAMES for a in CASES[n].labels],
                          ids=lambda p: f"{p[0]}-{p[1]}")
 @pytest.mark.parametrize("dt", LABEL_DTYPES_OK + LABEL_DTYPES_BAD)
@@ -432,6 +525,7 @@ def _shape_names(case, a):
     return (a, case.first)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("arg", [(n, a) for n in NAMES for a in CASES[n].floats + CASES[n].labels],
                          ids=lambda p: f"{p[0]}-{p[1]}")
 @pytest.mark.parametrize("how", ["extra_axis", "grow", "scalar", "flatten"])
@@ -472,6 +566,7 @@ ODD_OBJECTS = {
 }
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("arg", [(n, a) for n in NAMES for a in CASES[n].floats + CASES[n].labels],
                          ids=lambda p: f"{p[0]}-{p[1]}")
 @pytest.mark.parametrize("odd", list(ODD_OBJECTS))
@@ -490,6 +585,7 @@ def test_odd_objects_instead_of_arrays(arg, odd):
     raises(out, (a, "init") if name == "CenterLoss" and a == "centers" else a)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("arg", [(n, a) for n in NAMES for a in CASES[n].floats + CASES[n].labels],
                          ids=lambda p: f"{p[0]}-{p[1]}")
 @FEW
@@ -512,6 +608,7 @@ def test_list_inputs(arg, data):
 # ====================================================================== labels
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("arg", [(n, a) for n in NAMES for a in CASES[n].labels],
                          ids=lambda p: f"{p[0]}-{p[1]}")
 @pytest.mark.parametrize("how", ["upper", "negative", "huge", "int64_min", "uint64_huge",
@@ -547,6 +644,7 @@ def test_labels_out_of_range(arg, data, how):
         raises(out, a, types=(ValueError,))
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", ["ce", "focal"])
 @SOME
 @given(data=st.data())
@@ -571,10 +669,13 @@ def test_ignore_index_equal_to_a_valid_class(name, data):
 
 
 @pytest.mark.parametrize("name", ["ce", "focal"])
-@pytest.mark.parametrize("value", [1.5, "0", None, 2**63, -(2**63) - 1, 2**70, [0]])
-def test_bad_ignore_index(name, value):
+@pytest.mark.parametrize("value", [1.5, "0", None, 2**63, 2**64, -(2**63) - 1, 2**70, [0]])
+def test_bad_ignore_index(backend, name, value):
+    """Refused before any kernel runs, on either side."""
     case = CASES[name]
     kw = case.build(np.random.default_rng(1), np.float32, 4, 3, "mean")
+    if backend == "cuda":
+        kw = put(kw, case)
     kw["ignore_index"] = value
     raises(attempt(case, kw), "ignore_index")
 
@@ -582,22 +683,25 @@ def test_bad_ignore_index(name, value):
 # ====================================================================== options
 
 
+#: bad values of every call that takes the option (a loss added to the registry gets these)
+COMMON_MUST_RAISE = {"reduction": ["avg", None]}
+#: each case's own bad values (beyond the common ones)
 MUST_RAISE = {
     "ce": {"label_smoothing": [-0.1, 1.5, np.nan, "0.1", None], "z_loss": [-1.0, np.nan, "1"],
            "softcap": [0.0, -1.0, np.nan, "1", 1j],
            "reduction": ["avg", None, "MEAN", 1, ["mean"]], "backend": ["gpu", None, 1]},
     "focal": {"gamma": [-1.0, np.nan, "2", None, 1j],
-              "alpha": ["x", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 1j], "reduction": ["avg", None]},
+              "alpha": ["x", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], np.ones(5, np.float32), 1j]},
     "sigmoid_focal": {"gamma": [-1.0, np.nan, None, "2"], "alpha": ["x", None, 1j, [0.25]],
-                      "reduction": ["avg", None]},
+},
     "huber": {"delta": [0.0, -1.0, np.nan, "1", None, 1j], "reduction": ["sum ", None]},
     "triplet": {"margin": [-1.0, np.nan, "1", None], "eps": [-1e-6, np.nan, "0"],
-                "distance": ["l1", None, 2, "Euclidean"], "reduction": ["avg", None]},
+                "distance": ["l1", None, 2, "Euclidean"]},
     "batch_triplet": {"margin": [-0.5, np.nan, "1"], "mining": ["hardest", None, 1],
-                      "distance": ["l2", None], "reduction": ["avg", None]},
-    "center_loss": {"alpha": [-0.1, 1.5, np.nan, "0.5", None, 1j], "reduction": ["avg", None]},
-    "center_update": {"alpha": [-0.1, 1.5, np.nan, "0.5", None]},
-    "CenterLoss": {"alpha": [-0.1, 1.5, np.nan, "0.5", None], "reduction": ["avg", None]},
+                      "distance": ["l2", None]},
+    "center_loss": {"alpha": [-0.1, 1.5, np.nan, "0.5", None, 1j]},
+    "center_update": {"alpha": [-0.1, -0.5, 1.5, np.nan, "0.5", None]},
+    "CenterLoss": {"alpha": [-0.1, 1.5, np.nan, "0.5", None]},
 }
 MUST_RAISE["ce_prob"] = MUST_RAISE["ce"]
 MUST_RAISE["focal_prob"] = MUST_RAISE["focal"]
@@ -618,17 +722,30 @@ MAY_RETURN["ce_prob"] = MAY_RETURN["ce"]
 MAY_RETURN["focal_prob"] = MAY_RETURN["focal"]
 
 
-@pytest.mark.parametrize("opt", [(n, o, v) for n in NAMES for o, vs in MUST_RAISE[n].items()
-                                 for v in vs], ids=lambda p: f"{p[0]}-{p[1]}={p[2]!r}")
-def test_bad_option_raises(opt):
+def _must_raise(name):
+    """(option, bad value) of a case: the common ones for the options it takes, then its own."""
+    takes = CASES[name].build(np.random.default_rng(0), np.float64, 3, 2, "mean")
+    table = {o: list(vs) for o, vs in COMMON_MUST_RAISE.items() if o in takes}
+    for o, vs in MUST_RAISE.get(name, {}).items():
+        table[o] = table.get(o, []) + [v for v in vs if o not in COMMON_MUST_RAISE or v not in table[o]]
+    return [(o, v) for o, vs in table.items() for v in vs]
+
+
+@pytest.mark.parametrize("opt", [(n, o, v) for n in NAMES for o, v in _must_raise(n)],
+                         ids=lambda p: f"{p[0]}-{p[1]}={p[2]!r}")
+def test_bad_option_raises(backend, opt):
+    """Refused before any kernel runs, on either side."""
     name, option, value = opt
     case = CASES[name]
     kw = case.build(np.random.default_rng(2), np.float32, 4, 3, "mean")
+    if backend == "cuda":
+        kw = put(kw, case)
     kw[option] = copy.deepcopy(value)
     raises(attempt(case, kw), option)
 
 
-@pytest.mark.parametrize("opt", [(n, o, v) for n in NAMES for o, vs in MAY_RETURN[n].items()
+@pytest.mark.cpu
+@pytest.mark.parametrize("opt", [(n, o, v) for n in NAMES for o, vs in MAY_RETURN.get(n, {}).items()
                                  for v in vs], ids=lambda p: f"{p[0]}-{p[1]}={p[2]!r}")
 def test_odd_option_returns_or_raises_cleanly(opt):
     name, option, value = opt
@@ -640,6 +757,7 @@ def test_odd_option_returns_or_raises_cleanly(opt):
         raises(out, option)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", ["ce", "ce_prob"])
 def test_softcap_inf_is_no_cap(name):
     case = CASES[name]
@@ -649,6 +767,7 @@ def test_softcap_inf_is_no_cap(name):
     same(returned(attempt(case, dict(kw, softcap=np.inf)))[1], want, "softcap=inf")
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", ["huber"])
 def test_huber_delta_inf_is_half_squared_error(name):
     case = CASES[name]
@@ -661,6 +780,7 @@ def test_huber_delta_inf_is_half_squared_error(name):
     np.testing.assert_allclose(got["grad"], w * r, rtol=1e-12)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("value", [0, -1, 2.5, "3", None])
 @pytest.mark.parametrize("arg", ["num_classes", "num_features"])
 def test_center_loss_object_bad_sizes(arg, value):
@@ -673,6 +793,7 @@ def test_center_loss_object_bad_sizes(arg, value):
         fl.CenterLoss(**kw)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("kw,word", [
     ({"dtype": "float16"}, "dtype"), ({"dtype": "int32"}, "dtype"),
     ({"dtype": "no-such-type"}, "dtype"), ({"dtype": object}, "dtype"),
@@ -685,6 +806,7 @@ def test_center_loss_object_bad_options(kw, word):
         fl.CenterLoss(3, 2, **kw)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("state,word", [
     ({}, "centers"), ({"centers": np.zeros((2, 2))}, "centers"),
     ({"centers": np.zeros((3, 2)), "alpha": 3.0}, "alpha"),
@@ -739,6 +861,7 @@ def _counts(case, kw, a, index):
     return True
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("arg", [(n, a) for n in NAMES if n != "batch_triplet" for a in CASES[n].floats
                                  if a not in ("weight", "alpha", "sample_weight")],
                          ids=lambda p: f"{p[0]}-{p[1]}")
@@ -771,6 +894,7 @@ def test_nan_and_inf_stay_in_their_sample(arg, data, bad):
         assert np.isnan(got["centers"][kw["labels"][index[0]], col])
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 @FEW
 @given(data=st.data())
@@ -783,6 +907,7 @@ def test_nan_in_batch_mining_does_not_crash(data, bad):
     assert got["loss"].shape == ((e.shape[0],) if kw["reduction"] == "none" else ())
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", ["ce", "focal"])
 @SOME
 @given(data=st.data())
@@ -816,6 +941,7 @@ def _hugify(case, kw, rng):
             kw[a] = (v * (1e15 if v.dtype != np.float16 else 30.0)).astype(v.dtype)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", NAMES)
 @SOME
 @given(data=st.data())
@@ -834,6 +960,7 @@ def test_huge_values_give_finite_results(name, data):
     close(got, want, _tol_dtype(kw), "huge")
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", NAMES)
 @FEW
 @given(data=st.data())
@@ -846,6 +973,7 @@ def test_empty_batch(name, data):
         assert got["centers"].tobytes() == np.asarray(kw["centers"]).tobytes()
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", NAMES)
 @FEW
 @given(data=st.data())
@@ -883,6 +1011,7 @@ def _strided(v, rng):
     return view
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("arg", [(n, a) for n in NAMES for a in CASES[n].floats + CASES[n].labels],
                          ids=lambda p: f"{p[0]}-{p[1]}")
 @pytest.mark.parametrize("layout", ["fortran", "strided"])
@@ -920,6 +1049,7 @@ def test_layouts_give_the_same_bits(arg, data, layout):
             assert np.array_equal(v, want["centers"])
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", NAMES)
 @FEW
 @given(data=st.data())
@@ -959,6 +1089,7 @@ def _written_or_refused(case, kw, want, out, grad_out, buffers, what):
     return True
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", WITH_GRAD_OUT)
 @pytest.mark.parametrize("bad", ["shape", "transposed", "dtype", "int", "read_only", "list", "extra_axis"])
 @FEW
@@ -989,6 +1120,7 @@ def test_bad_grad_out_is_refused_untouched(name, data, bad):
     assert _snap(g) == before
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", WITH_GRAD_OUT)
 @pytest.mark.parametrize("layout", ["fresh", "fortran", "strided", "in_place"])
 @FEW
@@ -1054,6 +1186,7 @@ def _aliases(case, kw, _rng=None):
     return out
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("name", WITH_GRAD_OUT)
 @SOME
 @given(data=st.data())
@@ -1083,6 +1216,7 @@ def test_grad_out_sharing_memory_with_another_input(name, data):
 # ---------------------------------------------------------------------- triplet's three
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("how", ["fresh", "in_place", "crossed", "one_buffer", "two_items",
                                  "not_a_tuple", "shifted", "wrong_dtype"])
 @FEW
@@ -1154,6 +1288,7 @@ print("ok")
 """
 
 
+@pytest.mark.cpu
 def test_grad_out_overlapping_the_labels():
     """grad_out sharing bytes with the labels (an integer view of its buffer): the right
     gradient.  In a subprocess: the kernels once wrote the gradient over labels still to be
@@ -1168,6 +1303,7 @@ def test_grad_out_overlapping_the_labels():
         f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
 
 
+@pytest.mark.cpu
 def test_may_overlap_fast_answer_only_for_separate_allocations():
     # the overlap checks' shortcut: two distinct arrays that own their memory are apart;
     # anything else (a view, the same array, memory owned elsewhere) asks NumPy
@@ -1182,3 +1318,289 @@ def test_may_overlap_fast_answer_only_for_separate_allocations():
     u, v = np.frombuffer(buf, np.float64, 6), np.frombuffer(buf, np.float64, 6, 48)
     assert not u.flags.owndata
     assert may_overlap(np.frombuffer(buf, np.float64), u) and not may_overlap(u, v)
+
+
+# ====================================================================== the GPU: device arrays
+
+
+DEVICE_WITH_GRAD_OUT = [n for n in WITH_GRAD_OUT if n != "CenterLoss"]
+PAIRS = [(n, a) for n in NAMES for a in CASES[n].floats + CASES[n].labels]
+
+
+def tiny(name, **kw):
+    kw.setdefault("n", (2, 3))
+    kw.setdefault("c", (2, 3))
+    return calls(name, **kw)
+
+
+def like_cpu(got, case, kw_host, what=""):
+    """The GPU outputs against the CPU path's on the same (host) inputs."""
+    want = case.call(copy.deepcopy(kw_host))[1]
+    dtype = min((np.asarray(v).dtype for v in kw_host.values()
+                 if isinstance(v, np.ndarray) and v.dtype.kind == "f"), key=lambda d: d.itemsize)
+    assert got.keys() == want.keys(), (got.keys(), want.keys())
+    for k, w in want.items():
+        if w is None:
+            assert got[k] is None, (what, k)
+            continue
+        assert got[k].shape == w.shape, (what, k, got[k].shape, w.shape)
+        naive.assert_close(got[k], w, dtype, what=f"{what} {k}",
+                           scale=max(1.0, float(np.max(np.abs(w[np.isfinite(w)]), initial=0.0))))
+
+
+# ---------------------------------------------------------------------- refused before any kernel
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arg", PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize("how", ["numpy", "list", "only_device"])
+@CHEAP
+@given(data=st.data())
+def test_mixed_devices_name_the_argument(arg, data, how):
+    """One argument on the host among device arrays (or the only one on the device):
+    TypeError naming it, nothing changed (SPEC: arrays on two devices)."""
+    name, a = arg
+    case, kw = data.draw(tiny(name))
+    if name == "CenterLoss":  # its centers live on the device already: features/labels on the host
+        if a == "centers":
+            return
+        dkw = put(kw, case, keep=(a,))
+        if how == "list":
+            dkw[a] = kw[a].tolist()
+        raises(attempt(case, dict(dkw, centers=kw["centers"])), a, types=(TypeError,))
+        return
+    if how == "only_device":
+        dkw = dict(kw, **{a: to_device(kw[a])})
+    else:
+        dkw = put(kw, case, keep=(a,))
+        if how == "list":
+            dkw[a] = kw[a].tolist()
+    raises(attempt(case, dkw), a, types=(TypeError,))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", DEVICE_WITH_GRAD_OUT)
+@pytest.mark.parametrize("bad", ["numpy", "shape", "dtype", "list", "int"])
+@CHEAP
+@given(data=st.data())
+def test_bad_grad_out_on_device(name, data, bad):
+    case, kw = data.draw(tiny(name))
+    kw["grad"] = True
+    x = kw[case.first]
+    g = {"numpy": lambda: np.full(x.shape, 7, x.dtype),
+         "shape": lambda: to_device(np.full((x.shape[0] + 1,) + x.shape[1:], 7, x.dtype)),
+         "dtype": lambda: to_device(np.full(x.shape, 7, np.float64 if x.dtype != np.float64
+                                                  else np.float32)),
+         "list": lambda: np.full(x.shape, 7, x.dtype).tolist(),
+         "int": lambda: to_device(np.full(x.shape, 7, np.int32))}[bad]()
+    dkw = dict(put(kw, case), grad_out=g)
+    raises(attempt(case, dkw), "grad_out")
+
+
+BAD_DTYPES = [np.int32, np.bool_, np.complex64]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arg", PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize("bad", BAD_DTYPES + [np.float32, "extra_axis", "grow"])
+@CHEAP
+@given(data=st.data())
+def test_device_argument_of_wrong_dtype_or_shape(arg, data, bad):
+    name, a = arg
+    case, kw = data.draw(tiny(name))
+    v = kw[a]
+    if name == "CenterLoss" and a == "centers":
+        return  # CenterLoss's centers are its own (see the CPU matrix for init)
+    if isinstance(bad, str):
+        v = np.stack([v, v]) if bad == "extra_axis" else np.concatenate(
+            [v, np.take(v, [0], axis=1 if a == "centers" else 0)], axis=1 if a == "centers" else 0)
+        names = (a, case.first) if a != case.first else tuple(case.floats + case.labels)
+        if case.same_dtype or a == "centers":
+            names = tuple(case.floats + case.labels)
+    else:
+        if np.dtype(bad).kind == v.dtype.kind or (np.dtype(bad).kind in "iu" and v.dtype.kind in "iu"):
+            return  # a float for a float, an integer for labels: legal
+        if name == "sigmoid_focal" and a == "targets" and bad in (np.int32, np.bool_):
+            return  # 0/1 integer targets are legal
+        v = v.astype(bad)
+        names = (a,)
+    dkw = put(dict(kw, **{a: v}), case)
+    raises(attempt(case, dkw), names)
+
+
+# ====================================================================== the range-check kernel
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arg", [(n, a) for n in NAMES for a in CASES[n].labels
+                                 if n != "batch_triplet"], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize("how", ["upper", "negative", "int64_min", "uint64_huge", "huge"])
+@KERNELS
+@given(data=st.data())
+def test_device_labels_out_of_range(arg, data, how):
+    """Caught on the device, before any loss kernel; centers untouched (a label of
+    int64's minimum once passed as the "no ignore_index" sentinel)."""
+    name, a = arg
+    case, kw = data.draw(tiny(name))
+    labels = kw[a].copy()
+    upper = kw["logits"].shape[-1] if a == "target" else kw["centers"].shape[0]
+    if how == "uint64_huge":
+        labels = np.where(labels < 0, 0, labels).astype(np.uint64)
+        labels[-1] = 2**63 + 5
+    else:
+        labels[-1] = {"upper": upper, "negative": -1, "int64_min": np.iinfo(np.int64).min,
+                      "huge": 2**40}[how]
+    kw[a] = labels
+    if name == "CenterLoss":
+        centers = to_device(kw["centers"])
+        cl = fl.CenterLoss(*kw["centers"].shape, device="cuda")
+        cl.centers = centers
+        before = centers.copy_to_host()
+        with pytest.raises(ValueError, match=a):
+            cl(to_device(kw["features"]), to_device(labels))
+        assert cl.centers.copy_to_host().tobytes() == before.tobytes()
+        return
+    raises(attempt(case, put(kw, case)), a, types=(ValueError,))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["ce", "focal"])
+@KERNELS
+@given(data=st.data())
+def test_device_ignore_index_equal_to_a_valid_class(name, data):
+    case, kw = data.draw(tiny(name, dtypes=[np.float32, np.float64], n=(3, 4)))
+    cls = int(kw["target"][0])
+    kw["target"][kw["target"] == -100] = cls  # -100 would be out of range now
+    kw["ignore_index"] = cls
+    like_cpu(returned(attempt(case, put(kw, case)))[1], case, kw, "ignore_index = a class")
+
+
+# ====================================================================== odd but legal, on the device
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "CenterLoss"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@KERNELS
+@given(data=st.data())
+def test_device_nan_and_inf_as_on_the_cpu(name, data, bad):
+    """One odd element: the CPU path's answer (whose confinement the CPU matrix checks)."""
+    case, kw = data.draw(tiny(name, dtypes=[np.float32, np.float64]))
+    a = case.first if name != "center_update" else "features"
+    v = kw[a].copy()
+    v[data.draw(st.integers(0, v.shape[0] - 1)), data.draw(st.integers(0, v.shape[1] - 1))] = bad
+    kw[a] = v
+    like_cpu(returned(attempt(case, put(kw, case)))[1], case, kw, f"{bad}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("what", ["empty", "zero_width"])
+@KERNELS
+@given(data=st.data())
+def test_device_empty_batch_and_zero_width(name, data, what):
+    case, kw = data.draw(tiny(name, n=(0, 0)) if what == "empty" else tiny(name, c=(0, 0)))
+    out = attempt(case, put(kw, case))
+    if what == "zero_width" and case.first == "logits" and name != "sigmoid_focal":
+        raises(out, "logits")
+        return
+    like_cpu(returned(out)[1], case, kw, what)
+
+
+def _strided_device(v, layout):
+    if layout == "fortran":
+        return to_device(np.asfortranarray(v))
+    big = np.zeros(tuple(2 * s for s in v.shape), v.dtype)
+    big[tuple(slice(None, None, 2) for _ in v.shape)] = v
+    return to_device(big)[tuple(slice(None, None, 2) for _ in v.shape)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arg", [(n, a) for n in NAMES for a in CASES[n].floats
+                                 if n != "CenterLoss" and a not in ("weight", "alpha")],
+                         ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize("layout", ["fortran", "strided"])
+@KERNELS
+@given(data=st.data())
+def test_device_strided_and_fortran_views(arg, data, layout):
+    """Non-contiguous 2-D device views: the contiguous call's answer; centers updated
+    through the view."""
+    name, a = arg
+    case, kw = data.draw(tiny(name))
+    dkw = put(kw, case)
+    dkw[a] = _strided_device(kw[a], layout)
+    _, got = returned(attempt(case, dkw))
+    like_cpu(got, case, kw, f"{a} {layout}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["ce_prob", "focal_prob", "sigmoid_focal", "huber",
+                                  "batch_triplet", "center_loss"])
+@pytest.mark.parametrize("how", ["in_place", "other_input", "shifted"])
+@KERNELS
+@given(data=st.data())
+def test_device_grad_out_sharing_memory(name, data, how):
+    """grad_out = the first argument (in place, SPEC), = another input of the same shape,
+    or a view of the first argument shifted by one element: the right gradient, or a
+    ValueError naming grad_out with nothing written."""
+    case, kw = data.draw(tiny(name, n=(2, 3)))
+    kw["grad"] = True
+    want_kw = copy.deepcopy(kw)
+    dkw = put(kw, case)
+    x = kw[case.first]
+    if how == "in_place":
+        g = dkw[case.first]
+    elif how == "other_input":
+        other = {"ce_prob": "target", "focal_prob": "target", "sigmoid_focal": "targets",
+                 "huber": "target", "batch_triplet": None, "center_loss": "centers"}[name]
+        if other is None or kw[other].shape != x.shape:
+            return
+        g = dkw[other]
+    else:
+        buf = to_device(np.concatenate([x.reshape(-1), np.zeros(1, x.dtype)]))
+        dkw[case.first] = buf[:-1].reshape(x.shape) if x.size else buf[:0].reshape(x.shape)
+        g = buf[1:].reshape(x.shape)
+    dkw["grad_out"] = g
+    before = host(g)
+    try:
+        raw, got = case.call(dkw)
+    except ERRORS as exc:
+        assert how != "in_place", f"in place refused: {exc}"
+        assert "grad_out" in str(exc), exc
+        if how == "other_input" and name == "center_loss":
+            assert "centers" in str(exc)
+        np.testing.assert_array_equal(host(g), before)
+        return
+    assert not (how == "other_input" and name == "center_loss"), "grad_out = centers accepted"
+    assert raw.grad is g
+    like_cpu(got, case, want_kw, f"grad_out {how}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["ce", "huber", "center_loss", "triplet"])
+@pytest.mark.parametrize("how", ["read_only", "fortran", "list"])
+@KERNELS
+@given(data=st.data())
+def test_backend_cuda_with_odd_numpy_inputs(name, data, how):
+    """``backend="cuda"`` copies NumPy inputs over: read-only, Fortran-ordered and list
+    inputs give the CPU answer (centers: read-only is refused, lists are not arrays)."""
+    case, kw = data.draw(tiny(name))
+    want_kw = copy.deepcopy(kw)
+    a = case.first
+    if how == "read_only":
+        for k in case.floats + case.labels:
+            kw[k] = kw[k].copy()
+            kw[k].flags.writeable = False
+    elif how == "fortran":
+        kw[a] = np.asfortranarray(kw[a])
+    else:
+        kw[a] = kw[a].tolist()
+    out = attempt(case, dict(kw, backend="cuda"))
+    if how == "read_only" and name == "center_loss" and kw.get("update", True):
+        raises(out, "centers", types=(ValueError,))
+        return
+    if how == "list" and case.same_dtype and np.asarray(want_kw[a]).dtype != np.float64:
+        raises(out, case.floats, types=(TypeError,))
+        return
+    like_cpu(returned(out)[1], case, dict(want_kw, **{a: kw[a]}) if how == "list" else want_kw, how)
+

@@ -23,8 +23,17 @@ here).  batch_triplet_loss is documented as O(N**2) memory: its pairwise
 buffers are budgeted explicitly, per mining mode, in ``_batch_case``.
 Inputs are 4-8 MiB, so that a temporary of the input's size exceeds any
 budget by megabytes, while a call stays in the milliseconds.
+
+The losses come from the registry (``fastloss.tools.registry.LOSSES``): each one's
+plain call at its registry inputs is held to the plain budget, and the small calls of
+the growth tests are each loss at its registry inputs.  What the registry cannot say
+is in tables here: ``MORE_CASES`` (per loss, its option families, dtypes, reductions
+and shapes, with their work space), ``OWN_PLAIN`` (a loss whose plain call needs more
+than the plain budget), ``SLOW`` and ``_extra_small_calls``.
 """
+import functools
 import gc
+import inspect
 import os
 import sys
 import tracemalloc
@@ -36,6 +45,7 @@ import numpy as np
 import pytest
 
 import fastloss as fl
+from fastloss.tools.registry import LOSSES
 
 KiB, MiB = 1024, 1024 * 1024
 SLACK = 64 * KiB
@@ -286,96 +296,136 @@ def _center_update_case(dtype=F32, centers_dtype=None):
 CE, FOCAL = fl.softmax_cross_entropy, fl.focal_loss
 SFOCAL, HUBER = fl.sigmoid_focal_loss, fl.huber_loss
 
-CASES = {
+
+def _takes_grad_out(info):
+    """Whether the loss takes ``grad_out=`` (a tuple where it has several gradients)."""
+    return "grad_out" in inspect.signature(info.function).parameters
+
+
+def _registry_case(info, dtype=F32):
+    """A loss's plain call: its registry inputs at about 8 MiB (``SHAPES``), default
+    options, held to the plain budget (the gradients, per-row work space, ``SLACK``)."""
+    args = info.make_inputs(_rng(), np.dtype(dtype), shape=SHAPES[dtype])
+    grads = args[:info.n_grad]
+    outs = tuple(np.empty_like(g) for g in grads)
+    grad_out = outs if info.n_grad > 1 else outs[0]
+    out = (lambda: info.function(*args, grad_out=grad_out)) if _takes_grad_out(info) else None
+    return Case(fresh=lambda: info.function(*args), grad_bytes=sum(g.nbytes for g in grads),
+                rows=args[0].shape[0], out=out)
+
+
+#: the losses whose plain call needs more than the plain budget: their own cases below
+OWN_PLAIN = {"batch_triplet_loss"}  # O(N**2) pairwise buffers, budgeted in _batch_case
+#: per loss of the registry, its cases beyond the plain call (and the public forms of center
+#: loss that are not loss functions, with it)
+MORE_CASES = {
     # softmax cross entropy: every option family, the three dtypes, the three reductions
-    "ce-f32": lambda: _class_case(CE, F32),
-    "ce-f16": lambda: _class_case(CE, F16),
-    "ce-f64": lambda: _class_case(CE, F64),
-    "ce-f32-sum": lambda: _class_case(CE, F32, "sum"),
-    "ce-f32-none": lambda: _class_case(CE, F32, "none"),
-    "ce-f16-none": lambda: _class_case(CE, F16, "none"),
-    "ce-f32-in_place": lambda: _class_case(CE, F32, in_place=True),
-    "ce-f32-weight": lambda: _class_case(CE, F32, weight=True),
-    "ce-f32-sample_weight": lambda: _class_case(CE, F32, sample_weight=True),
-    "ce-f32-ignore_index": lambda: _class_case(CE, F32, ignore=True),
-    "ce-f32-label_smoothing": lambda: _class_case(CE, F32, label_smoothing=0.1),
-    "ce-f32-z_loss": lambda: _class_case(CE, F32, z_loss=1e-4),
-    "ce-f32-softcap": lambda: _class_case(CE, F32, softcap=5.0),
-    "ce-f32-probs": lambda: _class_case(CE, F32, probs=True),
-    "ce-f16-probs": lambda: _class_case(CE, F16, probs=True),
-    "ce-f32-probs-smoothing-weight": lambda: _class_case(CE, F32, probs=True, weight=True,
-                                                         label_smoothing=0.1),
-    "ce-f64-everything": lambda: _class_case(CE, F64, "none", weight=True, sample_weight=True,
-                                             ignore=True, label_smoothing=0.1, z_loss=1e-4,
-                                             softcap=10.0),
+    "softmax_cross_entropy": {
+        "ce-f16": lambda: _class_case(CE, F16),
+        "ce-f64": lambda: _class_case(CE, F64),
+        "ce-f32-sum": lambda: _class_case(CE, F32, "sum"),
+        "ce-f32-none": lambda: _class_case(CE, F32, "none"),
+        "ce-f16-none": lambda: _class_case(CE, F16, "none"),
+        "ce-f32-in_place": lambda: _class_case(CE, F32, in_place=True),
+        "ce-f32-weight": lambda: _class_case(CE, F32, weight=True),
+        "ce-f32-sample_weight": lambda: _class_case(CE, F32, sample_weight=True),
+        "ce-f32-ignore_index": lambda: _class_case(CE, F32, ignore=True),
+        "ce-f32-label_smoothing": lambda: _class_case(CE, F32, label_smoothing=0.1),
+        "ce-f32-z_loss": lambda: _class_case(CE, F32, z_loss=1e-4),
+        "ce-f32-softcap": lambda: _class_case(CE, F32, softcap=5.0),
+        "ce-f32-probs": lambda: _class_case(CE, F32, probs=True),
+        "ce-f16-probs": lambda: _class_case(CE, F16, probs=True),
+        "ce-f32-probs-smoothing-weight": lambda: _class_case(CE, F32, probs=True, weight=True,
+                                                             label_smoothing=0.1),
+        "ce-f64-everything": lambda: _class_case(CE, F64, "none", weight=True, sample_weight=True,
+                                                 ignore=True, label_smoothing=0.1, z_loss=1e-4,
+                                                 softcap=10.0),
+    },
     # multi-class focal loss
-    "focal-f32": lambda: _class_case(FOCAL, F32),
-    "focal-f16": lambda: _class_case(FOCAL, F16),
-    "focal-f64-none": lambda: _class_case(FOCAL, F64, "none"),
-    "focal-f32-in_place": lambda: _class_case(FOCAL, F32, in_place=True),
-    "focal-f32-gamma0.5-alpha": lambda: _class_case(FOCAL, F32, gamma=0.5, alpha=0.25),
-    "focal-f32-alpha_vector-sample_weight": lambda: _class_case(FOCAL, F32, alpha_vector=True,
-                                                                sample_weight=True, ignore=True),
-    "focal-f32-probs": lambda: _class_case(FOCAL, F32, probs=True),
+    "focal_loss": {
+        "focal-f16": lambda: _class_case(FOCAL, F16),
+        "focal-f64-none": lambda: _class_case(FOCAL, F64, "none"),
+        "focal-f32-in_place": lambda: _class_case(FOCAL, F32, in_place=True),
+        "focal-f32-gamma0.5-alpha": lambda: _class_case(FOCAL, F32, gamma=0.5, alpha=0.25),
+        "focal-f32-alpha_vector-sample_weight": lambda: _class_case(
+            FOCAL, F32, alpha_vector=True, sample_weight=True, ignore=True),
+        "focal-f32-probs": lambda: _class_case(FOCAL, F32, probs=True),
+    },
     # sigmoid focal loss
-    "sigmoid_focal-f32": lambda: _elementwise_case(SFOCAL, F32),
-    "sigmoid_focal-f16": lambda: _elementwise_case(SFOCAL, F16),
-    "sigmoid_focal-f64": lambda: _elementwise_case(SFOCAL, F64),
-    "sigmoid_focal-f32-sum": lambda: _elementwise_case(SFOCAL, F32, "sum"),
-    "sigmoid_focal-f32-none": lambda: _elementwise_case(SFOCAL, F32, "none"),
-    "sigmoid_focal-f16-none": lambda: _elementwise_case(SFOCAL, F16, "none"),
-    "sigmoid_focal-f32-in_place": lambda: _elementwise_case(SFOCAL, F32, in_place=True),
-    "sigmoid_focal-f32-no_alpha": lambda: _elementwise_case(SFOCAL, F32, alpha=-1.0, gamma=0.5),
+    "sigmoid_focal_loss": {
+        "sigmoid_focal-f16": lambda: _elementwise_case(SFOCAL, F16),
+        "sigmoid_focal-f64": lambda: _elementwise_case(SFOCAL, F64),
+        "sigmoid_focal-f32-sum": lambda: _elementwise_case(SFOCAL, F32, "sum"),
+        "sigmoid_focal-f32-none": lambda: _elementwise_case(SFOCAL, F32, "none"),
+        "sigmoid_focal-f16-none": lambda: _elementwise_case(SFOCAL, F16, "none"),
+        "sigmoid_focal-f32-in_place": lambda: _elementwise_case(SFOCAL, F32, in_place=True),
+        "sigmoid_focal-f32-no_alpha": lambda: _elementwise_case(SFOCAL, F32, alpha=-1.0, gamma=0.5),
+    },
     # Huber loss, sample weights of every broadcast kind
-    "huber-f32": lambda: _elementwise_case(HUBER, F32),
-    "huber-f16": lambda: _elementwise_case(HUBER, F16),
-    "huber-f64": lambda: _elementwise_case(HUBER, F64),
-    "huber-f32-none": lambda: _elementwise_case(HUBER, F32, "none"),
-    "huber-f16-none": lambda: _elementwise_case(HUBER, F16, "none"),
-    "huber-f32-in_place": lambda: _elementwise_case(HUBER, F32, in_place=True),
-    "huber-f32-row_weights": lambda: _elementwise_case(HUBER, F32, weights=(SHAPES[F32][0], 1)),
-    "huber-f32-column_weights": lambda: _elementwise_case(HUBER, F32, weights=(SHAPES[F32][1],)),
-    "huber-f32-full_weights": lambda: _elementwise_case(HUBER, F32, weights=SHAPES[F32]),
-    "huber-f16-row_weights": lambda: _elementwise_case(HUBER, F16, weights=(SHAPES[F16][0], 1)),
+    "huber_loss": {
+        "huber-f16": lambda: _elementwise_case(HUBER, F16),
+        "huber-f64": lambda: _elementwise_case(HUBER, F64),
+        "huber-f32-none": lambda: _elementwise_case(HUBER, F32, "none"),
+        "huber-f16-none": lambda: _elementwise_case(HUBER, F16, "none"),
+        "huber-f32-in_place": lambda: _elementwise_case(HUBER, F32, in_place=True),
+        "huber-f32-row_weights": lambda: _elementwise_case(HUBER, F32, weights=(SHAPES[F32][0], 1)),
+        "huber-f32-column_weights": lambda: _elementwise_case(HUBER, F32,
+                                                              weights=(SHAPES[F32][1],)),
+        "huber-f32-full_weights": lambda: _elementwise_case(HUBER, F32, weights=SHAPES[F32]),
+        "huber-f16-row_weights": lambda: _elementwise_case(HUBER, F16, weights=(SHAPES[F16][0], 1)),
+    },
     # triplet margin loss: three gradients
-    "triplet-f32": lambda: _triplet_case(F32),
-    "triplet-f16": lambda: _triplet_case(F16),
-    "triplet-f64-none": lambda: _triplet_case(F64, "none"),
-    "triplet-f32-cosine-swap": lambda: _triplet_case(F32, distance="cosine", swap=True),
-    "triplet-f32-squared": lambda: _triplet_case(F32, distance="squared_euclidean"),
+    "triplet_margin_loss": {
+        "triplet-f16": lambda: _triplet_case(F16),
+        "triplet-f64-none": lambda: _triplet_case(F64, "none"),
+        "triplet-f32-cosine-swap": lambda: _triplet_case(F32, distance="cosine", swap=True),
+        "triplet-f32-squared": lambda: _triplet_case(F32, distance="squared_euclidean"),
+    },
     # batch triplet loss, every mining mode (O(N**2) work space, budgeted)
-    "batch-hard-f32": lambda: _batch_case("hard"),
-    "batch-hard-f32-cosine-soft": lambda: _batch_case("hard", "cosine", soft=True),
-    "batch-hard-f16": lambda: _batch_case("hard", dtype=F16),
-    "batch-hard-f64-none": lambda: _batch_case("hard", dtype=F64, reduction="none"),
-    "batch-semihard-f32": lambda: _batch_case("semihard"),
-    "batch-semihard-f32-squared": lambda: _batch_case("semihard", "squared_euclidean"),
-    "batch-all-f32": lambda: _batch_case("all"),
-    "batch-all-f32-cosine-soft": lambda: _batch_case("all", "cosine", soft=True),
-    # center loss (with its update), the update alone, the object
-    "center_loss-f32": lambda: _center_case(F32),
-    "center_loss-f64": lambda: _center_case(F64),
-    "center_loss-f32-f64_centers": lambda: _center_case(F32, F64),
-    "center_loss-f32-none": lambda: _center_case(F32, reduction="none"),
-    "center_loss-f32-no_update": lambda: _center_case(F32, update=False),
-    "center_loss-f16-no_update": lambda: _center_case(F16, update=False),
-    "center_loss-f16": lambda: _center_case(F16),
-    "CenterLoss-f32": lambda: _center_case(F32, object_api=True),
-    "center_update-f32": lambda: _center_update_case(F32),
-    "center_update-f64": lambda: _center_update_case(F64),
-    "center_update-f32-f64_centers": lambda: _center_update_case(F32, F64),
-    "center_update-f16": lambda: _center_update_case(F16),
+    "batch_triplet_loss": {
+        "batch-hard-f32": lambda: _batch_case("hard"),
+        "batch-hard-f32-cosine-soft": lambda: _batch_case("hard", "cosine", soft=True),
+        "batch-hard-f16": lambda: _batch_case("hard", dtype=F16),
+        "batch-hard-f64-none": lambda: _batch_case("hard", dtype=F64, reduction="none"),
+        "batch-semihard-f32": lambda: _batch_case("semihard"),
+        "batch-semihard-f32-squared": lambda: _batch_case("semihard", "squared_euclidean"),
+        "batch-all-f32": lambda: _batch_case("all"),
+        "batch-all-f32-cosine-soft": lambda: _batch_case("all", "cosine", soft=True),
+    },
+    # center loss (with its update) over 1000 classes, the update alone, the object
+    "center_loss": {
+        "center_loss-f32": lambda: _center_case(F32),
+        "center_loss-f64": lambda: _center_case(F64),
+        "center_loss-f32-f64_centers": lambda: _center_case(F32, F64),
+        "center_loss-f32-none": lambda: _center_case(F32, reduction="none"),
+        "center_loss-f32-no_update": lambda: _center_case(F32, update=False),
+        "center_loss-f16-no_update": lambda: _center_case(F16, update=False),
+        "center_loss-f16": lambda: _center_case(F16),
+        "CenterLoss-f32": lambda: _center_case(F32, object_api=True),
+        "center_update-f32": lambda: _center_update_case(F32),
+        "center_update-f64": lambda: _center_update_case(F64),
+        "center_update-f32-f64_centers": lambda: _center_update_case(F32, F64),
+        "center_update-f16": lambda: _center_update_case(F16),
+    },
 }
 
 
+def _cases():
+    """Every loss of the registry: its plain call (unless in OWN_PLAIN), then MORE_CASES."""
+    assert set(MORE_CASES) | OWN_PLAIN <= {info.name for info in LOSSES}, "not a registry loss"
+    cases = {}
+    for info in LOSSES:
+        if info.name not in OWN_PLAIN:
+            cases[f"{info.short}-f32"] = functools.partial(_registry_case, info)
+        cases.update(MORE_CASES.get(info.name, {}))
+    return cases
+
+
+CASES = _cases()
+
+
 def _params():
-    out = []
-    for name, make in CASES.items():
-        if isinstance(make, type(pytest.param(0))):
-            out.append(pytest.param(make.values[0], marks=make.marks, id=name))
-        else:
-            out.append(pytest.param(make, id=name))
-    return out
+    return [pytest.param(make, id=name) for name, make in CASES.items()]
 
 
 def _report(request, key, value):
@@ -407,45 +457,54 @@ def test_grad_out_allocates_nothing_of_the_input_size(make, request):
 # ------------------------------------------------------------------ no growth over many calls
 
 
+#: the slowest small calls: once per this many calls, cycling through their check options
+SLOW = {"batch_triplet_loss"}
+BATCH_EVERY = 50
+
+
+def _registry_call(info, option=None):
+    """A small call of ``info`` at its registry inputs, float32, with its default options
+    (or ``option``'s), the gradients into preallocated buffers."""
+    rng = np.random.default_rng(1)
+    args = info.make_inputs(rng, np.dtype(F32))
+    kwargs = {} if option is None else option.make_kwargs(rng, np.dtype(F32), args)
+    if _takes_grad_out(info):
+        outs = tuple(np.empty_like(g) for g in args[:info.n_grad])
+        kwargs["grad_out"] = outs if info.n_grad > 1 else outs[0]
+    return lambda: info.function(*args, **kwargs)
+
+
 def _small_calls():
-    """A mix of small calls (every loss), gradients into preallocated buffers."""
+    """A mix of small calls: every loss of the registry but SLOW, then the calls of
+    ``_extra_small_calls``."""
+    return [_registry_call(info) for info in LOSSES if info.name not in SLOW] + _extra_small_calls()
+
+
+def _extra_small_calls():
+    """What the registry's inputs do not say: an option with "none", the object, a fresh
+    gradient."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(64, 10)).astype(F32)
     y = rng.integers(0, 10, size=64)
     g = np.empty_like(x)
-    t = (rng.random((64, 10)) < 0.2).astype(F32)
     e = rng.normal(size=(32, 8)).astype(F32)
     el = rng.integers(0, 4, size=32)
     ge = np.empty_like(e)
-    a, p, q = (rng.normal(size=(32, 8)).astype(F32) for _ in range(3))
-    gt = tuple(np.empty_like(a) for _ in range(3))
-    centers = np.zeros((4, 8), F32)
     cl = fl.CenterLoss(4, 8)
     return [
-        lambda: fl.softmax_cross_entropy(x, y, grad_out=g),
-        lambda: fl.softmax_cross_entropy(x, y, grad_out=g),
         lambda: fl.softmax_cross_entropy(x, y, grad_out=g, label_smoothing=0.1, reduction="none"),
-        lambda: fl.focal_loss(x, y, grad_out=g),
-        lambda: fl.sigmoid_focal_loss(x, t, grad_out=g),
-        lambda: fl.huber_loss(x, t, grad_out=g),
-        lambda: fl.triplet_margin_loss(a, p, q, grad_out=gt),
-        lambda: fl.center_loss(e, el, centers, grad_out=ge),
         lambda: cl(e, el, grad_out=ge),
         lambda: fl.softmax_cross_entropy(x, y),  # fresh gradients are freed too
     ]
 
 
-BATCH_EVERY = 50  # batch_triplet_loss (the slowest small call) once per this many calls
-
-
 def _run_calls(calls, n):
-    e = np.random.default_rng(2).normal(size=(32, 8)).astype(F32)
-    el = np.arange(32) % 4
-    ge = np.empty_like(e)
+    slow = [_registry_call(info, option) for info in LOSSES if info.name in SLOW
+            for option in info.options]
     k = len(calls)
     for i in range(n):
         if i % BATCH_EVERY == 0:
-            fl.batch_triplet_loss(e, el, mining=("hard", "semihard", "all")[i % 3], grad_out=ge)
+            slow[i // BATCH_EVERY % len(slow)]()
         else:
             calls[i % k]()
 

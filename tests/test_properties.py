@@ -1,4 +1,10 @@
-"""Property tests: random shapes, values and options (hypothesis)."""
+"""Property tests: random shapes, values and options (hypothesis).
+
+``test_sum_equals_none_summed`` runs for every loss of the registry
+(``fastloss.tools.registry.LOSSES``); ``SUM_NONE_CALLS`` holds the calls it makes where
+they are built here (drawn shapes and scales, ignored rows, sample weights) rather than
+from the registry's inputs and check options.
+"""
 import numpy as np
 import pytest
 
@@ -8,6 +14,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import fastloss as fl  # noqa: E402
 import naive  # noqa: E402
+from fastloss.tools.registry import LOSSES  # noqa: E402
 from naive import check_result  # noqa: E402
 
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -47,26 +54,64 @@ def test_focal_gamma_zero_is_cross_entropy(seed, batch, C, scale, prob, ignore, 
     np.testing.assert_allclose(a.grad, b.grad, rtol=1e-9, atol=1e-13)
 
 
+def _sum_none_sigmoid_focal(rng, x, t, kw, scale):
+    tt = (rng.random(x.shape) < 0.5).astype(x.dtype)
+    return lambda r: fl.sigmoid_focal_loss(x, tt, reduction=r)
+
+
+def _sum_none_huber(rng, x, t, kw, scale):
+    tt = rng.normal(size=x.shape) * scale
+    return lambda r: fl.huber_loss(x, tt, reduction=r, sample_weight=kw["sample_weight"][..., None])
+
+
+#: per loss, the call of ``test_sum_equals_none_summed`` on drawn logits ``x`` (of size
+#: ``scale``), labels ``t`` (some ignored) and sample weights; a loss not listed runs its
+#: registry inputs with one of its check options
+SUM_NONE_CALLS = {
+    "softmax_cross_entropy": lambda rng, x, t, kw, scale: lambda r: fl.softmax_cross_entropy(
+        x, t, reduction=r, label_smoothing=0.1, **kw),
+    "focal_loss": lambda rng, x, t, kw, scale: lambda r: fl.focal_loss(x, t, reduction=r, gamma=1.5,
+                                                                       **kw),
+    "sigmoid_focal_loss": _sum_none_sigmoid_focal,
+    "huber_loss": _sum_none_huber,
+}
+
+
+def _registry_call(info, seed, which):
+    """``info``'s registry inputs with its check option number ``which`` (modulo their
+    count); an argument updated in place gets a fresh copy per call."""
+    rng = np.random.default_rng(seed)
+    args, kw = info.case(rng, np.float64, info.options[which % len(info.options)])
+
+    def call(reduction):
+        a = list(args)
+        if info.updates is not None:
+            a[info.updates] = a[info.updates].copy()
+        return info.function(*a, reduction=reduction, **kw)
+    return call
+
+
+def _grads(g):
+    return g if isinstance(g, tuple) else (g,)
+
+
+@pytest.mark.parametrize("info", LOSSES, ids=lambda info: info.short)
 @SETTINGS
 @given(seed=seeds, batch=batch_shapes, C=classes, scale=scales, prob=st.booleans(),
-       loss=st.sampled_from(["ce", "focal", "sigmoid_focal", "huber"]))
-def test_sum_equals_none_summed(seed, batch, C, scale, prob, loss):
-    rng, x, t, kw = _classification(seed, batch, C, scale, prob=prob, ignore=True, sample_weight=True)
-    if loss == "ce":
-        f = lambda r: fl.softmax_cross_entropy(x, t, reduction=r, label_smoothing=0.1, **kw)  # noqa: E731
-    elif loss == "focal":
-        f = lambda r: fl.focal_loss(x, t, reduction=r, gamma=1.5, **kw)  # noqa: E731
-    elif loss == "sigmoid_focal":
-        tt = (rng.random(x.shape) < 0.5).astype(x.dtype)
-        f = lambda r: fl.sigmoid_focal_loss(x, tt, reduction=r)  # noqa: E731
+       which=st.integers(0, 63))
+def test_sum_equals_none_summed(info, seed, batch, C, scale, prob, which):
+    if info.name in SUM_NONE_CALLS:
+        rng, x, t, kw = _classification(seed, batch, C, scale, prob=prob, ignore=True,
+                                        sample_weight=True)
+        f = SUM_NONE_CALLS[info.name](rng, x, t, kw, scale)
     else:
-        tt = rng.normal(size=x.shape) * scale
-        f = lambda r: fl.huber_loss(x, tt, reduction=r, sample_weight=kw["sample_weight"][..., None])  # noqa: E731
+        f = _registry_call(info, seed, which)
     s = f("sum")
     n = f("none")
     assert np.shape(s.loss) == ()
     np.testing.assert_allclose(float(s.loss), float(np.sum(n.loss)), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(s.grad, n.grad, rtol=1e-12, atol=1e-15)
+    for gs, gn in zip(_grads(s.grad), _grads(n.grad)):
+        np.testing.assert_allclose(gs, gn, rtol=1e-12, atol=1e-15)
 
 
 @SETTINGS
