@@ -127,19 +127,3 @@ def select_backend(backend, **arrays):
         name = next(n for n, a in arrays.items() if _device_of(a) == "cuda")
         raise TypeError(f"backend='cpu' but {name} is a CUDA array; copy it to the host first")
     return "cuda" if backend == "cuda" or where == "cuda" else "cpu"
-
-
-def on_gpu(main, grad_out=None):
-    """``(fastloss.cuda._arrays.Device(main), grad_out)``.
-
-    Transitional, for the GPU branches that still call it (cross_entropy,
-    focal, triplet): a wrapper's GPU branch imports ``fastloss.cuda._arrays``
-    itself, and this goes with its last caller."""
-    from fastloss.cuda._arrays import Device
-    return Device(main), grad_out
-
-
-def rows(view, width, name):
-    """``fastloss.cuda._arrays.rows``; transitional, as ``on_gpu``."""
-    from fastloss.cuda._arrays import rows as device_rows
-    return device_rows(view, width, name)

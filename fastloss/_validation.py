@@ -80,22 +80,12 @@ def labels_in_range(labels, upper, name, ignore_index=None, first_bad=None):
     skip = 0 if ignore_index is None else ignore_index
     everything_bad = upper <= 0 and ignore_index is None  # no valid label at all (0 neither)
     flat = labels.reshape(-1) if labels.ndim != 1 else labels
-    device = on_device(flat)
-    if first_bad is None:
-        first_bad = _device_search() if device else _first_bad_label
-    bad = (0 if flat.shape[0] else -1) if everything_bad else first_bad(flat, upper, skip)
+    search = _first_bad_label if first_bad is None else first_bad
+    bad = (0 if flat.shape[0] else -1) if everything_bad else search(flat, upper, skip)
     if bad >= 0:
-        bad_value = flat[bad:bad + 1].copy_to_host()[0] if device else flat[bad]
+        bad_value = flat[bad] if first_bad is None else flat[bad:bad + 1].copy_to_host()[0]
         allowed = f"[0, {upper})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise ValueError(f"{name}[{bad}] = {bad_value} is out of range: expected {allowed}")
-
-
-def _device_search():
-    """The GPU's label search, for the GPU branches that do not pass it yet
-    (cross_entropy, focal, triplet through ``class_batch`` and ``row_labels``).
-    Transitional: it goes once every GPU branch passes ``first_bad``."""
-    from fastloss.cuda._checks import first_bad_label
-    return first_bad_label
 
 
 def shape_equal(a, shape, name, expected):
@@ -170,9 +160,8 @@ def sample_weights(w, shape, name, dtype):
         return None
     w = float_array(w, name)
     shape_equal(w, shape, name, "one weight per sample")
-    if on_device(w):  # transitional, as _device_search: the GPU branch should flatten its view
-        from fastloss.cuda._arrays import rows
-        return rows(w, None, name)
+    if on_device(w):  # a device view: its GPU branch flattens it
+        return w
     return np.ascontiguousarray(w, dtype=dtype).reshape(-1)
 
 
@@ -208,16 +197,16 @@ def grad_buffer(grad_out, shape, dtype, device=False):
     return grad_out
 
 
-def class_target(target, logits_shape, ignore_index):
+def class_target(target, logits_shape, ignore_index, first_bad=None):
     """``(labels, None)`` for integer class indices of shape ``logits_shape[:-1]``,
-    checked against ``[0, C)``; ``(None, probs)`` for float probabilities of
-    ``logits_shape``."""
+    checked against ``[0, C)`` (``first_bad``: as in ``labels_in_range``);
+    ``(None, probs)`` for float probabilities of ``logits_shape``."""
     logits_shape = tuple(logits_shape)  # the simulator's shapes refuse negative indices
     target = as_array(target, "target", "integer class indices or float probabilities")
     if target.dtype.kind in "iu":
         labels = label_array(target, "target")
         shape_equal(labels, logits_shape[:-1], "target", "integer class indices, one per row of logits")
-        labels_in_range(labels, logits_shape[-1], "target", ignore_index)
+        labels_in_range(labels, logits_shape[-1], "target", ignore_index, first_bad)
         return labels, None
     if target.dtype.kind == "f":
         shape_equal(target, logits_shape, "target", "probabilities of the logits' shape")
@@ -233,12 +222,13 @@ def class_logits(logits):
     return logits
 
 
-def class_batch(logits, target, sample_weight, grad_out, grad, ignore_index, T):
+def class_batch(logits, target, sample_weight, grad_out, grad, ignore_index, T, first_bad=None):
     """The per-row arguments of a softmax loss, checked against ``logits (..., C)``:
     ``(labels, probs, sample_weight)`` (see ``class_target``; sample weights as
-    a flat ``T`` vector or None); ``grad_out`` is checked when it will be written."""
+    a flat ``T`` vector, a device view as it is, or None); ``grad_out`` is checked
+    when it will be written."""
     sw = sample_weights(sample_weight, logits.shape[:-1], "sample_weight", T)
-    labels, probs = class_target(target, logits.shape, ignore_index)
+    labels, probs = class_target(target, logits.shape, ignore_index, first_bad)
     if grad and grad_out is not None:
         grad_buffer(grad_out, logits.shape, logits.dtype, on_device(logits))
     return labels, probs, sw

@@ -122,10 +122,11 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
       >>> grad.shape, grad.dtype
       ((2, 3), dtype('float32'))
     """
-    dev = caller_grad_out = None
+    dev = caller_grad_out = first_bad = None
     if select_backend(backend, logits=logits, target=target, weight=weight,
                       sample_weight=sample_weight, grad_out=grad_out) == "cuda":
         from fastloss.cuda._arrays import Device
+        from fastloss.cuda._checks import first_bad_label as first_bad
         dev, caller_grad_out = Device(logits), grad_out
         logits, target, weight, sample_weight, grad_out = dev.views(
             logits=logits, target=target, weight=weight, sample_weight=sample_weight,
@@ -140,7 +141,7 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
     T = _storage.compute_type(logits.dtype)
     weight = check.weight_vector(weight, tuple(logits.shape)[-1], "weight", T)
     labels, probs, sw = check.class_batch(logits, target, sample_weight, grad_out, grad,
-                                          ignore_index, T)
+                                          ignore_index, T, first_bad)
 
     if dev is not None:
         from fastloss.cuda import cross_entropy as gpu

@@ -108,13 +108,14 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
       >>> round(float(loss), 4)
       0.2497
     """
-    dev = caller_grad_out = None
+    dev = caller_grad_out = first_bad = None
     # a scalar alpha lives nowhere (a NumPy scalar or 0-d array with CUDA logits is no mix)
     scalar_alpha = alpha is None or _is_scalar(alpha)
     if select_backend(backend, logits=logits, target=target,
                       alpha=None if scalar_alpha else alpha, sample_weight=sample_weight,
                       grad_out=grad_out) == "cuda":
         from fastloss.cuda._arrays import Device
+        from fastloss.cuda._checks import first_bad_label as first_bad
         dev, caller_grad_out = Device(logits), grad_out
         logits, target, sample_weight, grad_out = dev.views(
             logits=logits, target=target, sample_weight=sample_weight, grad_out=grad_out)
@@ -127,7 +128,7 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
     T = _storage.compute_type(logits.dtype)
     ascale, alpha = _alpha(alpha, tuple(logits.shape)[-1], T)
     labels, probs, sw = check.class_batch(logits, target, sample_weight, grad_out, grad,
-                                          ignore_index, T)
+                                          ignore_index, T, first_bad)
 
     if dev is not None:
         from fastloss.cuda import focal as gpu

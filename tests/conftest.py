@@ -118,9 +118,6 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_collection_modifyitems(config, items):
-    # The PTX compile check first: once a CPU kernel has inlined a shared formula in this
-    # process, numba-cuda 0.30 fails to type the CUDA twin (a known bug, see ARCHITECTURE.md).
-    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_cuda_compile.py") else 1)
     sides = {item: side_of(item) for item in items}
     served = _served_sides(cuda_tests="cuda" in sides.values())
     keep = [item for item in items if sides[item] in served]

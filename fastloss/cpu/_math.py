@@ -19,24 +19,22 @@ implementation closes over the constants of the argument's precision
 (``_F32``, ``_F64``), so the kernels are written once and the argument type
 picks the constants at compile time.  Only the polynomials differ.
 
-The same names serve the formulas shared with the CUDA kernels
-(``fastloss.formulas``): in a CUDA kernel each is libdevice's function
-(``math.exp``...), and as plain Python, what the CUDA simulator runs,
-``math``'s, with the limits ``log(0) = log1p(-1) = -inf`` where Python
-raises.
+They are the CPU's primitives of the shared formulas (``PRIMITIVES``, read by
+``fastloss.cpu._formulas``).
 
 ``load``/``store`` read and write array elements in the compute type.
 float16 arrays reach the kernels as ``uint16`` views (Numba's CPU target has no
 float16) and are converted with LLVM's ``half`` type, which the F16C
 instructions (vcvtph2ps/vcvtps2ph) vectorize.
 """
-import math
 from types import SimpleNamespace
 
 import numpy as np
 from llvmlite import ir
 from numba.core import types
 from numba.core.extending import intrinsic, overload, register_jitable
+
+from fastloss import formulas
 
 # ---------------------------------------------------------------- bit casts
 
@@ -190,39 +188,30 @@ def _precision(x):
     return {types.float32: _F32, types.float64: _F64}.get(x)
 
 
-# ---------------------------------------------------------------- one name per target
+# ---------------------------------------------------------------- the names
 
 
-def _primitive(name, python, device, doc):
-    """A function of one float under one name on every target: ``python`` as
-    plain Python (what the CUDA simulator runs), ``device`` in CUDA kernels;
-    the CPU implementation is an ``@overload(..., target="cpu")`` below."""
+def _primitive(name, python, doc):
+    """A function of one float, ``python`` as plain Python (``fastloss.formulas``'s), under a
+    name of its own for the CPU: its implementation is an ``@overload(..., target="cpu")``
+    below, and no other target's overload may share the object (see ``fastloss.formulas``)."""
     def fn(x):
         return python(x)
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = doc
-    overload(fn, target="cuda")(lambda x: lambda x: device(x))
     return fn
 
 
-def _python_log(x):
-    return -math.inf if x == 0 else math.log(x)
-
-
-def _python_log1p(u):
-    return -math.inf if u == -1 else math.log1p(u)
-
-
-vexp = _primitive("vexp", math.exp, math.exp, "exp(x), vectorizable (see module docstring).")
+vexp = _primitive("vexp", formulas.exp, "exp(x), vectorizable (see module docstring).")
 vexp_nonpos = _primitive(
-    "vexp_nonpos", math.exp, math.exp,
+    "vexp_nonpos", formulas.exp_nonpos,
     """exp(x) for x <= 0 or NaN (softmax's exp(z - max z)): vexp without the
     overflow handling, a fifth fewer instructions.  Wrong for x > 0.""")
-vlog = _primitive("vlog", _python_log, math.log, "log(x), vectorizable (see module docstring).")
-vlog1p = _primitive("vlog1p", _python_log1p, math.log1p,
-                    "log(1 + u), accurate for small u, vectorizable.")
-vtanh = _primitive("vtanh", math.tanh, math.tanh, "tanh(x), vectorizable.")
+vlog = _primitive("vlog", formulas.log, "log(x), vectorizable (see module docstring).")
+vlog1p = _primitive("vlog1p", formulas.log1p, "log(1 + u), accurate for small u, vectorizable.")
+vtanh = _primitive("vtanh", formulas.tanh, "tanh(x), vectorizable.")
+PRIMITIVES = dict(exp=vexp, exp_nonpos=vexp_nonpos, log=vlog, log1p=vlog1p, tanh=vtanh)
 
 # ---------------------------------------------------------------- exp
 

@@ -19,9 +19,10 @@ from numba.core.extending import overload, register_jitable
 from fastloss._cache import CACHE
 from fastloss._reduction import reduce
 from fastloss.cpu import _storage
+from fastloss.cpu._formulas import softmax
+from fastloss.cpu._jit import jit, reduction_jit
 from fastloss.cpu._math import _F32, _F64, load, store, vexp_nonpos, vtanh
 from fastloss.cpu._threads import launch
-from fastloss.formulas.softmax import class_gradient
 
 NARROW_ROW = 64  # classes up to which a kernel takes its whole row inline (narrow_softmax)
 ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many values, at least one row
@@ -31,13 +32,6 @@ PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, starting threads costs more than 
 def use_threads(x):
     """Whether a kernel over ``x`` should take the parallel path (else the serial one)."""
     return x.size >= max(PARALLEL_MIN_ELEMENTS, 2 * ROW_BLOCK_ELEMENTS)
-
-
-# NumPy's error model (no ZeroDivisionError branches in loops) and FMA
-# contraction; no licence that would stop NaN/inf propagating as in PyTorch.
-KERNEL_OPTIONS = dict(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract"})
-jit = njit(**KERNEL_OPTIONS)
-reduction_jit = njit(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract", "reassoc", "nsz"})
 
 
 def _float_max(src, ninf):
@@ -187,7 +181,7 @@ def softmax_grad_row(e, a, b, weight, g, slope):
     one = e.dtype.type(1.0)
     for c in range(e.shape[0]):
         wc = one if weight is None else weight[c]
-        v = class_gradient(e[c], a, b, wc)
+        v = softmax.class_gradient(e[c], a, b, wc)
         gc = v if slope is None else v * slope[c]
         store(g, c, gc)
 

@@ -21,9 +21,10 @@ from numba.core.extending import overload
 
 from fastloss._reduction import grad_scale, reduce
 from fastloss.cpu import _storage
-from fastloss.cpu._rows import KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, jit, loss_total, reduction_jit
+from fastloss.cpu._jit import KERNEL_OPTIONS, jit, reduction_jit
+from fastloss.cpu._rows import ROW_BLOCK_ELEMENTS, loss_total
 from fastloss.cpu._threads import launch
-from fastloss.cpu._triplet_formulas import CPU
+from fastloss.cpu._formulas import triplet
 from fastloss.cpu.hard_mining import batch_hard_blocked, float_bits, magnitude_bits
 from fastloss.cpu.mining_backward import batch_backward
 from fastloss.formulas.triplet import (COSINE, COSINE_NORM_EPS, DISTANCES, EUCLIDEAN, HARD,
@@ -60,7 +61,7 @@ def _matrix_distance(g, sq_i, sq_j, inv_i, inv_j, dist, one):
     """d(i, j) from the Gram entry g = e_i.e_j, the squared norms and the inverse clamped norms
     (``one``: 1 in the compute type)."""
     if dist == COSINE:
-        return CPU.cosine_distance(g, inv_i, inv_j, one)
+        return triplet.cosine_distance(g, inv_i, inv_j, one)
     d2 = sq_i + sq_j - (g + g)
     d2 = (one - one) if d2 < 0 else d2  # clamp at 0 (NaN passes)
     if dist == EUCLIDEAN:
@@ -77,7 +78,7 @@ def _distance_row(Gi, sq, inv, i, dist, out):
     inv_i = inv[i]
     if dist == COSINE:
         for j in range(Gi.shape[0]):
-            out[j] = CPU.cosine_distance(Gi[j], inv_i, inv[j], one)
+            out[j] = triplet.cosine_distance(Gi[j], inv_i, inv[j], one)
     else:
         for j in range(Gi.shape[0]):
             d2 = sq_i + sq[j] - (Gi[j] + Gi[j])
@@ -131,7 +132,7 @@ def _hard_keys(Gi, sq, inv, i, dist, cls, ik, hi, lo):
         m = highest
         if dist == COSINE:
             for t in range(g.shape[0]):
-                d = CPU.cosine_distance(g[t], inv_i, w[t], one)
+                d = triplet.cosine_distance(g[t], inv_i, w[t], one)
                 b = magnitude_bits(zero if d < zero else d)  # clamp at 0 (NaN passes)
                 kk[t] = b
                 same = cc[t] == ci
@@ -220,7 +221,7 @@ def _hard_anchor(i, Gi, sq, inv, cls, dist, margin, soft, ik, hi, lo, rec_j, rec
         return 0.0
     d_ap = _matrix_distance(Gi[bp], sq[i], sq[bp], inv[i], inv[bp], dist, one)
     d_an = _matrix_distance(Gi[bn], sq[i], sq[bn], inv[i], inv[bn], dist, one)
-    loss, slope = CPU.term(d_ap - d_an + margin, soft, zero, one)
+    loss, slope = triplet.term(d_ap - d_an + margin, soft, zero, one)
     rec_j[2 * i] = bp
     rec_c[2 * i] = slope
     rec_j[2 * i + 1] = bn
@@ -302,7 +303,7 @@ def _semihard_anchor(i, Gi, sq, inv, cls, dist, margin, soft, drow, posd, posi, 
         j = posi[q]
         r = rank[q] + 1
         n = best[r] if r <= npos and best[r] >= 0 else far
-        term, slope = CPU.term(drow[j] - drow[n] + margin, soft, zero, one)
+        term, slope = triplet.term(drow[j] - drow[n] + margin, soft, zero, one)
         loss += term
         rec_j[k] = j
         rec_c[k] = slope
@@ -326,7 +327,7 @@ def _all_hinge(d_ap, negd, margin, negc):
     count = 0
     for m in range(negd.shape[0]):
         z = d_ap - negd[m] + margin
-        term, s = CPU.hinge(z, zero, one)
+        term, s = triplet.hinge(z, zero, one)
         loss += term
         slope += s
         count += 1 if z > zero else 0
@@ -340,7 +341,7 @@ def _all_soft_terms(d_ap, negd, margin, terms, slopes):
     zero = negd.dtype.type(0.0)
     one = negd.dtype.type(1.0)
     for m in range(negd.shape[0]):
-        terms[m], slopes[m] = CPU.softplus(d_ap - negd[m] + margin, zero, one)
+        terms[m], slopes[m] = triplet.softplus(d_ap - negd[m] + margin, zero, one)
 
 
 @reduction_jit

@@ -17,7 +17,8 @@ from numba.core.extending import register_jitable
 
 from fastloss._reduction import grad_scale, reduce
 from fastloss.cpu._math import load, store
-from fastloss.cpu._rows import KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, loss_total, use_threads
+from fastloss.cpu._jit import KERNEL_OPTIONS
+from fastloss.cpu._rows import ROW_BLOCK_ELEMENTS, loss_total, use_threads
 from fastloss.cpu._storage import (compute_type, finish_gradient, gradient_buffer, kernel_view,
                                    may_overlap)
 from fastloss.cpu._threads import launch, note_gnu_openmp, threads_allowed

@@ -27,13 +27,12 @@ from numba import njit, prange
 
 from fastloss._reduction import grad_scale
 from fastloss.cpu import _storage
+from fastloss.cpu._formulas import softmax
 from fastloss.cpu._math import load, store
-from fastloss.cpu._rows import (KERNEL_OPTIONS, NARROW_ROW, ROW_BLOCK_ELEMENTS, exp_shifted,
-                                ignored_row, jit, loss_total, mean_denominator, narrow_softmax,
-                                reduction_jit, row_dot, row_loss, row_max, softcap_row,
-                                softmax_grad_row)
-from fastloss.formulas.softmax import (class_gradient, label_gradient, label_loss,
-                                       prob_class_gradient, prob_gradient, prob_loss, target_weight)
+from fastloss.cpu._jit import KERNEL_OPTIONS, jit, reduction_jit
+from fastloss.cpu._rows import (NARROW_ROW, ROW_BLOCK_ELEMENTS, exp_shifted, ignored_row,
+                                loss_total, mean_denominator, narrow_softmax, row_dot, row_loss,
+                                row_max, softcap_row, softmax_grad_row)
 
 
 @jit
@@ -45,9 +44,9 @@ def _label_row(src, y, weight, wsum, keep, eps, smooth, zcoef, slope, gscale, e,
     sz = row_dot(src, weight, T(0.0)) if eps > 0 else T(0.0)
     s, rest = exp_shifted(src, m, e, y)
     wy = T(1.0) if weight is None else weight[y]
-    loss, lse = label_loss(load(src, y), m, s, rest, e[y], sz, wy, wsum, keep, smooth, eps, zcoef)
+    loss, lse = softmax.label_loss(load(src, y), m, s, rest, e[y], sz, wy, wsum, keep, smooth, eps, zcoef)
     if g is not None:
-        a, b, gy = label_gradient(lse, s, rest, e[y], wy, wsum, keep, smooth, zcoef, gscale, T(2.0))
+        a, b, gy = softmax.label_gradient(lse, s, rest, e[y], wy, wsum, keep, smooth, zcoef, gscale, T(2.0))
         softmax_grad_row(e, a, b, weight, g[i], slope)
         gy = gy if slope is None else gy * slope[y]  # named: see softmax_grad_row
         store(g, (i, y), gy)
@@ -74,15 +73,15 @@ def _narrow_label_rows(first, last, x, labels, weight, wsum, sw, ignore_index, k
                 wc = T(1.0) if weight is None else weight[c]
                 sz += T(0.0) if wc == 0 else wc * load(x, (i, c))
         wy = T(1.0) if weight is None else weight[y]
-        loss, lse = label_loss(load(x, (i, y)), m, s, rest, e[y], sz, wy, wsum, keep, smooth, eps,
+        loss, lse = softmax.label_loss(load(x, (i, y)), m, s, rest, e[y], sz, wy, wsum, keep, smooth, eps,
                                zcoef)
         losses[i] = swi * loss
         if g is not None:
-            a, b, gy = label_gradient(lse, s, rest, e[y], wy, wsum, keep, smooth, zcoef,
+            a, b, gy = softmax.label_gradient(lse, s, rest, e[y], wy, wsum, keep, smooth, zcoef,
                                       swi * scale, T(2.0))
             for c in range(C):
                 wc = T(1.0) if weight is None else weight[c]
-                store(g, (i, c), class_gradient(e[c], a, b, wc))
+                store(g, (i, c), softmax.class_gradient(e[c], a, b, wc))
             store(g, (i, y), gy)
 
 
@@ -95,7 +94,7 @@ def _target_sums(src, t, weight, keep, smooth, one):
     twz_sum = zero
     for c in range(src.shape[0]):
         wc = one if weight is None else weight[c]
-        tw = target_weight(load(t, c), wc, keep, smooth)
+        tw = softmax.target_weight(load(t, c), wc, keep, smooth)
         tw_sum += tw
         twz_sum += zero if tw == 0 else tw * load(src, c)
     return tw_sum, twz_sum
@@ -111,16 +110,16 @@ def _prob_row(src, t, weight, keep, smooth, zcoef, slope, gscale, e, g, i):
     s, _ = exp_shifted(src, m, e, -1)
     lse = m + T(math.log(s))
     if g is not None:
-        a = prob_gradient(tw_sum, lse, s, zcoef, T(2.0), gscale)
+        a = softmax.prob_gradient(tw_sum, lse, s, zcoef, T(2.0), gscale)
         kg = gscale * keep
         b = gscale * smooth
         gi = g[i]
         for c in range(src.shape[0]):
             wc = T(1.0) if weight is None else weight[c]
-            v = prob_class_gradient(e[c], a, kg, load(t, c), b, wc)
+            v = softmax.prob_class_gradient(e[c], a, kg, load(t, c), b, wc)
             gc = v if slope is None else v * slope[c]
             store(gi, c, gc)
-    return prob_loss(tw_sum, twz_sum, lse, zcoef)
+    return softmax.prob_loss(tw_sum, twz_sum, lse, zcoef)
 
 
 @jit

@@ -26,16 +26,13 @@ from numba.core.extending import register_jitable
 
 from fastloss._reduction import grad_scale, reduce
 from fastloss.cpu import _storage
+from fastloss.cpu._formulas import sigmoid_focal, softmax
 from fastloss.cpu._math import compute_type, load, store
-from fastloss.cpu._rows import (KERNEL_OPTIONS, NARROW_ROW, ROW_BLOCK_ELEMENTS, exp_shifted,
-                                ignored_row, jit, loss_total, mean_denominator, narrow_softmax,
-                                row_loss, row_max, row_sum, softmax_grad_row, use_threads)
+from fastloss.cpu._jit import KERNEL_OPTIONS, jit
+from fastloss.cpu._rows import (NARROW_ROW, ROW_BLOCK_ELEMENTS, exp_shifted, ignored_row,
+                                loss_total, mean_denominator, narrow_softmax, row_loss, row_max,
+                                row_sum, softmax_grad_row, use_threads)
 from fastloss.cpu._threads import launch
-from fastloss.formulas.sigmoid_focal import (alpha_weight, modulating_power, sigmoid_focal_value,
-                                             sigmoid_terms)
-from fastloss.formulas.softmax import (class_gradient, focal_class_at_limit, focal_class_power,
-                                       focal_class_second, focal_class_terms, focal_label_factors,
-                                       focal_label_gradient)
 
 
 @register_jitable(inline="always")
@@ -44,9 +41,9 @@ def _label_terms(zy, m, s, rest, ey, ay, gamma, gscale):
     and its gradient as g_c = e_c a for c != y, g_y at y: ``(loss, a, g_y)``,
     in float64."""
     s, rest, ey = float(s), float(rest), float(ey)
-    nlp, l1mp, pw = focal_label_factors(float(zy), float(m), s, rest, ey, gamma, 0.0, 1.0,
+    nlp, l1mp, pw = softmax.focal_label_factors(float(zy), float(m), s, rest, ey, gamma, 0.0, 1.0,
                                         -math.inf)
-    a, gy = focal_label_gradient(nlp, l1mp, pw, s, rest, ey, ay, gamma, gscale, 0.0, 1.0)
+    a, gy = softmax.focal_label_gradient(nlp, l1mp, pw, s, rest, ey, ay, gamma, gscale, 0.0, 1.0)
     return ay * pw * nlp, a, gy
 
 
@@ -99,11 +96,11 @@ def _focal_terms(src, t, alpha, ascale, gamma, m, log_s, inv_s, e, f, terms):
     for c in range(src.shape[0]):
         p = e[c] * inv_s
         nlp = log_s - (load(src, c) - m)
-        l1mp, pw = focal_class_power(p, gamma, zero, one)
-        t2 = focal_class_second(p, l1mp, nlp, gamma, one)  # branch-free: the loop vectorizes
-        t2 = zero if focal_class_at_limit(p, nlp, gamma, zero, one) else t2
+        l1mp, pw = softmax.focal_class_power(p, gamma, zero, one)
+        t2 = softmax.focal_class_second(p, l1mp, nlp, gamma, one)  # branch-free: the loop vectorizes
+        t2 = zero if softmax.focal_class_at_limit(p, nlp, gamma, zero, one) else t2
         ac = ascale if alpha is None else ascale * alpha[c]
-        fc, term = focal_class_terms(load(t, c) * ac, pw, t2, nlp, zero)
+        fc, term = softmax.focal_class_terms(load(t, c) * ac, pw, t2, nlp, zero)
         e[c] = p
         f[c] = fc
         terms[c] = term
@@ -124,7 +121,7 @@ def _prob_row(src, t, alpha, ascale, gamma, gscale, e, f, terms, g, i):
         b = T(gscale)
         gi = g[i]
         for c in range(src.shape[0]):
-            store(gi, c, class_gradient(e[c], a, b, f[c]))
+            store(gi, c, softmax.class_gradient(e[c], a, b, f[c]))
     return loss
 
 
@@ -202,14 +199,14 @@ def _sigmoid_focal_loop(squared):
         use_alpha = alpha >= 0
         for i in range(x.shape[0]):
             ti = load(t, i)
-            p, q, ce, u = sigmoid_terms(load(x, i), ti, zero, one)
+            p, q, ce, u = sigmoid_focal.sigmoid_terms(load(x, i), ti, zero, one)
             if squared:
                 pw, num, den = u * u, u, one
             else:
-                pw = modulating_power(u, gamma, zero, one)
+                pw = sigmoid_focal.modulating_power(u, gamma, zero, one)
                 num, den = pw, u
-            at = alpha_weight(ti, alpha, use_alpha, one)
-            loss, d = sigmoid_focal_value(p, q, ce, u, ti, at, pw, num, den, gamma, zero, one)
+            at = sigmoid_focal.alpha_weight(ti, alpha, use_alpha, one)
+            loss, d = sigmoid_focal.sigmoid_focal_value(p, q, ce, u, ti, at, pw, num, den, gamma, zero, one)
             out[i] = loss
             if g is not None:
                 store(g, i, scale * (at * d))

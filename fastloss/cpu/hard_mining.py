@@ -40,8 +40,9 @@ from llvmlite import ir
 from numba.core import types
 from numba.core.extending import intrinsic, register_jitable
 
-from fastloss.cpu._rows import jit, loss_total
-from fastloss.cpu._triplet_formulas import CPU
+from fastloss.cpu._jit import jit
+from fastloss.cpu._rows import loss_total
+from fastloss.cpu._formulas import triplet
 from fastloss.formulas.triplet import COSINE, COSINE_NORM_EPS, EUCLIDEAN
 
 HARD_BLOCK = 256  # columns per mining slice, at most HARD_BLOCK_MAX
@@ -318,7 +319,7 @@ def _hard_finish(dist, margin, soft, F, K, rec_j, rec_c, losses):
             continue
         d_ap = _hard_distance(ext.pos_gram[a], U[a], U[p], Wr[a], Wc[p], dist, zero)
         d_an = _hard_distance(ext.neg_gram[a], U[a], U[n], Wr[a], Wc[n], dist, zero)
-        loss, slope = CPU.term(d_ap - d_an + margin, soft, zero, one)
+        loss, slope = triplet.term(d_ap - d_an + margin, soft, zero, one)
         losses[a] = loss
         rec_j[2 * a] = p
         rec_c[2 * a] = slope

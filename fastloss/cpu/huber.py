@@ -19,10 +19,11 @@ from numba import njit, prange
 
 from fastloss._reduction import grad_scale, reduce
 from fastloss.cpu import _storage
+from fastloss.cpu._formulas import huber
 from fastloss.cpu._math import load, store
-from fastloss.cpu._rows import KERNEL_OPTIONS, loss_total, row_sum, use_threads
+from fastloss.cpu._jit import KERNEL_OPTIONS
+from fastloss.cpu._rows import loss_total, row_sum, use_threads
 from fastloss.cpu._threads import launch
-from fastloss.formulas.huber import huber, huber_slope
 
 # No transcendental functions here, so reassociation is safe.
 _OPTIONS = dict(KERNEL_OPTIONS, fastmath={"contract", "reassoc", "nsz"})
@@ -45,8 +46,8 @@ def _span(x, t, w, sw, delta, gscale, out, gout):
     for i in range(x.shape[0]):
         wi = w if sw is None else sw[i]
         r = load(x, i) - load(t, i)
-        out[i] = wi * huber(r, delta, half)
-        store(gout, i, gscale * wi * huber_slope(r, delta, zero))
+        out[i] = wi * huber.huber(r, delta, half)
+        store(gout, i, gscale * wi * huber.huber_slope(r, delta, zero))
 
 
 @njit(**_OPTIONS)

@@ -15,9 +15,10 @@ import numpy as np
 from numba import njit, prange
 
 from fastloss.cpu._math import store
-from fastloss.cpu._rows import KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, jit, reduction_jit
+from fastloss.cpu._jit import KERNEL_OPTIONS, jit, reduction_jit
+from fastloss.cpu._rows import ROW_BLOCK_ELEMENTS
 from fastloss.cpu._threads import launch
-from fastloss.cpu._triplet_formulas import CPU
+from fastloss.cpu._formulas import triplet
 from fastloss.formulas.triplet import COSINE, COSINE_NORM_EPS, DISTANCES, EUCLIDEAN
 
 # the records by their other endpoint: row r's are the anchors a[off[r]:off[r+1]], with their
@@ -73,7 +74,7 @@ def _pair_grad(er, eo, c, cw, dist, acc):
             t = er[k] - eo[k]
             s += t * t
         d = math.sqrt(s)
-    w = CPU.difference_weight(dist == EUCLIDEAN, c, d, zero)
+    w = triplet.difference_weight(dist == EUCLIDEAN, c, d, zero)
     for k in range(er.shape[0]):
         acc[k] += w * (er[k] - eo[k])
     return zero
@@ -101,19 +102,19 @@ def _backward_rows(first, last, E, inv, dist, S, records, into, scale, g):
             Sr = S[r]
             for o in range(S.shape[1]):
                 c = Sr[o]
-                beta += _pair_grad(er, E[o], c, CPU.cosine_weight(c, inv_r, inv[o]), dist, acc)
+                beta += _pair_grad(er, E[o], c, triplet.cosine_weight(c, inv_r, inv[o]), dist, acc)
         if records is not None:
             for k in range(off[r], off[r + 1]):
                 o = rec_j[k]
                 if o >= 0:
                     c = rec_c[k]
-                    beta += _pair_grad(er, E[o], c, CPU.cosine_weight(c, inv_r, inv[o]), dist, acc)
+                    beta += _pair_grad(er, E[o], c, triplet.cosine_weight(c, inv_r, inv[o]), dist, acc)
             for k in range(in_off[r], in_off[r + 1]):
                 o = in_a[k]
                 c = in_c[k]
-                beta += _pair_grad(er, E[o], c, CPU.cosine_weight(c, inv_r, inv[o]), dist, acc)
+                beta += _pair_grad(er, E[o], c, triplet.cosine_weight(c, inv_r, inv[o]), dist, acc)
         # |e_r| > 1e-8, i.e. its norm is not clamped: n_r = 1 / inv_r
-        beta = (CPU.cosine_self_weight(beta, inv_r, 1 / COSINE_NORM_EPS, zero) if dist == COSINE
+        beta = (triplet.cosine_self_weight(beta, inv_r, 1 / COSINE_NORM_EPS, zero) if dist == COSINE
                 else zero)
         gr = g[r]
         for k in range(D):

@@ -14,10 +14,10 @@ from numba import njit, prange
 from fastloss._reduction import grad_scale, reduce
 from fastloss.cpu import _storage
 from fastloss.cpu._math import load, store
-from fastloss.cpu._rows import (KERNEL_OPTIONS, ROW_BLOCK_ELEMENTS, jit, loss_total, reduction_jit,
-                                use_threads)
+from fastloss.cpu._jit import KERNEL_OPTIONS, jit, reduction_jit
+from fastloss.cpu._rows import ROW_BLOCK_ELEMENTS, loss_total, use_threads
 from fastloss.cpu._threads import launch
-from fastloss.cpu._triplet_formulas import CPU
+from fastloss.cpu._formulas import triplet
 from fastloss.formulas.triplet import COSINE, DISTANCES, EUCLIDEAN
 
 # three row arrays (N, D) in kernel form: the inputs, or their gradients
@@ -35,13 +35,13 @@ def _difference_sums(a, p, n, shift, swap, zero):
     s_pn = zero
     if swap:
         for j in range(a.shape[0]):
-            u, v, w = CPU.differences(load(a, j), load(p, j), load(n, j), shift)
+            u, v, w = triplet.differences(load(a, j), load(p, j), load(n, j), shift)
             s_ap += u * u
             s_an += v * v
             s_pn += w * w
     else:
         for j in range(a.shape[0]):
-            u, v, _ = CPU.differences(load(a, j), load(p, j), load(n, j), shift)
+            u, v, _ = triplet.differences(load(a, j), load(p, j), load(n, j), shift)
             s_ap += u * u
             s_an += v * v
     return s_ap, s_an, s_pn
@@ -52,7 +52,7 @@ def _dot_sums(a, p, n, zero):
     """a.a, p.p, n.n, a.p, a.n, p.n."""
     dots = (zero, zero, zero, zero, zero, zero)
     for j in range(a.shape[0]):
-        dots = CPU.add_dots(dots, load(a, j), load(p, j), load(n, j))
+        dots = triplet.add_dots(dots, load(a, j), load(p, j), load(n, j))
     return dots
 
 
@@ -60,7 +60,7 @@ def _dot_sums(a, p, n, zero):
 def _difference_rows(a, p, n, shift, cp, cn, cs, ga, gp, gn):
     """Gradient rows of cp d(a,p) - cn d(a,n) - cs d(p,n), from the (shifted) differences."""
     for j in range(a.shape[0]):
-        da, dp, dn = CPU.difference_gradients(load(a, j), load(p, j), load(n, j), shift, cp, cn, cs)
+        da, dp, dn = triplet.difference_gradients(load(a, j), load(p, j), load(n, j), shift, cp, cn, cs)
         store(ga, j, da)
         store(gp, j, dp)
         store(gn, j, dn)
@@ -70,7 +70,7 @@ def _difference_rows(a, p, n, shift, cp, cn, cs, ga, gp, gn):
 def _linear_rows(a, p, n, m, ga, gp, gn):
     """Gradient rows that are linear combinations of a, p, n (the symmetric matrix ``m``)."""
     for j in range(a.shape[0]):
-        da, dp, dn = CPU.linear_gradients(load(a, j), load(p, j), load(n, j), m)
+        da, dp, dn = triplet.linear_gradients(load(a, j), load(p, j), load(n, j), m)
         store(ga, j, da)
         store(gp, j, dp)
         store(gn, j, dn)
@@ -95,16 +95,16 @@ def _triplet_rows(first, last, x, opt, g, losses):
         p = xp[i]
         n = xn[i]
         if dist == COSINE:
-            d, geometry = CPU.cosine_distances(_dot_sums(a, p, n, zero), eps, one)
+            d, geometry = triplet.cosine_distances(_dot_sums(a, p, n, zero), eps, one)
         else:
-            d = CPU.difference_distances(_difference_sums(a, p, n, shift, swap, zero), euclid)
-        losses[i], c, cn, cs = CPU.margin_term(d[0], d[1], d[2], swap, margin, scale, zero, one)
+            d = triplet.difference_distances(_difference_sums(a, p, n, shift, swap, zero), euclid)
+        losses[i], c, cn, cs = triplet.margin_term(d[0], d[1], d[2], swap, margin, scale, zero, one)
         if g is not None:
             if dist == COSINE:
-                m = CPU.cosine_coefficients(geometry, c, cn, cs, zero, one)
+                m = triplet.cosine_coefficients(geometry, c, cn, cs, zero, one)
                 _linear_rows(a, p, n, m, ga[i], gp[i], gn[i])
             else:
-                cp, cn, cs = CPU.difference_coefficients(euclid, d[0], d[1], d[2], c, cn, cs,
+                cp, cn, cs = triplet.difference_coefficients(euclid, d[0], d[1], d[2], c, cn, cs,
                                                          zero, one)
                 _difference_rows(a, p, n, shift, cp, cn, cs, ga[i], gp[i], gn[i])
 

@@ -6,8 +6,9 @@ from fastloss.cuda._reduction import finish, per_row_losses
 
 
 def class_rows(logits, labels, probs, weight, sw, grad, grad_out):
-    """``(x, labels, probs)``: the logits ``(..., C)`` as rows ``(n, C)``, integer
-    ``labels`` as ``(n,)`` or ``probs`` as ``(n, C)`` (the other None).  First, a
+    """``(x, labels, probs, sw)``: the logits ``(..., C)`` as rows ``(n, C)``, integer
+    ``labels`` as ``(n,)`` or ``probs`` as ``(n, C)`` (the other None), sample
+    weights ``sw`` (or None) as ``(n,)``.  First, a
     ValueError when ``grad_out``, which the kernels write directly, overlaps an
     input other than the logits themselves (in place)."""
     if grad:
@@ -16,7 +17,8 @@ def class_rows(logits, labels, probs, weight, sw, grad, grad_out):
                        sample_weight=sw)
     C = tuple(logits.shape)[-1]  # the simulator's shapes refuse negative indices
     return (rows(logits, C, "logits"), None if labels is None else rows(labels, None, "target"),
-            None if probs is None else rows(probs, C, "target"))
+            None if probs is None else rows(probs, C, "target"),
+            None if sw is None else rows(sw, None, "sample_weight"))
 
 
 def row_loss(dev, kernel, args, stats, logits, reduction, grad, grad_out, caller_grad_out):

@@ -32,10 +32,9 @@ from fastloss._cache import CACHE
 from fastloss.cuda._arrays import compute_type
 from fastloss.cuda._blocks import (MAX_THREADS, UNROLL, block_logsumexp, block_sum, cast_like,
                                    group_end, ignored_row, load_group, online_add, ptx_dtypes)
+from fastloss.cuda._formulas import softmax
 from fastloss.cuda._reduction import class_denominator, gradient_scale
 from fastloss.cuda._rows import class_rows, row_loss
-from fastloss.formulas.softmax import (class_gradient, label_gradient, label_loss,
-                                       prob_class_gradient, prob_gradient, prob_loss, target_weight)
 
 
 @cuda.jit(device=True)
@@ -97,7 +96,7 @@ def _label_sums(x, row, y, weight, eps, cap, zero, one, ninf):
 def _label_grad(v, c, weight, a, b, m, cap, zero, one):
     """Gradient of an integer-target row at a class c != y."""
     z, slope = _capped(cast_like(v, zero), cap, one)
-    return class_gradient(math.exp(z - m), a, b, _weight(weight, c, zero)) * slope
+    return softmax.class_gradient(math.exp(z - m), a, b, _weight(weight, c, zero)) * slope
 
 
 @cuda.jit(device=True)
@@ -149,11 +148,11 @@ def _label_row(x, labels, row, ignore_index, weight, swi, gscale, eps, zcoef, ca
     ey = math.exp(zy - m)
     s = rest + ey
     wy = _weight(weight, y, zero)
-    loss, lse = label_loss(zy, m, s, rest, ey, sz, wy, wsum, keep, smooth, eps, zcoef)
+    loss, lse = softmax.label_loss(zy, m, s, rest, ey, sz, wy, wsum, keep, smooth, eps, zcoef)
     if cuda.threadIdx.x == 0:
         losses[row] = swi * loss
     if g is not None:
-        a, b, gy = label_gradient(lse, s, rest, ey, wy, wsum, keep, smooth, zcoef, gscale,
+        a, b, gy = softmax.label_gradient(lse, s, rest, ey, wy, wsum, keep, smooth, zcoef, gscale,
                                   cast_like(2, zero))
         _label_grads(x, row, g, weight, a, b, m, cap, zero, one)
         if cuda.threadIdx.x == y % cuda.blockDim.x:
@@ -166,7 +165,7 @@ def _label_row(x, labels, row, ignore_index, weight, swi, gscale, eps, zcoef, ca
 def _prob_visit(v, p, c, m, s, tw_sum, twz_sum, weight, keep, smooth, cap, zero, one, ninf):
     """Pass 1 of a probability-target row, one element."""
     z, _ = _capped(cast_like(v, zero), cap, one)
-    tw = target_weight(cast_like(p, zero), _weight(weight, c, zero), keep, smooth)
+    tw = softmax.target_weight(cast_like(p, zero), _weight(weight, c, zero), keep, smooth)
     tw_sum += tw
     twz_sum += zero if tw == 0 else tw * z  # a class without mass adds 0, even at z = -inf
     m, s = online_add(m, s, z, True, ninf)
@@ -203,7 +202,7 @@ def _prob_sums(x, probs, row, weight, keep, smooth, cap, zero, one, ninf):
 @cuda.jit(device=True)
 def _prob_grad(v, p, c, weight, a, kg, b, m, cap, zero, one):
     z, slope = _capped(cast_like(v, zero), cap, one)
-    return prob_class_gradient(math.exp(z - m), a, kg, cast_like(p, zero), b,
+    return softmax.prob_class_gradient(math.exp(z - m), a, kg, cast_like(p, zero), b,
                                _weight(weight, c, zero)) * slope
 
 
@@ -239,9 +238,9 @@ def _prob_row(x, probs, row, weight, swi, gscale, eps, zcoef, cap, mbuf, sbuf, g
     s = cast_like(s64, zero)
     lse = m + math.log(s)
     if cuda.threadIdx.x == 0:
-        losses[row] = swi * prob_loss(tw_sum, twz_sum, lse, zcoef)
+        losses[row] = swi * softmax.prob_loss(tw_sum, twz_sum, lse, zcoef)
     if g is not None:
-        a = prob_gradient(tw_sum, lse, s, zcoef, cast_like(2, zero), gscale)
+        a = softmax.prob_gradient(tw_sum, lse, s, zcoef, cast_like(2, zero), gscale)
         _prob_grads(x, probs, row, g, weight, a, gscale * keep, gscale * smooth, m, cap, zero, one)
 
 
@@ -273,7 +272,7 @@ def softmax_cross_entropy(dev, logits, labels, probs, weight, sw, ignore_index, 
     """``(loss, grad)`` of ``fastloss.softmax_cross_entropy`` on checked device
     views, as native arrays of the call's kind (``grad`` the caller's
     ``grad_out`` when given, None when not asked for)."""
-    x, labels, probs = class_rows(logits, labels, probs, weight, sw, grad, grad_out)
+    x, labels, probs, sw = class_rows(logits, labels, probs, weight, sw, grad, grad_out)
     T = compute_type(logits.dtype)
     stats = (class_denominator(dev, x.shape[0], labels, None if probs is not None else weight, sw,
                                ignore_index)

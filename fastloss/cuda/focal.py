@@ -38,14 +38,10 @@ from fastloss.cuda._blocks import (MAX_THREADS, UNROLL, block_logsumexp, block_s
                                    element, grid_stride, group_end, ignored_row, load_group,
                                    online_add, ptx_dtypes, set_element)
 from fastloss.cuda._checks import grad_out_apart
+from fastloss.cuda._formulas import sigmoid_focal, softmax
 from fastloss.cuda._reduction import (class_denominator, count_denominator, elementwise_loss,
                                       gradient_scale)
 from fastloss.cuda._rows import class_rows, row_loss
-from fastloss.formulas.sigmoid_focal import (alpha_weight, modulating_power, sigmoid_focal_value,
-                                             sigmoid_terms)
-from fastloss.formulas.softmax import (class_gradient, focal_class_at_limit, focal_class_power,
-                                       focal_class_second, focal_class_terms, focal_label_factors,
-                                       focal_label_gradient)
 
 
 @cuda.jit(device=True)
@@ -110,12 +106,12 @@ def _label_row(x, labels, row, ignore_index, alpha, ascale, gamma, swi, gscale, 
     rest = cast_like(rest64, zero)
     ey = math.exp(zy - m)
     s = rest + ey
-    nlp, l1mp, pw = focal_label_factors(zy, m, s, rest, ey, gamma, zero, one, ninf)
+    nlp, l1mp, pw = softmax.focal_label_factors(zy, m, s, rest, ey, gamma, zero, one, ninf)
     ay = ascale if alpha is None else ascale * cast_like(alpha[y], zero)
     if cuda.threadIdx.x == 0:
         losses[row] = swi * (ay * pw * nlp)
     if g is not None:
-        a, gy = focal_label_gradient(nlp, l1mp, pw, s, rest, ey, ay, gamma, gscale, zero, one)
+        a, gy = softmax.focal_label_gradient(nlp, l1mp, pw, s, rest, ey, ay, gamma, gscale, zero, one)
         _exp_grads(x, row, g, a, m, zero)
         if cuda.threadIdx.x == y % cuda.blockDim.x:
             g[row, y] = gy  # the owner of column y rewrites it after its own pass
@@ -131,11 +127,11 @@ def _terms(v, pv, c, alpha, ascale, gamma, m, log_s, inv_s, zero, one):
     ac = ascale if alpha is None else ascale * cast_like(alpha[c], zero)
     p = math.exp(z - m) * inv_s
     nlp = log_s - (z - m)
-    l1mp, pw = focal_class_power(p, gamma, zero, one)
+    l1mp, pw = softmax.focal_class_power(p, gamma, zero, one)
     t2 = zero
-    if not focal_class_at_limit(p, nlp, gamma, zero, one):
-        t2 = focal_class_second(p, l1mp, nlp, gamma, one)
-    f, term = focal_class_terms(tc * ac, pw, t2, nlp, zero)
+    if not softmax.focal_class_at_limit(p, nlp, gamma, zero, one):
+        t2 = softmax.focal_class_second(p, l1mp, nlp, gamma, one)
+    f, term = softmax.focal_class_terms(tc * ac, pw, t2, nlp, zero)
     return p, f, term
 
 
@@ -143,7 +139,7 @@ def _terms(v, pv, c, alpha, ascale, gamma, m, log_s, inv_s, zero, one):
 def _terms_pass(x, probs, row, alpha, ascale, gamma, m, log_s, inv_s, a, b, g, zero, one):
     """A pass over this thread's columns of a probability-target row: with ``g``
     None, ``(sum of t_c alpha_c F_c, sum of the loss terms)``; else it writes the
-    gradient ``g_c = class_gradient(p_c, a, b, t_c alpha_c F_c)``."""
+    gradient ``g_c = softmax.class_gradient(p_c, a, b, t_c alpha_c F_c)``."""
     nt = cuda.blockDim.x
     C = x.shape[1]
     q = zero
@@ -175,7 +171,7 @@ def _terms_step(v, pv, c, row, alpha, ascale, gamma, m, log_s, inv_s, a, b, g, q
     p, f, term = _terms(v, pv, c, alpha, ascale, gamma, m, log_s, inv_s, zero, one)
     if g is None:
         return q + f, loss + term
-    g[row, c] = class_gradient(p, a, b, f)
+    g[row, c] = softmax.class_gradient(p, a, b, f)
     return q, loss
 
 
@@ -229,7 +225,7 @@ def focal_loss(dev, logits, labels, probs, alpha, ascale, sw, ignore_index, gamm
     native arrays of the call's kind (``grad`` the caller's ``grad_out`` when
     given, None when not asked for).  ``alpha`` is a ``(C,)`` device view or
     None; ``ascale`` a float."""
-    x, labels, probs = class_rows(logits, labels, probs, alpha, sw, grad, grad_out)
+    x, labels, probs, sw = class_rows(logits, labels, probs, alpha, sw, grad, grad_out)
     T = compute_type(logits.dtype)
     stats = (class_denominator(dev, x.shape[0], labels, None, sw, ignore_index)
              if reduction == "mean" else None)
@@ -257,10 +253,10 @@ def sigmoid_focal_kernel(x, t, n, alpha, gamma, stats, g, losses, partials):
     while i < n:
         xr = element(x, i)
         ti = cast_like(cast_like(element(t, i), xr), zero)  # in the logits' dtype, as the CPU
-        p, q, ce, u = sigmoid_terms(cast_like(xr, zero), ti, zero, one)
-        pw = modulating_power(u, gamma, zero, one)
-        at = alpha_weight(ti, alpha, use_alpha, one)
-        loss, d = sigmoid_focal_value(p, q, ce, u, ti, at, pw, pw, u, gamma, zero, one)
+        p, q, ce, u = sigmoid_focal.sigmoid_terms(cast_like(xr, zero), ti, zero, one)
+        pw = sigmoid_focal.modulating_power(u, gamma, zero, one)
+        at = sigmoid_focal.alpha_weight(ti, alpha, use_alpha, one)
+        loss, d = sigmoid_focal.sigmoid_focal_value(p, q, ce, u, ti, at, pw, pw, u, gamma, zero, one)
         if losses is not None:
             losses[i] = loss
         if partials is not None:

@@ -30,8 +30,8 @@ from fastloss.cpu._storage import compact_weights as compact_on_host
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import compute_type, flat
 from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, element, set_element
+from fastloss.cuda._formulas import huber
 from fastloss.cuda._reduction import count_denominator, elementwise_loss, gradient_scale, sum_to
-from fastloss.formulas.huber import huber, huber_slope
 
 
 @cuda.jit(cache=CACHE)
@@ -56,13 +56,13 @@ def huber_elements_kernel(x, t, n, sw, inner, period, delta, stats, g, losses, p
         if sw is not None:
             j = i % period if inner == 1 else (i // inner) % period
             w = cast_like(element(sw, j), zero)
-        loss = w * huber(r, delta, half)
+        loss = w * huber.huber(r, delta, half)
         if losses is not None:
             losses[i] = loss
         if partials is not None:
             acc += float64(loss)
         if g is not None:
-            set_element(g, i, scale * w * huber_slope(r, delta, zero))
+            set_element(g, i, scale * w * huber.huber_slope(r, delta, zero))
         i += stride
     if partials is not None:
         total = block_sum(buf, acc)

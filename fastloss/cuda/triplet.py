@@ -44,7 +44,6 @@ import os
 
 import numpy as np
 from numba import cuda, float64, int64
-from numba.core.extending import register_jitable
 
 from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
@@ -53,11 +52,11 @@ from fastloss.cuda._arrays import compute_type
 from fastloss.cuda._blocks import (MAX_THREADS, block_max, block_sum, cast_like, grid_for, row_grid,
                                    threads_for)
 from fastloss.cuda._checks import same_view, shares_memory
+from fastloss.cuda._formulas import triplet
 from fastloss.cuda._reduction import class_denominator, finish, gradient_scale, per_row_losses
 from fastloss.cuda.center import copy_rows_kernel
-from fastloss.formulas.triplet import COSINE, COSINE_NORM_EPS, DISTANCES, EUCLIDEAN, formulas
+from fastloss.formulas.triplet import COSINE, COSINE_NORM_EPS, DISTANCES, EUCLIDEAN
 
-CUDA = formulas("CUDA", math.exp, math.log1p, register_jitable, register_jitable)
 
 # pairwise distances: TILE x TILE threads per block, shared tiles of TILE x TILE.  The simulator
 # (one Python thread per GPU thread) gets 4 x 4: cheaper, and tiny test batches (N <= 12,
@@ -138,7 +137,7 @@ def _dot_sums(buf, xa, xp, xn, row, zero):
     dots = (zero, zero, zero, zero, zero, zero)
     for j in range(cuda.threadIdx.x, xa.shape[1], cuda.blockDim.x):
         a, p, n = _load3(xa, xp, xn, row, j, zero)
-        dots = CUDA.add_dots(dots, a, p, n)
+        dots = triplet.add_dots(dots, a, p, n)
     s1, s2, s3 = _block_sum3(buf, dots[0], dots[1], dots[2])
     aa = cast_like(s1, zero)
     pp = cast_like(s2, zero)
@@ -155,7 +154,7 @@ def _difference_sums(buf, xa, xp, xn, row, shift, swap, zero):
     s_pn = zero
     for j in range(cuda.threadIdx.x, xa.shape[1], cuda.blockDim.x):
         a, p, n = _load3(xa, xp, xn, row, j, zero)
-        u, v, w = CUDA.differences(a, p, n, shift)
+        u, v, w = triplet.differences(a, p, n, shift)
         s_ap += u * u
         s_an += v * v
         if swap:
@@ -169,7 +168,7 @@ def _difference_rows(xa, xp, xn, row, shift, cp, cn, cs, ga, gp, gn, zero):
     """The row's gradients from the (shifted) differences; each thread its own columns."""
     for j in range(cuda.threadIdx.x, xa.shape[1], cuda.blockDim.x):
         a, p, n = _load3(xa, xp, xn, row, j, zero)
-        ga[row, j], gp[row, j], gn[row, j] = CUDA.difference_gradients(a, p, n, shift, cp, cn, cs)
+        ga[row, j], gp[row, j], gn[row, j] = triplet.difference_gradients(a, p, n, shift, cp, cn, cs)
 
 
 @cuda.jit(device=True)
@@ -177,7 +176,7 @@ def _linear_rows(xa, xp, xn, row, m, ga, gp, gn, zero):
     """The row's gradients as linear combinations of a, p, n (the symmetric matrix ``m``)."""
     for j in range(cuda.threadIdx.x, xa.shape[1], cuda.blockDim.x):
         a, p, n = _load3(xa, xp, xn, row, j, zero)
-        ga[row, j], gp[row, j], gn[row, j] = CUDA.linear_gradients(a, p, n, m)
+        ga[row, j], gp[row, j], gn[row, j] = triplet.linear_gradients(a, p, n, m)
 
 
 @cuda.jit(cache=CACHE)
@@ -193,19 +192,19 @@ def triplet_rows_kernel(xa, xp, xn, dist, swap, margin, eps, scale, ga, gp, gn, 
     shift = eps if euclid else zero
     for row in range(int64(cuda.blockIdx.x), xa.shape[0], int64(cuda.gridDim.x)):
         if dist == COSINE:
-            d, geometry = CUDA.cosine_distances(_dot_sums(buf, xa, xp, xn, row, zero), eps, one)
+            d, geometry = triplet.cosine_distances(_dot_sums(buf, xa, xp, xn, row, zero), eps, one)
         else:
-            d = CUDA.difference_distances(_difference_sums(buf, xa, xp, xn, row, shift, swap, zero),
+            d = triplet.difference_distances(_difference_sums(buf, xa, xp, xn, row, shift, swap, zero),
                                       euclid)
-        loss, c, cn, cs = CUDA.margin_term(d[0], d[1], d[2], swap, margin, scale, zero, one)
+        loss, c, cn, cs = triplet.margin_term(d[0], d[1], d[2], swap, margin, scale, zero, one)
         if cuda.threadIdx.x == 0:
             losses[row] = loss
         if ga is not None:
             if dist == COSINE:
-                m = CUDA.cosine_coefficients(geometry, c, cn, cs, zero, one)
+                m = triplet.cosine_coefficients(geometry, c, cn, cs, zero, one)
                 _linear_rows(xa, xp, xn, row, m, ga, gp, gn, zero)
             else:
-                cp, cn, cs = CUDA.difference_coefficients(euclid, d[0], d[1], d[2], c, cn, cs,
+                cp, cn, cs = triplet.difference_coefficients(euclid, d[0], d[1], d[2], c, cn, cs,
                                                           zero, one)
                 _difference_rows(xa, xp, xn, row, shift, cp, cn, cs, ga, gp, gn, zero)
 
@@ -329,7 +328,7 @@ def _distance(M, inv, i, j, euclid):
     the squared distance, or its square root (``euclid``)."""
     v = M[i, j]
     if inv is not None:
-        return CUDA.cosine_distance(v, inv[i], inv[j], cast_like(1, v))
+        return triplet.cosine_distance(v, inv[i], inv[j], cast_like(1, v))
     if euclid:
         return math.sqrt(v)
     return v
@@ -418,7 +417,7 @@ def mine_hard_kernel(M, inv, labels, euclid, margin, soft, S, pick, losses, coun
     if bp >= 0 and bn >= 0:
         d_ap = _distance(M, inv, i, bp, euclid)
         d_an = _distance(M, inv, i, bn, euclid)
-        term, slope = CUDA.term(d_ap - d_an + margin, soft, zero, cast_like(1, zero))
+        term, slope = triplet.term(d_ap - d_an + margin, soft, zero, cast_like(1, zero))
     else:
         bp = -1
         bn = -1
@@ -510,7 +509,7 @@ def mine_semihard_kernel(M, inv, labels, euclid, margin, soft, S, pick, losses, 
         if nneg > 0 and labels[j] == labels[i] and j != i:
             chosen, d_ap = _semihard_choice(M, inv, labels, i, j, euclid, zero)
             d_an = _distance(M, inv, i, chosen, euclid)
-            term, slope = CUDA.term(d_ap - d_an + margin, soft, zero, one)
+            term, slope = triplet.term(d_ap - d_an + margin, soft, zero, one)
             loss += float64(term)
             cnt += 1
         if S is not None:
@@ -538,7 +537,7 @@ def _all_column(M, inv, labels, i, j, euclid, margin, soft, npos, nneg, zero):
             for n in range(M.shape[0]):
                 if labels[n] != li:
                     z = d_ap - _distance(M, inv, i, n, euclid) + margin
-                    term, sl = CUDA.term(z, soft, zero, one)
+                    term, sl = triplet.term(z, soft, zero, one)
                     part += term
                     s += sl
                     if soft or z > zero:
@@ -547,7 +546,7 @@ def _all_column(M, inv, labels, i, j, euclid, margin, soft, npos, nneg, zero):
         d_an = _distance(M, inv, i, j, euclid)
         for p in range(M.shape[0]):
             if labels[p] == li and p != i:
-                _, sl = CUDA.term(_distance(M, inv, i, p, euclid) - d_an + margin, soft, zero, one)
+                _, sl = triplet.term(_distance(M, inv, i, p, euclid) - d_an + margin, soft, zero, one)
                 s -= sl
     return part, s, cnt
 
@@ -632,14 +631,14 @@ def backward_kernel(E, M, inv, euclid, S, pick, stats, big, g):
                 c = S[r, o] + S[o, r]
                 eo = cast_like(E[o, k], zero)
                 if inv is not None:
-                    cw = CUDA.cosine_weight(c, inv_r, inv[o])
+                    cw = triplet.cosine_weight(c, inv_r, inv[o])
                     acc -= cw * eo
                     beta += cw * M[r, o]
                 else:
                     d = math.sqrt(M[r, o]) if euclid else zero
-                    acc += CUDA.difference_weight(euclid, c, d, zero) * (er - eo)
+                    acc += triplet.difference_weight(euclid, c, d, zero) * (er - eo)
         if inv is not None:
-            beta = CUDA.cosine_self_weight(beta, inv_r, big, zero)
+            beta = triplet.cosine_self_weight(beta, inv_r, big, zero)
         g[r, k] = scale * (acc + beta * er)
 
 

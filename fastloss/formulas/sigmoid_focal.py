@@ -13,19 +13,16 @@ where ``p``, ``1-p``, ``softplus(x)`` and ``softplus(-x)`` all come from one
 0 the loss and ``ce`` are 0 too, and the second term takes its limit, 0, so
 nothing is NaN at saturated logits.
 
-Values are in the compute type, with ``zero``/``one`` in it; each function is
-plain Python (the CUDA simulator's), inlined into the CPU kernels and a device
-function on CUDA (``fastloss.formulas.softmax.formula``).
+Values are in the compute type, with ``zero``/``one`` in it; the kernels call
+each target's copy of these functions (see ``fastloss.formulas``).
 """
-from fastloss.cpu._math import vexp, vexp_nonpos, vlog, vlog1p
-from fastloss.formulas.softmax import formula
+from fastloss.formulas import exp, exp_nonpos, log, log1p
 
 
-@formula
 def sigmoid_terms(x, t, zero, one):
     """``(p, 1 - p, ce, u = 1 - p_t)`` of one element with logit x and target t."""
-    ea = vexp_nonpos(-abs(x))
-    l1pe = vlog1p(ea)
+    ea = exp_nonpos(-abs(x))
+    l1pe = log1p(ea)
     sp_pos = (x if x > zero else zero) + l1pe  # softplus(x)  = -log(1-p)
     sp_neg = (zero if x > zero else -x) + l1pe  # softplus(-x) = -log p
     inv = one / (one + ea)
@@ -36,19 +33,16 @@ def sigmoid_terms(x, t, zero, one):
     return p, q, ce, u
 
 
-@formula
 def modulating_power(u, gamma, zero, one):
     """``u**gamma`` as ``exp(gamma log u)``: 1 at gamma = 0, and 0 at u = 0 otherwise."""
-    return one if gamma == zero else vexp(gamma * vlog(u))
+    return one if gamma == zero else exp(gamma * log(u))
 
 
-@formula
 def alpha_weight(t, alpha, use_alpha, one):
     """``alpha_t`` of target t (1 unless ``use_alpha``)."""
     return alpha * t + (one - alpha) * (one - t) if use_alpha else one
 
 
-@formula
 def sigmoid_focal_value(p, q, ce, u, t, at, pw, num, den, gamma, zero, one):
     """``(L, dL/dx / alpha_t)`` of one element from ``sigmoid_terms``, ``at =
     alpha_t`` and ``pw = u**gamma``; ``u**(gamma-1) = num / den`` (``pw / u``,

@@ -40,36 +40,18 @@ reduction's scale (1/denominator for "mean").
 The kernels pass values in their compute type (float32 for float16 and
 float32 data, float64 for float64) and ``zero``/``one``/``two``/``ninf`` in
 it, since a Python literal would be float64 in Numba; the CPU's integer-target
-focal row runs in float64.  Each function is plain Python (what the CUDA
-simulator runs), inlined into the CPU kernels' Numba IR and a device function
-on CUDA (see ``formula``).
+focal row runs in float64.  ``exp``, ``log`` and ``log1p`` are the target's
+per-element primitives, ``math``'s functions per-row scalars; the kernels call
+each target's copy of these functions (see ``fastloss.formulas``).
 """
 import math
 
-from numba.core.extending import overload
-
-from fastloss.cpu._math import vexp, vlog, vlog1p
-
-
-def formula(fn):
-    """Make ``fn`` callable from the kernels of both targets: on the CPU inlined
-    at Numba's IR level (``inline="always"``), so that it compiles under the
-    calling kernel's fast-math licence and into its vectorized loops as code
-    written in place would; on CUDA a device function, which NVVM inlines
-    (numba-cuda cannot inline at the IR level).
-
-    In CPU kernels, name a conditional expression before passing it to one of
-    these (or to ``load``/``store``): Numba 0.68 drops an inlined call whose
-    argument is one when another inlined call comes before it."""
-    overload(fn, target="cpu", inline="always", strict=False)(lambda *args: fn)
-    overload(fn, target="cuda", strict=False)(lambda *args: fn)
-    return fn
+from fastloss.formulas import exp, log, log1p
 
 
 # ---------------------------------------------------------------- cross entropy
 
 
-@formula
 def label_loss(zy, m, s, rest, ey, sz, wy, wsum, keep, smooth, eps, zcoef):
     """``(L / sw, lse)`` of a row with integer target y; ``sz = sum_c w_c z_c``
     (read only with smoothing), ``wsum = sum_c w_c``."""
@@ -84,7 +66,6 @@ def label_loss(zy, m, s, rest, ey, sz, wy, wsum, keep, smooth, eps, zcoef):
     return loss, lse
 
 
-@formula
 def label_gradient(lse, s, rest, ey, wy, wsum, keep, smooth, zcoef, gscale, two):
     """``(a, b, g_y)`` of a row with integer target y: its gradient is
     ``class_gradient(e_c, a, b, w_c)`` for c != y, and ``g_y`` at y (each
@@ -96,14 +77,12 @@ def label_gradient(lse, s, rest, ey, wy, wsum, keep, smooth, zcoef, gscale, two)
     return a, gscale * smooth, gy
 
 
-@formula
 def class_gradient(e, a, b, w):
     """``e a - b w``: the gradient at class c of an integer-target row, from
     ``e = e_c`` and ``w = w_c``."""
     return e * a - b * w
 
 
-@formula
 def target_weight(t, w, keep, smooth):
     """``t'_c w_c`` of class c of a probability-target row.  The kernels add
     ``t'_c w_c z_c`` to their sum only where it is not 0, so that a class
@@ -112,21 +91,18 @@ def target_weight(t, w, keep, smooth):
     return (keep * t + smooth) * w
 
 
-@formula
 def prob_loss(tw_sum, twz_sum, lse, zcoef):
     """``L / sw`` of a probability-target row from ``sum_c t'_c w_c`` and
     ``sum_c t'_c w_c z_c``."""
     return tw_sum * lse - twz_sum + zcoef * lse * lse
 
 
-@formula
 def prob_gradient(tw_sum, lse, s, zcoef, two, gscale):
     """``a`` of a probability-target row: its gradient is
     ``prob_class_gradient(e_c, a, gscale keep, t_c, gscale smooth, w_c)``."""
     return gscale * (tw_sum + two * zcoef * lse) / s
 
 
-@formula
 def prob_class_gradient(e, a, kg, t, b, w):
     """``e a - (kg t + b) w`` (before the soft-cap's slope)."""
     return e * a - (kg * t + b) * w
@@ -135,7 +111,6 @@ def prob_class_gradient(e, a, kg, t, b, w):
 # ---------------------------------------------------------------- focal
 
 
-@formula
 def focal_label_factors(zy, m, s, rest, ey, gamma, zero, one, ninf):
     """``(-log p_y, log(1 - p_y), (1 - p_y)^gamma)`` of a row with integer target y."""
     if ey >= rest:
@@ -147,7 +122,6 @@ def focal_label_factors(zy, m, s, rest, ey, gamma, zero, one, ninf):
     return nlp, l1mp, pw
 
 
-@formula
 def focal_label_gradient(nlp, l1mp, pw, s, rest, ey, ay, gamma, gscale, zero, one):
     """``(a, g_y)`` of a row with integer target y (loss ``ay pw nlp``): its
     gradient is ``e_c a`` for c != y and ``g_y`` at y."""
@@ -158,31 +132,27 @@ def focal_label_gradient(nlp, l1mp, pw, s, rest, ey, ay, gamma, gscale, zero, on
     return c / s, -c * rest / s  # g_y = c (p_y - 1) without the cancellation
 
 
-@formula
 def focal_class_power(p, gamma, zero, one):
     """``(log(1 - p_c), (1 - p_c)^gamma)`` of class c of a probability-target row."""
-    l1mp = vlog1p(-p)
-    pw = one if gamma == zero else vexp(gamma * l1mp)
+    l1mp = log1p(-p)
+    pw = one if gamma == zero else exp(gamma * l1mp)
     return l1mp, pw
 
 
-@formula
 def focal_class_second(p, l1mp, nlp, gamma, one):
     """``gamma p_c (1-p_c)^(gamma-1) (-log p_c)``, F_c's second term, from ``l1mp =
     log(1 - p_c)`` and ``nlp = -log p_c``; the kernels take 0, its limit, instead
     where ``focal_class_at_limit`` (the CPU computes it anyway and selects, the
     GPU and the simulator branch)."""
-    return gamma * p * vexp((gamma - one) * l1mp + vlog(nlp))
+    return gamma * p * exp((gamma - one) * l1mp + log(nlp))
 
 
-@formula
 def focal_class_at_limit(p, nlp, gamma, zero, one):
     """Whether ``focal_class_second`` is 0, its limit: p is 0 or 1, -log p is 0, or
     gamma is 0."""
     return p == one or p == zero or nlp == zero or gamma == zero
 
 
-@formula
 def focal_class_terms(ta, pw, t2, nlp, zero):
     """``(t_c alpha_c F_c, t_c alpha_c (1-p_c)^gamma (-log p_c))`` of class c of a
     probability-target row, from ``ta = t_c alpha_c``, ``pw = (1-p_c)^gamma``, F_c's

@@ -1,0 +1,11 @@
+"""The compile options of the CPU kernels."""
+from numba import njit
+
+from fastloss._cache import CACHE
+
+# NumPy's error model (no ZeroDivisionError branches in loops) and FMA
+# contraction; no licence that would stop NaN/inf propagating as in PyTorch.
+KERNEL_OPTIONS = dict(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract"})
+jit = njit(**KERNEL_OPTIONS)
+# reductions: reassoc lets LLVM vectorize a float sum (see fastloss.cpu._rows)
+reduction_jit = njit(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract", "reassoc", "nsz"})
