@@ -5,13 +5,12 @@ into the calling kernel's Numba IR, on the vectorizable primitives of ``fastloss
 those a module names in ``CALLS`` are calls of their own, compiled with the kernels'
 options."""
 import functools
-import importlib
 
 from numba.core.extending import register_jitable
 
 from fastloss.cpu._jit import jit
 from fastloss.cpu._math import PRIMITIVES
-from fastloss.formulas import for_target
+from fastloss.formulas import for_target, formulas_module
 
 
 def _inline(fn):
@@ -22,7 +21,4 @@ def _inline(fn):
 
 @functools.cache
 def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return for_target(importlib.import_module(f"fastloss.formulas.{name}"), "cpu", PRIMITIVES,
-                      inline=_inline, call=jit)
+    return for_target(formulas_module(name), "cpu", PRIMITIVES, inline=_inline, call=jit)

@@ -4,7 +4,6 @@ built on first import; a new formulas module needs nothing here.  Each formula i
 function (NVVM inlines it) on libdevice's ``exp``, ``log``, ``log1p`` and ``tanh``; the
 simulator runs them, and the primitives' bodies, as Python."""
 import functools
-import importlib
 import math
 
 from numba.core.extending import overload, register_jitable
@@ -32,7 +31,5 @@ PRIMITIVES = dict(exp=_primitive(formulas.exp, math.exp),
 
 @functools.cache
 def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return formulas.for_target(importlib.import_module(f"fastloss.formulas.{name}"), "cuda",
-                               PRIMITIVES, inline=register_jitable, call=register_jitable)
+    return formulas.for_target(formulas.formulas_module(name), "cuda", PRIMITIVES,
+                               inline=register_jitable, call=register_jitable)

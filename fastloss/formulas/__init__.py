@@ -28,6 +28,7 @@ In CPU kernels, name a conditional expression before passing it to a formula (or
 ``load``/``store``): Numba 0.68 drops an inlined call whose argument is one when another
 inlined call comes before it.
 """
+import importlib
 import math
 import types
 
@@ -57,6 +58,17 @@ def log1p(u):
 def tanh(x):
     """tanh(x)."""
     return math.tanh(x)
+
+
+def formulas_module(name):
+    """``fastloss.formulas.<name>``; AttributeError when there is none (what a module's
+    ``__getattr__`` raises for a name it does not have)."""
+    if name.startswith("_"):
+        raise AttributeError(name)
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"no formulas module {name!r}") from None
 
 
 def for_target(module, name, primitives, *, inline, call):
