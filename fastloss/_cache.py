@@ -7,7 +7,14 @@ time, which would make ``import fastloss`` fail on a read-only installation
 run by a user without a home directory (a container, a service account).
 ``CACHE`` is then False: every kernel compiles in each process, with a warning
 that says how to get the cache back.
+
+Numba keys a cached kernel on its own source file, so an edit to a helper it
+calls (``cpu/_math.py``, a formula) would leave it stale.  Every fastloss
+kernel's key is instead ``FINGERPRINT``, a hash of all of fastloss's kernel
+sources: an edit to any of them rebuilds every kernel once
+(``use_fingerprint``).
 """
+import hashlib
 import os
 import warnings
 
@@ -38,4 +45,52 @@ def _decide():
     return False
 
 
+def _fingerprint():
+    """sha256 of every source a kernel can be built from: the package but its tools."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(_PACKAGE):
+        dirs[:] = sorted(d for d in dirs if d not in ("tools", "__pycache__"))
+        for name in sorted(files):
+            if name.endswith((".py", ".pyx", ".h")):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, _PACKAGE).encode() + b"\0")
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _package_locator(base):
+    """``base``, a Numba cache locator, for fastloss's kernels only, keyed on ``FINGERPRINT``."""
+    class PackageLocator(base):
+        fastloss = True
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            inside = os.path.abspath(py_file).startswith(_PACKAGE + os.sep)
+            return super().from_function(py_func, py_file) if inside else None
+
+        def get_source_stamp(self):
+            return FINGERPRINT
+
+    PackageLocator.__name__ = PackageLocator.__qualname__ = f"Fastloss{base.__name__}"
+    return PackageLocator
+
+
+def use_fingerprint(cache_impl):
+    """Put fastloss's locators first in ``cache_impl``'s (Numba's CPU ``CacheImpl``, or
+    numba-cuda's): those backed by a source file, keyed on ``FINGERPRINT``; other
+    functions' caching is unchanged.  Once per class."""
+    classes = cache_impl._locator_classes
+    if any(getattr(c, "fastloss", False) for c in classes):
+        return
+    mine = [_package_locator(c) for c in classes
+            if any(b.__name__ == "_SourceFileBackedLocatorMixin" for b in c.__mro__)]
+    cache_impl._locator_classes = mine + list(classes)
+
+
 CACHE = _decide()
+FINGERPRINT = _fingerprint()
+if CACHE:
+    from numba.core.caching import CacheImpl
+
+    use_fingerprint(CacheImpl)

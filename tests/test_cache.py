@@ -6,6 +6,7 @@ root here, which writes anywhere, so the child refuses Numba's write test
 writable) for the folders that should be read-only.
 """
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -78,3 +79,32 @@ def test_numba_cache_dir_is_honoured_and_warmup_fills_it(tmp_path):
     assert run.returncode == 0, run.stderr
     hits, misses = (int(v) for v in run.stdout.split()[1::2])
     assert hits >= 1 and misses == 0, run.stdout
+
+
+def _copy_of_the_package(tmp_path):
+    """A copy of fastloss (its built extension too), importable from ``tmp_path / "src"``."""
+    src = tmp_path / "src"
+    shutil.copytree(PACKAGE, src / "fastloss", ignore=shutil.ignore_patterns("__pycache__"))
+    return src
+
+
+def test_an_edit_to_a_helper_rebuilds_the_kernels_that_use_it(tmp_path):
+    """The kernels' cache key covers every kernel source, not only the kernel's own file:
+    after an edit to ``cpu/_math.py`` (which the Huber kernel loads through), the next process
+    compiles again; without an edit, and after one to the tools, it loads."""
+    src = _copy_of_the_package(tmp_path)
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"), "PYTHONPATH": str(src)}
+
+    def hits_and_misses():
+        run = _python(CALL_HUBER, env, tmp_path)
+        assert run.returncode == 0, run.stderr
+        return tuple(int(v) for v in run.stdout.split()[1::2])
+
+    assert hits_and_misses() == (0, 1)  # compiled, then written to the cache
+    assert hits_and_misses() == (1, 0)
+    with open(src / "fastloss" / "tools" / "cli.py", "a") as f:
+        f.write("\n# an edit outside the kernels' sources\n")
+    assert hits_and_misses() == (1, 0)
+    with open(src / "fastloss" / "cpu" / "_math.py", "a") as f:
+        f.write("\n# an edit to a helper\n")
+    assert hits_and_misses() == (0, 1)
