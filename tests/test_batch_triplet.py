@@ -1,9 +1,19 @@
-"""fastloss.batch_triplet_loss (online triplet mining) against naive.py's brute force."""
+"""fastloss.batch_triplet_loss (online triplet mining) against naive.py's brute force, on both
+sides.
+
+A test that takes ``backend`` runs on the CPU and on the GPU path (``dev`` moves its
+arrays to that side and back); on the "cuda" side ``run`` also checks the CPU path's
+answer.  A test marked ``cpu`` or ``cuda`` is about that side alone: the CPU's chunks,
+blocked hard mining, parallel path, finite differences and torch; the GPU's threads per
+block.  The simulator runs tiny batches (its pairwise kernel has 4 x 4 tiles: 7 rows span
+a partial one): ``SIZES`` holds each side's where they differ.
+"""
 import numpy as np
 import pytest
 
 import fastloss as fl
 import naive
+import sides
 from fastloss.cpu import batch_mining
 from fastloss.cpu import hard_mining
 from naive import check_result, finite_difference
@@ -13,6 +23,20 @@ DISTANCES = ["euclidean", "squared_euclidean", "cosine"]
 MININGS = ["hard", "semihard", "all"]
 MARGIN = {"euclidean": 0.7, "squared_euclidean": 3.0, "cosine": 0.3}
 
+#: per side, (rows, features) of the tests that name them: the CPU tests' and the simulator's
+SIZES = {"cpu": {"reference": (13, 5), "soft": (11, 4), "low_precision": (12, 6),
+                 "all_mean": (10, 3), "far_apart": (4, 2), "grad_out": (13, 5),
+                 "grad_false": (13, 5), "non_contiguous": (26, 9), "duplicates": (9, 3),
+                 "extremes": (8, 3)},
+         "cuda": {"reference": (7, 5), "soft": (7, 4), "low_precision": (7, 7),
+                  "all_mean": (7, 3), "far_apart": (3, 2), "grad_out": (7, 3),
+                  "grad_false": (7, 5), "non_contiguous": (14, 9), "duplicates": (7, 3),
+                  "extremes": (7, 3)}}
+
+
+def dtype_id(d):
+    return np.dtype(d).name
+
 
 def make_batch(rng, n=13, d=5, classes=3, dtype=np.float64):
     e = rng.normal(size=(n, d)).astype(dtype)
@@ -21,41 +45,74 @@ def make_batch(rng, n=13, d=5, classes=3, dtype=np.float64):
     return e, labels
 
 
-def run_both(e, labels, **kw):
-    return fl.batch_triplet_loss(e, labels, **kw), naive.batch_triplet_loss(e, labels, **kw)
+def run(backend, dev, e, labels, **kw):
+    """batch_triplet_loss on the test's side, on the host: the side's arrays in, the side's
+    arrays out, the loss of the embeddings' dtype; on the "cuda" side the result is checked
+    against the CPU path's (NaN where it has NaN)."""
+    args = dev.put(e), dev.put(np.asarray(labels))
+    res = fl.batch_triplet_loss(*args, **kw)
+    assert isinstance(res.loss, type(args[0]))
+    assert res.grad is None or type(res.grad) is type(args[0])
+    got = sides.on_host(res, dev)
+    assert got.loss.dtype == e.dtype
+    if backend == "cuda":
+        cpu = fl.batch_triplet_loss(e, labels, **kw)
+        check_result(got, np.asarray(cpu.loss, np.float64),
+                     None if cpu.grad is None else cpu.grad.astype(np.float64), e.dtype)
+    return got
+
+
+def check(backend, dev, e, labels, dtype=np.float64, **kw):
+    """``run``, checked against the float64 brute force; returns the side's result."""
+    got = run(backend, dev, e, labels, **kw)
+    check_result(got, *naive.batch_triplet_loss(e, labels, **kw), dtype)
+    return got
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("mining", MININGS)
-def test_matches_reference(rng, mining, distance, reduction):
-    e, labels = make_batch(rng)
-    res, want = run_both(e, labels, mining=mining, distance=distance, margin=MARGIN[distance],
-                         reduction=reduction)
-    check_result(res, *want, np.float64)
+def test_matches_reference(rng, backend, dev, mining, distance, reduction):
+    n, d = SIZES[backend]["reference"]
+    e, labels = make_batch(rng, n, d)
+    got = check(backend, dev, e, labels, mining=mining, distance=distance, margin=MARGIN[distance],
+                reduction=reduction)
+    if reduction == "mean":
+        assert isinstance(float(got.loss), float)
+
+
+def _soft_cases(backend, distance):
+    """(margin, reduction) of the soft margin: the CPU all three; the simulator one reduction
+    per distance."""
+    if backend == "cpu":
+        return [(0.0, "mean"), (MARGIN[distance], "none"), (MARGIN[distance], "sum")]
+    return [{"euclidean": (0.0, "mean"), "cosine": (MARGIN[distance], "sum"),
+             "squared_euclidean": (MARGIN[distance], "none")}[distance]]
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("mining", MININGS)
-def test_soft_margin(rng, mining, distance):
-    e, labels = make_batch(rng, n=11, d=4)
-    for margin, reduction in [(0.0, "mean"), (MARGIN[distance], "none")]:
-        res, want = run_both(e, labels, mining=mining, distance=distance, soft=True, margin=margin,
-                             reduction=reduction)
-        check_result(res, *want, np.float64)
+def test_soft_margin(rng, backend, dev, mining, distance):
+    e, labels = make_batch(rng, *SIZES[backend]["soft"])
+    for margin, reduction in _soft_cases(backend, distance):
+        check(backend, dev, e, labels, mining=mining, distance=distance, soft=True, margin=margin,
+              reduction=reduction)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("mining", MININGS)
-def test_low_precision(rng, mining, distance, dtype):
-    e, labels = make_batch(rng, n=12, d=6, dtype=dtype)
-    res, want = run_both(e, labels, mining=mining, distance=distance, margin=MARGIN[distance],
-                         reduction="mean")
-    assert res.grad.dtype == np.dtype(dtype)
-    check_result(res, *want, dtype)
+@pytest.mark.parametrize("backend, mining, distance, dtype", sides.per_side(
+    lambda side: [(m, dist, dt) for m in MININGS
+                  for dist in (DISTANCES if side == "cpu" else ["euclidean", "cosine"])
+                  for dt in (np.float32, np.float16)]),
+    ids=lambda v: dtype_id(v) if isinstance(v, type) else v)
+def test_low_precision(rng, backend, dev, mining, distance, dtype):
+    n, d = SIZES[backend]["low_precision"]
+    e, labels = make_batch(rng, n, d, dtype=dtype)
+    got = check(backend, dev, e, labels, dtype, mining=mining, distance=distance,
+                margin=MARGIN[distance], reduction="mean")
+    assert got.grad.dtype == np.dtype(dtype)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("mining", MININGS)
 def test_finite_differences(rng, mining, distance):
@@ -78,25 +135,32 @@ def test_finite_differences(rng, mining, distance):
     assert checked >= 5
 
 
-def test_hard_mining_picks_farthest_positive_and_nearest_negative():
+def test_hard_mining_picks_farthest_positive_and_nearest_negative(backend, dev):
     # 1-D embeddings, two classes: anchor 0 at 0 has positives at 1 and 3 and negatives at 2, 5
     e = np.array([[0.0], [1.0], [3.0], [2.0], [5.0]])
     labels = np.array([0, 0, 0, 1, 1])
-    res = fl.batch_triplet_loss(e, labels, margin=1.0, reduction="none")
+    got = check(backend, dev, e, labels, margin=1.0, reduction="none")
     # anchor 0: d(0, 3) = 3 (farthest positive), d(0, 2) = 2 (nearest negative): 3 - 2 + 1
     # anchor 1 (at 1): farthest positive 3 -> 2; nearest negative 2 -> 1: 2 - 1 + 1
     # anchor 2 (at 3): farthest positive 0 -> 3; nearest negative 2 -> 1: 3 - 1 + 1
     # anchor 3 (at 2): positive row 4 -> 3; nearest negatives rows 1 and 2, both at 1: 3 - 1 + 1
     # anchor 4 (at 5): positive row 3 -> 3; nearest negative row 2 -> 2: 3 - 2 + 1
-    np.testing.assert_allclose(res.loss, [2.0, 2.0, 3.0, 3.0, 2.0], rtol=1e-12)
+    np.testing.assert_allclose(got.loss, [2.0, 2.0, 3.0, 3.0, 2.0], rtol=1e-12)
     # anchor 3's tie goes to the lower index, row 1: d/d e_1 = -d|e_1 - e_3|/d e_1 = +1 from it
     # (row 1 is in no other term); row 2 gets +1 as anchors 0's and 1's positive, +1 as anchor
     # 4's negative, 0 as an anchor (the tie going to row 2 would give 0 and 2)
-    mean = fl.batch_triplet_loss(e, labels, margin=1.0)
+    mean = run(backend, dev, e, labels, margin=1.0)
     np.testing.assert_allclose(mean.grad[[1, 2], 0], [1.0 / 5, 3.0 / 5], rtol=1e-12)
-    check_result(res, *naive.batch_triplet_loss(e, labels, margin=1.0, reduction="none"), np.float64)
+    # exact ties everywhere (integer points, several of the simulator's tiles), squared
+    # distances too.  (Not cosine: there 1 - g / (|x| |y|) of equal angles may differ in the
+    # last bit, FMA or not, and a tie broken by round-off may go either way on either backend.)
+    e = np.random.default_rng(5).integers(-2, 3, size=(12, 3)).astype(np.float64)
+    labels = np.arange(12) % 3
+    for distance in DISTANCES[:2]:
+        check(backend, dev, e, labels, distance=distance, margin=MARGIN[distance], reduction="none")
 
 
+@pytest.mark.cpu
 def test_hard_ties_across_chunks_go_to_the_lowest_index(rng):
     # 300 rows: the kernel's scan works in chunks of 128 columns; exact ties between columns of
     # different chunks must still go to the lowest index
@@ -113,121 +177,135 @@ def test_hard_ties_across_chunks_go_to_the_lowest_index(rng):
     assert res.grad[140, 0] != 0.0 and res.grad[130, 1] != 0.0
 
 
-def test_semihard_prefers_the_nearest_negative_farther_than_the_positive():
+def test_semihard_prefers_the_nearest_negative_farther_than_the_positive(backend, dev):
     e = np.array([[0.0], [2.0], [1.0], [3.0], [-2.5]])
     labels = np.array([0, 0, 1, 1, 1])
-    res = fl.batch_triplet_loss(e, labels, mining="semihard", margin=1.0, reduction="none")
+    got = check(backend, dev, e, labels, mining="semihard", margin=1.0, reduction="none")
     # anchor 0: positive 1 at 2; negatives at 1, 3 (d=3), -2.5 (d=2.5): nearest farther than 2 is
     # 2.5 -> 2 - 2.5 + 1 = 0.5.  anchor 1 (at 2): positive 0 at 2; negatives at d 1, 1, 4.5:
     # 4.5 -> 2 - 4.5 + 1 < 0 -> 0.  anchor 2 (at 1): positives 3 (d=2), 4 (d=3.5); negatives
     # 0 (d=1), 1 (d=1): none farther -> farthest (d=1, lowest index 0): 2 and 3.5 -> 2 + 3.5.
-    np.testing.assert_allclose(res.loss[:3], [0.5, 0.0, 2.0 + 3.5], rtol=1e-12)
-    check_result(res, *naive.batch_triplet_loss(e, labels, mining="semihard", margin=1.0,
-                                                reduction="none"), np.float64)
+    np.testing.assert_allclose(got.loss[:3], [0.5, 0.0, 2.0 + 3.5], rtol=1e-12)
     # strictly farther: a negative at exactly d(a, p) does not qualify
     e = np.array([[0.0], [2.0], [-2.0], [3.0]])
-    res = fl.batch_triplet_loss(e, [0, 0, 1, 1], mining="semihard", margin=1.0, reduction="none")
-    assert res.loss[0] == 0.0  # 2 - 3 + 1, not 2 - 2 + 1
+    got = run(backend, dev, e, np.array([0, 0, 1, 1]), mining="semihard", margin=1.0,
+              reduction="none")
+    assert got.loss[0] == 0.0  # 2 - 3 + 1, not 2 - 2 + 1
 
 
-def test_all_mean_counts_positive_terms(rng):
-    e, labels = make_batch(rng, n=10, d=3)
+def test_all_mean_counts_positive_terms(rng, backend, dev):
+    n, d = SIZES[backend]["all_mean"]
+    e, labels = make_batch(rng, n, d)
     kw = dict(mining="all", margin=0.5)
-    s = float(fl.batch_triplet_loss(e, labels, reduction="sum", **kw).loss)
-    m = float(fl.batch_triplet_loss(e, labels, reduction="mean", **kw).loss)
+    s = float(check(backend, dev, e, labels, reduction="sum", **kw).loss)
+    m = float(check(backend, dev, e, labels, reduction="mean", **kw).loss)
     # count the positive terms by brute force
     dist = np.linalg.norm(e[:, None] - e[None], axis=-1)
-    count = sum(dist[a, p] - dist[a, n] + 0.5 > 0
-                for a in range(10) for p in range(10) for n in range(10)
-                if a != p and labels[a] == labels[p] and labels[n] != labels[a])
+    count = sum(dist[a, p] - dist[a, q] + 0.5 > 0
+                for a in range(n) for p in range(n) for q in range(n)
+                if a != p and labels[a] == labels[p] and labels[q] != labels[a])
     assert 0 < count
     np.testing.assert_allclose(m * count, s, rtol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [np.int8, np.uint16, np.int64], ids=lambda d: np.dtype(d).name)
-def test_any_integer_labels(rng, dtype):
-    e, labels = make_batch(rng, n=10, d=3)
-    values = np.array([7, 3, 100, 42], dtype=dtype)  # compared for equality only
-    odd = values[labels]
-    for mining in MININGS:
-        a = fl.batch_triplet_loss(e, odd, mining=mining, reduction="none")
-        b = fl.batch_triplet_loss(e, labels, mining=mining, reduction="none")
-        np.testing.assert_array_equal(a.loss, b.loss)
-        np.testing.assert_array_equal(a.grad, b.grad)
-    neg = fl.batch_triplet_loss(e, -1 - labels.astype(np.int64), reduction="none")
-    np.testing.assert_array_equal(neg.loss, fl.batch_triplet_loss(e, labels, reduction="none").loss)
+def test_all_without_positive_loss_is_zero(rng, backend, dev):
+    # classes far apart: every z < 0, an empty "all" mean is 0 with a zero gradient
+    k, d = SIZES[backend]["far_apart"]
+    e = np.concatenate([rng.normal(size=(k, d)) * 0.01, 100 + rng.normal(size=(k, d)) * 0.01])
+    got = run(backend, dev, e, np.repeat([0, 1], k), mining="all", margin=1.0)
+    assert float(got.loss) == 0.0
+    np.testing.assert_array_equal(got.grad, np.zeros_like(e))
 
 
 @pytest.mark.parametrize("mining", MININGS)
-def test_singleton_class_has_no_positive(rng, mining):
+def test_singleton_class_has_no_positive(rng, backend, dev, mining):
     e, _ = make_batch(rng, n=8, d=3)
-    labels = np.array([0, 0, 0, 5, 1, 1, 1, 1])  # row 3 is alone in its class
+    labels = np.array([6, 0, 0, 5, 1, 1, 1, 7])  # rows 0, 3 and 7 are alone in their classes
     for reduction in REDUCTIONS:
-        res, want = run_both(e, labels, mining=mining, reduction=reduction, margin=1.0)
-        check_result(res, *want, np.float64)
-    res = fl.batch_triplet_loss(e, labels, mining=mining, reduction="none", margin=1.0)
-    assert res.loss[3] == 0.0  # as an anchor it contributes nothing (as a negative it may)
+        got = check(backend, dev, e, labels, mining=mining, reduction=reduction, margin=1.0)
+        if reduction == "none":
+            # as an anchor it contributes nothing (as a negative it may)
+            np.testing.assert_array_equal(got.loss[[0, 3, 7]], 0.0)
 
 
 @pytest.mark.parametrize("mining", MININGS)
-def test_one_class_has_no_negative(rng, mining):
+def test_one_class_has_no_negative(rng, backend, dev, mining):
     e, _ = make_batch(rng, n=6, d=3)
     labels = np.full(6, 4)
-    res = fl.batch_triplet_loss(e, labels, mining=mining)
+    got = run(backend, dev, e, labels, mining=mining)
     if mining == "all":
-        assert float(res.loss) == 0.0  # "all": 0 when no triplet has positive loss
+        assert float(got.loss) == 0.0  # "all": 0 when no triplet has positive loss
     else:
-        assert np.isnan(float(res.loss))  # an empty mean
-    np.testing.assert_array_equal(res.grad, np.zeros_like(e))
-    assert float(fl.batch_triplet_loss(e, labels, mining=mining, reduction="sum").loss) == 0.0
-    np.testing.assert_array_equal(fl.batch_triplet_loss(e, labels, mining=mining,
-                                                        reduction="none").loss, np.zeros(6))
+        assert np.isnan(float(got.loss))  # an empty mean
+    np.testing.assert_array_equal(got.grad, np.zeros_like(e))
+    assert float(run(backend, dev, e, labels, mining=mining, reduction="sum").loss) == 0.0
+    np.testing.assert_array_equal(run(backend, dev, e, labels, mining=mining,
+                                      reduction="none").loss, np.zeros(6))
     want_loss, want_grad = naive.batch_triplet_loss(e, labels, mining=mining)
-    assert np.isnan(want_loss) == np.isnan(float(res.loss))
+    assert np.isnan(want_loss) == np.isnan(float(got.loss))
 
 
-def test_all_without_positive_loss_is_zero(rng):
-    # classes far apart: every z < 0
-    e = np.concatenate([rng.normal(size=(4, 2)) * 0.01, 100 + rng.normal(size=(4, 2)) * 0.01])
-    labels = np.repeat([0, 1], 4)
-    res = fl.batch_triplet_loss(e, labels, mining="all", margin=1.0)
-    assert float(res.loss) == 0.0
-    np.testing.assert_array_equal(res.grad, np.zeros_like(e))
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("mining", MININGS)
-def test_identical_embeddings(mining, distance, dtype):
+@pytest.mark.parametrize("backend, mining, distance, dtype", sides.per_side(
+    lambda side: [(m, dist, dt) for m in MININGS for dist in DISTANCES
+                  for dt in ((np.float64, np.float32) if side == "cpu" else (np.float64,))]),
+    ids=lambda v: dtype_id(v) if isinstance(v, type) else v)
+def test_identical_embeddings(backend, dev, mining, distance, dtype):
     e = np.tile(np.array([[0.3, -1.2, 2.0]], dtype), (6, 1))
     labels = np.array([0, 0, 1, 1, 2, 2])
-    res = fl.batch_triplet_loss(e, labels, mining=mining, distance=distance, margin=0.5)
-    assert np.isfinite(float(res.loss)) and np.all(np.isfinite(res.grad))
+    # (no comparison of the sides: a cosine gradient here is round-off, of either sign)
+    res = fl.batch_triplet_loss(dev.put(e), dev.put(labels), mining=mining, distance=distance,
+                                margin=0.5)
+    got = sides.on_host(res, dev)
+    assert np.isfinite(float(got.loss)) and np.all(np.isfinite(got.grad))
     # every distance is 0 (up to the Gram matrix's round-off): every term is the margin
     tol = 1e-6 if dtype == np.float64 else 2e-3
-    np.testing.assert_allclose(float(res.loss), 0.5, atol=tol)
+    np.testing.assert_allclose(float(got.loss), 0.5, atol=tol)
     if distance != "cosine":
-        np.testing.assert_array_equal(res.grad, np.zeros_like(e))
+        np.testing.assert_array_equal(got.grad, np.zeros_like(e))
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
-def test_duplicate_rows(rng, distance):
-    e, labels = make_batch(rng, n=9, d=3)
-    e[4] = e[1]  # a positive (or negative) at distance exactly 0
+def test_duplicate_rows(rng, backend, dev, distance):
+    e, labels = make_batch(rng, *SIZES[backend]["duplicates"])
+    e[4] = e[1]  # a positive at distance exactly 0
     labels[4] = labels[1]
-    e[6] = e[2]
+    e[6] = e[2]  # a negative at distance exactly 0
     labels[6] = (labels[2] + 1) % 3
     for mining in MININGS:
-        res, want = run_both(e, labels, mining=mining, distance=distance, margin=MARGIN[distance])
-        assert np.all(np.isfinite(res.grad))
-        check_result(res, *want, np.float64, atol=1e-7)
+        got = run(backend, dev, e, labels, mining=mining, distance=distance,
+                  margin=MARGIN[distance])
+        assert np.all(np.isfinite(got.grad))
+        check_result(got, *naive.batch_triplet_loss(e, labels, mining=mining, distance=distance,
+                                                    margin=MARGIN[distance]), np.float64, atol=1e-7)
 
 
-def test_nan_propagates(rng):
+def test_extreme_values_stay_finite(rng, backend, dev):
+    e, labels = make_batch(rng, *SIZES[backend]["extremes"])
+    e *= 1e4
+    for mining, distance in (("hard", "euclidean"), ("semihard", "cosine"), ("all", "euclidean")):
+        got = check(backend, dev, e, labels, mining=mining, distance=distance, margin=1e4)
+        assert np.isfinite(float(got.loss)) and np.all(np.isfinite(got.grad))
+
+
+def test_nan_propagates(rng, backend, dev):
     e, labels = make_batch(rng, n=8, d=3)
     e[2, 1] = np.nan
-    for mining in ["hard", "all"]:
-        assert np.isnan(float(fl.batch_triplet_loss(e, labels, mining=mining).loss))
+    for mining in MININGS:
+        for distance in ("euclidean", "cosine"):  # on the "cuda" side, NaN where the CPU has it
+            got = run(backend, dev, e, labels, mining=mining, distance=distance, reduction="none")
+            assert np.isnan(got.loss[2]) and np.isnan(got.grad[2]).any()
+        assert np.isnan(float(run(backend, dev, e, labels, mining=mining).loss))
+
+
+def test_empty_batch(backend, dev):
+    e = np.zeros((0, 4))
+    labels = np.zeros(0, np.int64)
+    for mining in MININGS:
+        got = run(backend, dev, e, labels, mining=mining)
+        assert got.grad.shape == (0, 4)
+        assert (float(got.loss) == 0.0) if mining == "all" else np.isnan(float(got.loss))
+    assert float(run(backend, dev, e, labels, reduction="sum").loss) == 0.0
+    assert run(backend, dev, e, labels, reduction="none").loss.shape == (0,)
 
 
 # ---------------------------------------------------------------- hard mining by blocks
@@ -269,6 +347,7 @@ def integer_batch(rng, n, d, classes, dtype):
     return e, labels
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean"])
 @pytest.mark.parametrize("block, gemm_blocks", [(1, None), (2, None), (3, None), (8, None),
@@ -289,6 +368,7 @@ def test_hard_blocks_equal_the_full_gram_path_bit_for_bit(rng, monkeypatch, bloc
         assert_same(blocked, full)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: np.dtype(d).name)
@@ -302,6 +382,7 @@ def test_hard_blocks_match_reference(rng, monkeypatch, dtype, distance, soft):
                      *naive.batch_triplet_loss(e, labels, **kw), dtype)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_hard_blocks_agree_with_full_gram_at_default_block(rng, monkeypatch, distance):
     # the default blocks and slices; random float64 rows (no near ties): the same selections
@@ -313,6 +394,7 @@ def test_hard_blocks_agree_with_full_gram_at_default_block(rng, monkeypatch, dis
     np.testing.assert_allclose(blocked.grad, full.grad, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("block, gemm_blocks", [(4, None), (7, None), (128, None), (7, 4),
                                                 (64, 2)])
 def test_hard_ties_across_blocks_go_to_the_lowest_index(rng, monkeypatch, block, gemm_blocks):
@@ -360,6 +442,7 @@ def test_hard_ties_across_blocks_go_to_the_lowest_index(rng, monkeypatch, block,
     assert_same(blocked, full)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("where", [0, 37, 39])
 def test_hard_nan_takes_the_full_gram_path(rng, monkeypatch, where):
     # a NaN found in the first or the last block: the result is the full-Gram path's, NaN
@@ -379,6 +462,7 @@ def test_hard_nan_takes_the_full_gram_path(rng, monkeypatch, where):
     assert_same(blocked, full)
 
 
+@pytest.mark.cpu
 def test_hard_blocks_zero_norm_and_duplicate_rows(rng, monkeypatch):
     e, labels = make_batch(rng, n=30, d=3, classes=3)
     e[[4, 17]] = 0.0  # cosine: clamped norms
@@ -395,6 +479,7 @@ def test_hard_blocks_zero_norm_and_duplicate_rows(rng, monkeypatch):
         check_result(res, *naive.batch_triplet_loss(e, labels, **kw), np.float64, atol=1e-7)
 
 
+@pytest.mark.cpu
 def test_hard_block_larger_than_its_buffer_raises(rng, monkeypatch):
     e, labels = make_batch(rng, n=hard_mining.HARD_BLOCK_MAX + 3, d=2)
     monkeypatch.setattr(hard_mining, "HARD_BLOCK", hard_mining.HARD_BLOCK_MAX + 1)
@@ -405,6 +490,7 @@ def test_hard_block_larger_than_its_buffer_raises(rng, monkeypatch):
 # ---------------------------------------------------------------- torch parity
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("soft", [False, True])
 def test_torch_batch_hard(rng, soft):
     """Hermans et al.'s batch-hard loss written in torch (masked max / min over cdist)."""
@@ -428,40 +514,85 @@ def test_torch_batch_hard(rng, soft):
 # ---------------------------------------------------------------- the interface
 
 
-def test_grad_false(rng):
-    e, labels = make_batch(rng)
-    for mining in MININGS:
-        res = fl.batch_triplet_loss(e, labels, mining=mining, grad=False)
-        assert res.grad is None
-        np.testing.assert_allclose(float(res.loss), naive.batch_triplet_loss(e, labels, mining=mining)[0],
-                                   rtol=1e-12)
+#: label dtypes, and the values that stand for the classes 0, 1 and 2 (compared for equality only)
+LABEL_VALUES = [(np.int8, [7, -3, 100]), (np.uint16, [7, 3, 65535]), (np.int32, [-2**31, 0, 5]),
+                (np.int64, [-1, -2, -3]), (np.uint64, [2**40, 3, 2**62])]
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16], ids=lambda d: np.dtype(d).name)
-def test_grad_out_reuse_and_in_place(rng, dtype):
-    e, labels = make_batch(rng, dtype=dtype)
+def _label_cases(side):
+    """(dtype, values, mining, reduction): the CPU every mining per dtype; the simulator one."""
+    if side == "cpu":
+        return [(dt, v, m, "none") for dt, v in LABEL_VALUES for m in MININGS]
+    return [(dt, v, MININGS[k % 3], REDUCTIONS[k % 3]) for k, (dt, v) in enumerate(LABEL_VALUES)]
+
+
+@pytest.mark.parametrize("backend, dtype, values, mining, reduction", sides.per_side(_label_cases),
+                         ids=lambda v: dtype_id(v) if isinstance(v, type) else
+                         (None if isinstance(v, list) else v))
+def test_any_integer_labels(rng, backend, dev, dtype, values, mining, reduction):
+    e, labels = make_batch(rng, n=SIZES[backend]["all_mean"][0], d=3)
+    odd = np.array(values, dtype)[labels]
+    got = check(backend, dev, e, odd, mining=mining, reduction=reduction)
+    if backend == "cpu":  # the same bits as with the labels 0, 1, 2
+        plain = fl.batch_triplet_loss(e, labels, mining=mining, reduction=reduction)
+        np.testing.assert_array_equal(got.loss, plain.loss)
+        np.testing.assert_array_equal(got.grad, plain.grad)
+
+
+def test_grad_false(rng, backend, dev):
+    e, labels = make_batch(rng, *SIZES[backend]["grad_false"])
     for mining in MININGS:
-        fresh = fl.batch_triplet_loss(e, labels, mining=mining)
-        out = np.full_like(e, 9.0)
-        for _ in range(2):
-            res = fl.batch_triplet_loss(e, labels, mining=mining, grad_out=out)
+        got = run(backend, dev, e, labels, mining=mining, grad=False)
+        assert got.grad is None
+        np.testing.assert_allclose(float(got.loss),
+                                   naive.batch_triplet_loss(e, labels, mining=mining)[0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend, dtype", sides.per_side(
+    lambda side: [(d,) for d in ((np.float64, np.float32, np.float16) if side == "cpu"
+                                 else (np.float64, np.float16))]),
+    ids=lambda v: dtype_id(v) if isinstance(v, type) else v)
+def test_grad_out_reuse_and_in_place(rng, backend, dev, dtype):
+    e, labels = make_batch(rng, *SIZES[backend]["grad_out"], dtype=dtype)
+    dl = dev.put(labels)
+    minings = MININGS if backend == "cpu" else {np.float64: ("hard", "all"),
+                                                np.float16: ("semihard",)}[dtype]
+    for mining in minings:
+        fresh = sides.on_host(fl.batch_triplet_loss(dev.put(e), dl, mining=mining), dev)
+        out = dev.put(np.full_like(e, 9.0))
+        for _ in range(2):  # reused: the same bits every time
+            res = fl.batch_triplet_loss(dev.put(e), dl, mining=mining, grad_out=out)
             assert res.grad is out
-            np.testing.assert_array_equal(out.view(np.uint8), fresh.grad.view(np.uint8))
-        e2 = e.copy()
-        res = fl.batch_triplet_loss(e2, labels, mining=mining, grad_out=e2)
-        assert res.grad is e2
-        np.testing.assert_array_equal(e2, fresh.grad)
+            np.testing.assert_array_equal(dev.get(out).view(np.uint8), fresh.grad.view(np.uint8))
+        de = dev.put(e)
+        res = fl.batch_triplet_loss(de, dl, mining=mining, grad_out=de)  # through a temporary
+        assert res.grad is de
+        np.testing.assert_array_equal(dev.get(de), fresh.grad)
 
 
-def test_non_contiguous(rng):
-    big = rng.normal(size=(26, 9))
-    e = big[::2, ::3]
-    labels = np.arange(26)[::2] % 4
-    res, want = run_both(e, labels, mining="semihard")
-    check_result(res, *want, np.float64)
+def test_non_contiguous(rng, backend, dev):
+    big = rng.normal(size=SIZES[backend]["non_contiguous"])
+    labels = np.arange(big.shape[0]) % 4
+    views = dev.put(big)[::2, ::3], dev.put(labels)[::2]
+    for mining, distance in (("semihard", "euclidean"), ("all", "cosine")):
+        res = fl.batch_triplet_loss(*views, mining=mining, distance=distance)
+        check_result(sides.on_host(res, dev), *naive.batch_triplet_loss(big[::2, ::3], labels[::2],
+                                                               mining=mining, distance=distance),
+                     np.float64)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: np.dtype(d).name)
+def test_backend_with_numpy_returns_numpy(rng, backend):
+    e, labels = make_batch(rng, n=7, d=3)
+    res = fl.batch_triplet_loss(e, labels, backend=backend)
+    assert type(res.loss) is np.ndarray and type(res.grad) is np.ndarray
+    check_result(res, *naive.batch_triplet_loss(e, labels), np.float64)
+    out = np.zeros_like(e)
+    assert fl.batch_triplet_loss(e, labels, grad_out=out, backend=backend).grad is out
+    np.testing.assert_array_equal(out, res.grad)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=dtype_id)
 def test_parallel_path_matches_reference_and_serial(rng, dtype, monkeypatch):
     e, labels = make_batch(rng, n=40, d=7, classes=5, dtype=dtype)
     results = {}
@@ -483,16 +614,26 @@ def test_parallel_path_matches_reference_and_serial(rng, dtype, monkeypatch):
             k += 1
 
 
+@pytest.mark.cpu
 def test_large_batch_hard(rng):
     e, labels = make_batch(rng, n=200, d=16, classes=10, dtype=np.float32)
-    res, want = run_both(e, labels, margin=1.0)
-    check_result(res, *want, np.float32)
+    check_result(fl.batch_triplet_loss(e, labels, margin=1.0),
+                 *naive.batch_triplet_loss(e, labels, margin=1.0), np.float32)
+
+
+@pytest.mark.cuda
+def test_threads_per_block(rng, threads_per_block):
+    e, labels = make_batch(rng, n=12, d=8, classes=4)
+    for mining, distance in (("hard", "cosine"), ("semihard", "euclidean"), ("all", "squared_euclidean")):
+        kw = dict(mining=mining, distance=distance, margin=MARGIN[distance], reduction="none")
+        res = fl.batch_triplet_loss(e, labels, backend="cuda", **kw)
+        check_result(res, *naive.batch_triplet_loss(e, labels, **kw), np.float64)
 
 
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("change,name", [
+BAD_INPUT = [
     (dict(embeddings=np.zeros(12)), "embeddings"),
     (dict(embeddings=np.zeros((2, 6, 3))), "embeddings"),
     (dict(embeddings=np.zeros((12, 3), np.int32)), "embeddings"),
@@ -505,12 +646,26 @@ def test_large_batch_hard(rng):
     (dict(reduction="max"), "reduction"),
     (dict(grad_out=np.zeros((12, 4))), "grad_out"),
     (dict(grad_out=np.zeros((12, 3), np.float32)), "grad_out"),
-], ids=lambda v: v if isinstance(v, str) else "")
-def test_bad_input_raises_and_changes_nothing(rng, change, name):
+]
+#: a NumPy buffer beside device inputs
+ON_THE_HOST = [(dict(grad_out="host"), "grad_out")]
+
+
+@pytest.mark.parametrize("backend, change, name", sides.per_side(
+    lambda side: BAD_INPUT + (ON_THE_HOST if side == "cuda" else [])),
+    ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_raises_and_changes_nothing(rng, backend, dev, change, name):
     e = rng.normal(size=(12, 3))
-    kw = dict(embeddings=e, labels=np.arange(12) % 3)
-    kw.update(change)
-    before = e.copy()
+    kw = dict(embeddings=dev.put(e), labels=dev.put(np.arange(12) % 3))
+    for key, value in change.items():
+        if isinstance(value, str) and value == "host":
+            value = np.zeros((12, 3))
+        elif isinstance(value, np.ndarray):
+            value = dev.put(value)
+        kw[key] = value
+    passed = [kw["embeddings"]] + ([kw["grad_out"]] if "grad_out" in kw else [])
+    befores = [np.array(dev.get(x), copy=True) for x in passed]
     with pytest.raises((ValueError, TypeError), match=name):
         fl.batch_triplet_loss(**kw)
-    np.testing.assert_array_equal(e, before)
+    for x, before in zip(passed, befores):
+        np.testing.assert_array_equal(dev.get(x), before)

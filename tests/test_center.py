@@ -14,6 +14,7 @@ import pytest
 
 import fastloss as fl
 import naive
+import sides
 from naive import check_result, finite_difference
 
 REDUCTIONS = ["mean", "sum", "none"]
@@ -56,10 +57,6 @@ def update_tol(features_dtype, centers_dtype):
     return 4 * eps
 
 
-def _host(res, dev):
-    return fl.LossGrad(dev.get(res.loss), dev.get(res.grad))
-
-
 @pytest.fixture
 def chunk_rows():
     """Restores the counting sort's chunking after a test that sets it."""
@@ -81,7 +78,7 @@ def test_loss_grad_and_update_match_reference(rng, backend, dev, dtype, reductio
     # the side's arrays in, the side's arrays out
     assert (type(res.loss) is np.ndarray) == (backend == "cpu")
     assert isinstance(res.grad, type(d_centers))
-    got = _host(res, dev)
+    got = sides.on_host(res, dev)
     check_result(got, *naive.center_loss(x, labels, centers, reduction=reduction), dtype)
     tol = update_tol(dtype, centers.dtype)
     np.testing.assert_allclose(dev.get(d_centers), naive.center_update(centers, x, labels), rtol=tol, atol=tol)
@@ -101,7 +98,7 @@ def test_update_false_reads_only_and_grad_false(rng, backend, dev, reduction):
     if backend == "cpu":
         d_centers.flags.writeable = False  # read-only centers are fine without an update
     res = fl.center_loss(dev.put(x), dev.put(labels), d_centers, update=False, reduction=reduction)
-    check_result(_host(res, dev), *naive.center_loss(x, labels, centers, reduction=reduction), np.float64)
+    check_result(sides.on_host(res, dev), *naive.center_loss(x, labels, centers, reduction=reduction), np.float64)
     assert dev.get(d_centers).tobytes() == centers.tobytes()
     d_centers = dev.put(centers)
     res = fl.center_loss(dev.put(x), dev.put(labels), d_centers, grad=False, reduction=reduction)
@@ -133,7 +130,7 @@ def test_loss_uses_centers_before_the_update(rng, backend, dev):
     x, labels, centers = make_batch(rng, n=8, d=3, k=3)
     d_centers = dev.put(centers)
     res = fl.center_loss(dev.put(x), dev.put(labels), d_centers, alpha=1.0, reduction="none")
-    check_result(_host(res, dev), *naive.center_loss(x, labels, centers, reduction="none"), np.float64)
+    check_result(sides.on_host(res, dev), *naive.center_loss(x, labels, centers, reduction="none"), np.float64)
     assert not np.array_equal(dev.get(d_centers), centers)
 
 
@@ -143,7 +140,7 @@ def test_wide_rows_and_many_feature_tiles(rng, dev):
     x, labels, centers = make_batch(rng, n=5, d=45, k=3, dtype=np.float32)
     d_centers = dev.put(centers)
     res = fl.center_loss(dev.put(x), dev.put(labels), d_centers)
-    check_result(_host(res, dev), *naive.center_loss(x, labels, centers), np.float32)
+    check_result(sides.on_host(res, dev), *naive.center_loss(x, labels, centers), np.float32)
     np.testing.assert_allclose(dev.get(d_centers), naive.center_update(centers, x, labels),
                                rtol=4e-7, atol=4e-7)
 
@@ -200,7 +197,7 @@ def test_update_same_bits_for_any_block_size_and_chunking(rng, dev, threads_per_
 def test_loss_and_grad_for_any_block_size(rng, dev, threads_per_block):
     x, labels, centers = make_batch(rng, n=7, d=37, k=3, dtype=np.float32)
     res = fl.center_loss(dev.put(x), dev.put(labels), dev.put(centers), reduction="none")
-    check_result(_host(res, dev), *naive.center_loss(x, labels, centers, reduction="none"), np.float32)
+    check_result(sides.on_host(res, dev), *naive.center_loss(x, labels, centers, reduction="none"), np.float32)
     cpu = fl.center_loss(x, labels, centers.copy(), reduction="none")
     assert dev.get(res.grad).tobytes() == cpu.grad.tobytes()  # elementwise: the same bits
 
@@ -271,7 +268,7 @@ def test_mixed_dtypes(rng, backend, dev, features_dtype, centers_dtype):
     x, labels, centers = make_batch(rng, n=n, d=d, k=k, dtype=features_dtype, centers_dtype=centers_dtype)
     d_centers = dev.put(centers)
     res = fl.center_loss(dev.put(x), dev.put(labels), d_centers)
-    check_result(_host(res, dev), *naive.center_loss(x, labels, centers), features_dtype)
+    check_result(sides.on_host(res, dev), *naive.center_loss(x, labels, centers), features_dtype)
     after = dev.get(d_centers)
     assert after.dtype == centers_dtype
     tol = update_tol(features_dtype, centers_dtype)
@@ -326,7 +323,7 @@ def test_nan_reaches_only_its_class(rng, backend, dev):
     x[4, 1] = np.nan
     d_centers = dev.put(centers)
     res = fl.center_loss(dev.put(x), dev.put(labels), d_centers, reduction="none")
-    loss, grad = _host(res, dev)
+    loss, grad = sides.on_host(res, dev)
     assert np.isnan(loss[4]) and np.isfinite(np.delete(loss, 4)).all()
     assert np.isnan(grad[4, 1]) and np.isfinite(np.delete(grad, 4, axis=0)).all()
     after = dev.get(d_centers)
@@ -380,7 +377,7 @@ def test_strided_features_and_centers(rng, backend, dev):
     d_big_c = dev.put(big_c)
     # the update lands in big_c
     res = fl.center_loss(dev.put(big_x)[::2, 1::3], dev.put(labels), d_big_c[:, 1:4])
-    check_result(_host(res, dev), *naive.center_loss(x, labels, centers), np.float64)
+    check_result(sides.on_host(res, dev), *naive.center_loss(x, labels, centers), np.float64)
     after = dev.get(d_big_c)
     np.testing.assert_allclose(after[:, 1:4], naive.center_update(centers, x, labels), rtol=1e-13)
     assert np.array_equal(np.delete(after, [1, 2, 3], axis=1), np.delete(big_c, [1, 2, 3], axis=1))

@@ -2,7 +2,11 @@
 center loss tightening the clusters, the picture with and without matplotlib, the CLI.
 
 Training runs use the built-in synthetic dataset at a small size; each takes
-well under a second once the kernels are in Numba's disk cache.
+well under a second once the kernels are in Numba's disk cache.  A test that takes
+``backend`` trains (tiny) on the CPU and through the CUDA kernels: under Numba's CUDA
+simulator the arrays stay NumPy and each call gets ``backend="cuda"`` (copied over and
+back); on a GPU with CuPy the network stays on the device.  Every other test is on the
+"cpu" side.
 """
 import struct
 import sys
@@ -18,6 +22,11 @@ from fastloss.tools import demo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL = demo.DemoConfig(dataset="synthetic", epochs=12, out=None)  # 1500 training rows
+#: 30 training rows, one epoch of two steps, every loss: small enough for the simulator
+TINY = demo.DemoConfig(dataset="synthetic", samples=40, epochs=1, batch_size=15, hidden=(8,),
+                       center_weight=0.5, triplet_weight=0.5, out=None)
+#: per side, ``demo --samples``, ``--batch-size`` of the command-line run
+CLI_SIZES = {"cpu": ("300", "64"), "cuda": ("24", "9")}
 
 
 def read_png(path):
@@ -45,6 +54,7 @@ def read_png(path):
 # ------------------------------------------------------------------ the gradients
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("center_weight, triplet_weight", [(0.0, 0.0), (0.7, 0.3)])
 def test_backward_matches_finite_differences(rng, center_weight, triplet_weight):
     """The hand-written backward through the layers, fed fastloss's gradients, is the
@@ -81,6 +91,7 @@ def test_backward_matches_finite_differences(rng, center_weight, triplet_weight)
         np.testing.assert_array_equal(objective.centers, centers_before)
 
 
+@pytest.mark.cpu
 def test_center_loss_moves_the_centers_in_place(rng):
     objective = demo.Objective(3, 2, center_weight=1.0, alpha=0.5)
     logits = rng.normal(size=(6, 3)).astype(np.float32)
@@ -95,6 +106,7 @@ def test_center_loss_moves_the_centers_in_place(rng):
 # ------------------------------------------------------------------ data and measures
 
 
+@pytest.mark.cpu
 def test_synthetic_data_is_deterministic_balanced_and_standardized():
     a, b = demo.load_dataset("synthetic", 5), demo.load_dataset("synthetic", 5)
     np.testing.assert_array_equal(a.x_train, b.x_train)
@@ -107,6 +119,7 @@ def test_synthetic_data_is_deterministic_balanced_and_standardized():
     assert np.bincount(np.concatenate([a.y_train, a.y_test])).tolist() == [200] * 10
 
 
+@pytest.mark.cpu
 def test_within_class_spread_is_scale_free_and_small_for_tight_clusters(rng):
     labels = np.repeat(np.arange(4), 50)
     means = 5 * rng.normal(size=(4, 2))
@@ -120,6 +133,7 @@ def test_within_class_spread_is_scale_free_and_small_for_tight_clusters(rng):
 # ------------------------------------------------------------------ training
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("seed", [0, 1])
 def test_training_converges_and_center_loss_tightens_the_clusters(seed):
     result = demo.run_demo(replace(SMALL, seed=seed))
@@ -135,6 +149,22 @@ def test_training_converges_and_center_loss_tightens_the_clusters(seed):
     assert center.spread < 0.6 * softmax.spread
 
 
+def test_tiny_training_through_every_loss(backend):
+    result = demo.run_demo(replace(TINY, backend=backend))
+    assert (result.n_train, result.n_test) == (30, 10)
+    for model in result.models:
+        assert model.steps == 2
+        (epoch,) = model.history
+        assert np.isfinite([epoch.train_loss, epoch.test_loss, model.test_loss]).all()
+        assert np.isfinite(model.embeddings).all() and 0 <= model.test_accuracy <= 1
+    if backend == "cuda":  # the CUDA kernels compute what the CPU ones do, up to float32 round-off
+        cpu = demo.run_demo(TINY)
+        for model, cpu_model in zip(result.models, cpu.models):
+            np.testing.assert_allclose(model.test_loss, cpu_model.test_loss, rtol=1e-3)
+    assert np.isfinite(result.models[1].centers).all() and result.models[1].learned_centers
+
+
+@pytest.mark.cpu
 def test_the_two_models_start_from_the_same_network():
     """Same seed, same initial weights and batch order: with the center term
     weighted 0 after all (a tiny weight), the two models nearly coincide."""
@@ -143,6 +173,7 @@ def test_the_two_models_start_from_the_same_network():
     np.testing.assert_allclose(center.embeddings, softmax.embeddings, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.cpu
 def test_triplet_option_runs_and_converges():
     result = demo.run_demo(replace(SMALL, triplet_weight=0.5, margin=1.0))
     softmax, combined = result.models
@@ -152,6 +183,7 @@ def test_triplet_option_runs_and_converges():
     assert all(np.isfinite(e.train_loss) for e in combined.history)
 
 
+@pytest.mark.cpu
 def test_triplet_alone():
     result = demo.run_demo(replace(SMALL, center_weight=0.0, triplet_weight=1.0))
     combined = result.models[1]
@@ -159,6 +191,7 @@ def test_triplet_alone():
     assert combined.test_accuracy > 0.8 and not combined.learned_centers
 
 
+@pytest.mark.cpu
 def test_blas_threads_are_limited_only_when_threadpoolctl_is_there(monkeypatch):
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)
     with demo.single_threaded_blas() as limits:
@@ -176,6 +209,7 @@ def _fake_model(rng, name, learned):
                             test_accuracy=0.9, spread=0.1)
 
 
+@pytest.mark.cpu
 def test_picture_without_matplotlib_is_a_valid_png(tmp_path, monkeypatch, rng):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
@@ -190,6 +224,7 @@ def test_picture_without_matplotlib_is_a_valid_png(tmp_path, monkeypatch, rng):
     assert (pixels[:, :16] == 255).all()  # the left margin stays white
 
 
+@pytest.mark.cpu
 def test_picture_with_matplotlib(tmp_path, rng):
     pytest.importorskip("matplotlib")
     path = tmp_path / "demo.png"
@@ -201,6 +236,7 @@ def test_picture_with_matplotlib(tmp_path, rng):
 # ------------------------------------------------------------------ the command line
 
 
+@pytest.mark.cpu
 def test_cli_trains_reports_and_writes_the_picture(tmp_path, capsys):
     path = tmp_path / "out.png"
     status = cli.main(["demo", "--dataset", "synthetic", "--samples", "600", "--epochs", "2",
@@ -214,15 +250,18 @@ def test_cli_trains_reports_and_writes_the_picture(tmp_path, capsys):
     assert "epoch 2/2" in err and "held-out loss" in err  # the per-epoch lines
 
 
-def test_cli_quiet_and_no_plot(tmp_path, capsys, monkeypatch):
+def test_cli_quiet_and_no_plot(backend, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    status = cli.main(["demo", "--dataset", "synthetic", "--samples", "300", "--epochs", "1",
-                       "--no-plot", "--quiet"])
+    samples, batch_size = CLI_SIZES[backend]
+    status = cli.main(["demo", "--backend", backend, "--dataset", "synthetic", "--samples", samples,
+                       "--epochs", "1", "--batch-size", batch_size, "--no-plot", "--quiet"])
     out, err = capsys.readouterr()
     assert status == 0 and err == "" and "picture" not in out
+    assert f"backend {backend}" in out and "softmax + center x0.5" in out
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--alpha", "1.5"], ["--center-weight", "-1"],
                                   ["--center-weight", "0"], ["--batch-size", "1"],
                                   ["--samples", "3"], ["--margin", "-1", "--triplet-weight", "1"]])
@@ -232,6 +271,7 @@ def test_bad_option_values_exit_2(capsys, args):
     assert err.startswith("fastloss demo: --") and err.count("\n") == 1 and out == ""
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("args", [["--dataset", "mnist"], ["--backend", "tpu"], ["--epochs", "x"]])
 def test_unknown_options_exit_2(capsys, args):
     with pytest.raises(SystemExit) as info:
@@ -239,6 +279,7 @@ def test_unknown_options_exit_2(capsys, args):
     assert info.value.code == 2
 
 
+@pytest.mark.cpu
 def test_help(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["demo", "--help"])
@@ -249,11 +290,12 @@ def test_help(capsys):
         assert option in out
 
 
+@pytest.mark.cpu
 def test_cuda_backend_without_a_gpu_exits_2(capsys):
     try:
         from numba import cuda
         if cuda.is_available():
-            pytest.skip("a GPU (or the simulator) is there: tests/cuda runs the demo on it")
+            pytest.skip("a GPU is there: the \"cuda\" side runs the demo on it")
     except ImportError:
         pass
     assert cli.main(["demo", "--backend", "cuda", "--no-plot"]) == 2
@@ -279,6 +321,7 @@ def _fake_sklearn(monkeypatch, calls):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", datasets)
 
 
+@pytest.mark.cpu
 def test_auto_picks_digits_when_sklearn_imports(monkeypatch):
     calls = []
     _fake_sklearn(monkeypatch, calls)
@@ -287,6 +330,7 @@ def test_auto_picks_digits_when_sklearn_imports(monkeypatch):
     assert (result.n_train, result.n_test) == (300, 100)
 
 
+@pytest.mark.cpu
 def test_auto_falls_back_to_synthetic_and_digits_needs_sklearn(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
@@ -295,6 +339,7 @@ def test_auto_falls_back_to_synthetic_and_digits_needs_sklearn(monkeypatch, caps
     assert "scikit-learn" in capsys.readouterr().err
 
 
+@pytest.mark.cpu
 def test_real_digits():
     pytest.importorskip("sklearn")
     result = demo.run_demo(replace(SMALL, dataset="digits", samples=None))

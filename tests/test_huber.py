@@ -11,9 +11,9 @@ import pytest
 
 import fastloss as fl
 import naive
+import sides
 from naive import check_result, finite_difference
 
-SIDES = ("cpu", "cuda")
 DTYPES = [np.float16, np.float32, np.float64]
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -22,28 +22,10 @@ SHAPES = {"cpu": {"deltas": (10, 6), "dtypes": (16, 9), "weights": (10, 6)},
           "cuda": {"deltas": (4, 6), "dtypes": (6, 5), "weights": (6, 5)}}
 
 
-def per_side(rows):
-    """The rows ``rows(side)`` of both sides, each led by its side and marked with it."""
-    return [pytest.param(side, *row, marks=getattr(pytest.mark, side)) for side in SIDES
-            for row in rows(side)]
-
-
 def make_inputs(rng, shape, dtype=np.float64, scale=2.0):
     x = np.asarray(rng.normal(size=shape) * scale).astype(dtype)
     t = np.asarray(rng.normal(size=shape) * scale).astype(dtype)
     return x, t
-
-
-def _put(backend, dev, a):
-    """``dev.put``, 0-d arrays staying 0-d (its device copy of one is 1-d)."""
-    if backend == "cuda" and a is not None and np.ndim(a) == 0:
-        from numba import cuda
-        return cuda.to_device(np.asarray(a))
-    return dev.put(a)
-
-
-def _host(res, dev):
-    return fl.LossGrad(dev.get(res.loss), dev.get(res.grad))
 
 
 def _same_as_cpu(got, cpu, dtype):
@@ -55,9 +37,9 @@ def _same_as_cpu(got, cpu, dtype):
 def run(backend, dev, x, t, sample_weight=None, **kw):
     """(huber_loss on the test's side, on the host; the float64 reference); on the "cuda"
     side the result is checked against the CPU path's too."""
-    res = fl.huber_loss(_put(backend, dev, x), _put(backend, dev, t),
-                        sample_weight=_put(backend, dev, sample_weight), **kw)
-    got = _host(res, dev)
+    res = fl.huber_loss(sides.put(backend, dev, x), sides.put(backend, dev, t),
+                        sample_weight=sides.put(backend, dev, sample_weight), **kw)
+    got = sides.on_host(res, dev)
     if backend == "cuda":
         _same_as_cpu(got, fl.huber_loss(x, t, sample_weight=sample_weight, **kw), x.dtype)
     return got, naive.huber_loss(x, t, sample_weight=sample_weight, **kw)
@@ -83,7 +65,7 @@ def test_every_dtype_with_sample_weight(rng, backend, dev, dtype, reduction):
     assert (type(res.loss) is np.ndarray) == (backend == "cpu")
     assert isinstance(res.grad, type(dev.put(x)))
     assert res.grad.dtype == np.dtype(dtype) and res.grad.shape == x.shape
-    got = _host(res, dev)
+    got = sides.on_host(res, dev)
     check_result(got, *naive.huber_loss(x, t, delta=1.5, sample_weight=sw, reduction=reduction),
                  dtype)
     if backend == "cuda":
@@ -99,7 +81,7 @@ def test_default_delta_is_one(rng):
 
 def test_both_branches_and_the_kink(backend, dev):
     x = np.array([0.0, 0.5, -0.5, 1.0, -1.0, 3.0, -3.0, 1e6])
-    got = _host(fl.huber_loss(dev.put(x), dev.put(np.zeros_like(x)), reduction="none"), dev)
+    got = sides.on_host(fl.huber_loss(dev.put(x), dev.put(np.zeros_like(x)), reduction="none"), dev)
     np.testing.assert_allclose(got.loss, [0, 0.125, 0.125, 0.5, 0.5, 2.5, 2.5, 1e6 - 0.5], rtol=1e-15)
     np.testing.assert_allclose(got.grad, [0, 0.5, -0.5, 1, -1, 1, -1, 1], rtol=1e-15)
 
@@ -114,7 +96,7 @@ def _weight_cases(side):
             ((2, 3, 4), (2, 1, 4)), ((2, 3, 4), (2, 3, 4)), ((3, 1, 4), (3, 1, 1))]
 
 
-@pytest.mark.parametrize("backend, shape, wshape", per_side(_weight_cases), ids=str)
+@pytest.mark.parametrize("backend, shape, wshape", sides.per_side(_weight_cases), ids=str)
 def test_sample_weight_broadcasting(rng, backend, dev, shape, wshape):
     x, t = make_inputs(rng, shape)
     sw = np.asarray(rng.uniform(0.0, 2.0, size=wshape))
@@ -138,12 +120,12 @@ def test_strided_sample_weights(rng, backend, dev):
                        (d_base[:, ::2], base[:, ::2]),  # (6, 5), strided 2-D
                        (d_base[0, ::2], base[0, ::2])):  # (5,), strided 1-D
         res = fl.huber_loss(dev.put(x), dev.put(t), sample_weight=view)
-        check_result(_host(res, dev), *naive.huber_loss(x, t, sample_weight=host), np.float32)
+        check_result(sides.on_host(res, dev), *naive.huber_loss(x, t, sample_weight=host), np.float32)
     # a strided view of more than two varying axes (the GPU compacts it on the host)
     x3, t3 = make_inputs(rng, (2, 3, 4))
     w3 = rng.uniform(size=(2, 3, 8))
     res = fl.huber_loss(dev.put(x3), dev.put(t3), sample_weight=dev.put(w3)[:, :, ::2])
-    check_result(_host(res, dev), *naive.huber_loss(x3, t3, sample_weight=w3[:, :, ::2]),
+    check_result(sides.on_host(res, dev), *naive.huber_loss(x3, t3, sample_weight=w3[:, :, ::2]),
                  np.float64)
 
 
@@ -156,7 +138,7 @@ def test_strided_views(rng, backend, dev):
     res = fl.huber_loss(x, t, delta=0.7, sample_weight=dev.put(swb)[:, :1], grad_out=buf)
     assert res.grad is buf
     want = naive.huber_loss(xb[::2, ::3], tb[1::2, 1::3], delta=0.7, sample_weight=swb[:, :1])
-    check_result(_host(res, dev), *want, np.float32)
+    check_result(sides.on_host(res, dev), *want, np.float32)
     rest = dev.get(parent)
     assert np.all(rest[:, 1::2] == 9.0)  # nothing written outside the view
 
@@ -224,7 +206,7 @@ def test_empty(backend, dev, shape, wshape):
     x = np.zeros(shape)
     sw = None if wshape is None else dev.put(np.ones(wshape))
     assert np.isnan(float(fl.huber_loss(dev.put(x), dev.put(x), sample_weight=sw).loss))
-    s = _host(fl.huber_loss(dev.put(x), dev.put(x), sample_weight=sw, reduction="sum"), dev)
+    s = sides.on_host(fl.huber_loss(dev.put(x), dev.put(x), sample_weight=sw, reduction="sum"), dev)
     assert float(s.loss) == 0.0 and s.grad.shape == shape
     none = fl.huber_loss(dev.put(x), dev.put(x), sample_weight=sw, reduction="none")
     assert none.loss.shape == shape
@@ -245,7 +227,7 @@ def test_grad_out_buffer_and_in_place(rng, backend, dev, dtype):
     buf = dev.put(np.zeros_like(x))
     res = fl.huber_loss(dev.put(x), dev.put(t), delta=0.7, sample_weight=dev.put(sw), grad_out=buf)
     assert res.grad is buf
-    check_result(_host(res, dev), *want, dtype)
+    check_result(sides.on_host(res, dev), *want, dtype)
     d_x = dev.put(x)
     res = fl.huber_loss(d_x, dev.put(t), delta=0.7, sample_weight=dev.put(sw), grad_out=d_x)
     assert res.grad is d_x
@@ -290,7 +272,7 @@ def test_large_input_parallel_path(rng, dtype):
 def test_target_of_another_dtype_rounds_like_the_cpu(rng, dev):
     x, _ = make_inputs(rng, (4, 5), np.float16)
     t = rng.normal(size=(4, 5))  # float64 target, float16 input: rounded to float16 first
-    got = _host(fl.huber_loss(dev.put(x), dev.put(t), reduction="none"), dev)
+    got = sides.on_host(fl.huber_loss(dev.put(x), dev.put(t), reduction="none"), dev)
     cpu = fl.huber_loss(x, t, reduction="none")
     np.testing.assert_array_equal(got.loss, cpu.loss)
     np.testing.assert_array_equal(got.grad, cpu.grad)
@@ -328,7 +310,7 @@ def test_device_arrays_are_never_copied_to_or_from_the_host(rng, dev, monkeypatc
     res = fl.huber_loss(*args, sample_weight=d_sw, grad_out=buf)
     assert calls == []
     monkeypatch.undo()
-    check_result(_host(res, dev), *naive.huber_loss(x, t, sample_weight=sw), np.float32)
+    check_result(sides.on_host(res, dev), *naive.huber_loss(x, t, sample_weight=sw), np.float32)
 
 
 # ---------------------------------------------------------------- bad input
@@ -363,27 +345,7 @@ ON_THE_HOST = {
 }
 
 
-@pytest.mark.parametrize("backend, case", per_side(
-    lambda side: [(c,) for c in list(BAD_INPUT) + (list(ON_THE_HOST) if side == "cuda" else [])]))
+@pytest.mark.parametrize("backend, case", sides.bad_input_cases(BAD_INPUT, ON_THE_HOST))
 def test_bad_input_raises_before_any_kernel_and_changes_nothing(backend, dev, case):
-    """In place and into a buffer (or into the case's own grad_out): an error naming the
-    argument, and neither the input nor the grad_out written."""
-    bad, error, match = {**BAD_INPUT, **ON_THE_HOST}[case]
-    x = np.arange(12, dtype=F32).reshape(3, 4)
-    d_x = dev.put(x)
-    kw = bad(dev.put)
-    if "grad_out" in kw:
-        outs = [kw.pop("grad_out")]  # the case's own
-    elif "input" in kw:
-        outs = [None]  # no buffer of the bad input's dtype
-    else:
-        outs = [d_x, dev.put(np.full_like(x, 9.0))]  # in place, and into a buffer
-    args = [kw.pop("input", d_x), kw.pop("target", dev.put(np.zeros((3, 4), F32)))]
-    befores = [None if o is None else np.array(dev.get(o), copy=True) for o in outs]
-    for out in outs:
-        with pytest.raises(error, match=match):
-            fl.huber_loss(*args, grad_out=out, **kw)
-    np.testing.assert_array_equal(dev.get(d_x), x)
-    for out, before in zip(outs, befores):
-        if out is not None:
-            np.testing.assert_array_equal(dev.get(out), before)
+    sides.assert_rejected_unchanged(dev, fl.huber_loss, ("input", "target"), np.zeros((3, 4), F32),
+                                    np.arange(12, dtype=F32).reshape(3, 4), case)

@@ -3,7 +3,7 @@
 The simulator cannot run these (its device arrays are NumPy underneath and it
 cannot dereference a device pointer): they run where CuPy or PyTorch has a
 GPU, e.g. in bench/gpu_check.sh.  The simulator covers the same code path
-with Numba device arrays (tests/cuda/test_cuda_cross_entropy.py).
+with Numba device arrays (the "cuda" side of tests/test_<loss>.py).
 """
 import os
 
