@@ -19,6 +19,11 @@ implementation closes over the constants of the argument's precision
 (``_F32``, ``_F64``), so the kernels are written once and the argument type
 picks the constants at compile time.  Only the polynomials differ.
 
+Each is compiled once per type as a function of its own (``HELPER_OPTIONS``),
+not inlined into every caller's Numba IR, which multiplied the compile time of
+the kernels; LLVM inlines it when it optimizes the linked kernel, so the loops
+that call it still vectorize (``tests/test_math.py`` reads the machine code).
+
 They are the CPU's primitives of the shared formulas (``PRIMITIVES``, read by
 ``fastloss.cpu._formulas``).
 
@@ -35,6 +40,7 @@ from numba.core import types
 from numba.core.extending import intrinsic, overload, register_jitable
 
 from fastloss import formulas
+from fastloss.cpu._jit import HELPER_OPTIONS
 
 # ---------------------------------------------------------------- bit casts
 
@@ -64,7 +70,7 @@ _f32_to_half_bits = _intrinsic("_f32_to_half_bits", types.uint16(types.float32),
 # ---------------------------------------------------------------- polynomials (by precision)
 
 
-@register_jitable(inline="always")
+@register_jitable(**HELPER_OPTIONS)
 def _exp_poly_f32(r):
     """exp(r) for |r| <= ln2/2: Cephes ``expf``."""
     p = np.float32(1.9875691500e-4)
@@ -76,7 +82,7 @@ def _exp_poly_f32(r):
     return p * (r * r) + r + np.float32(1.0)
 
 
-@register_jitable(inline="always")
+@register_jitable(**HELPER_OPTIONS)
 def _exp_poly_f64(r):
     """exp(r) for |r| <= ln2/2: Taylor to degree 13 (remainder < 4e-18)."""
     p = 1.0 / 6227020800.0
@@ -94,7 +100,7 @@ def _exp_poly_f64(r):
     return p * (r * r) + r + 1.0
 
 
-@register_jitable(inline="always")
+@register_jitable(**HELPER_OPTIONS)
 def _log_poly_f32(f, ef):
     """log(2**ef * (1 + f)) for f in [sqrt(1/2) - 1, sqrt(2) - 1): Cephes ``logf``."""
     z = f * f
@@ -113,7 +119,7 @@ def _log_poly_f32(f, ef):
     return f + y + ef * np.float32(0.693359375)
 
 
-@register_jitable(inline="always")
+@register_jitable(**HELPER_OPTIONS)
 def _log_poly_f64(f, k):
     """log(2**k * (1 + f)): fdlibm's ``__ieee754_log``."""
     s = f / (2.0 + f)
@@ -126,7 +132,7 @@ def _log_poly_f64(f, k):
     return k * 6.93147180369123816490e-01 - ((hfsq - (s * (hfsq + t2 + t1) + k * 1.90821492927058770002e-10)) - f)
 
 
-@register_jitable(inline="always")
+@register_jitable(**HELPER_OPTIONS)
 def _tanh_f32(x, exp2a):
     """tanh(x) from exp(2|x|): Cephes' tanhf polynomial for |x| < 0.625, else
     1 - 2 / (exp(2|x|) + 1)."""
@@ -143,7 +149,7 @@ def _tanh_f32(x, exp2a):
     return small if a < np.float32(0.625) else big
 
 
-@register_jitable(inline="always")
+@register_jitable(**HELPER_OPTIONS)
 def _tanh_f64(x, exp2a):
     """tanh(x) from exp(2|x|): Cephes' rational approximation for |x| < 0.625, else via exp."""
     z = x * x
@@ -221,7 +227,7 @@ def _exp_reduce(xc):
     raise NotImplementedError
 
 
-@overload(_exp_reduce, target="cpu", inline="always")
+@overload(_exp_reduce, target="cpu", jit_options=HELPER_OPTIONS)
 def _exp_reduce_cpu(xc):
     k = _precision(xc)
     shifter, log2e, ln2_hi, ln2_lo, poly, as_int = (k.shifter, k.log2e, k.ln2_hi, k.ln2_lo,
@@ -239,7 +245,7 @@ def _exp_reduce_cpu(xc):
     return impl
 
 
-@overload(vexp, target="cpu", inline="always")
+@overload(vexp, target="cpu", jit_options=HELPER_OPTIONS)
 def _vexp_cpu(x):
     k = _precision(x)
     big, small, as_float, bias, mant_bits = k.exp_max, k.exp_min, k.as_float, k.bias, k.mant_bits
@@ -258,7 +264,7 @@ def _vexp_cpu(x):
     return impl
 
 
-@overload(vexp_nonpos, target="cpu", inline="always")
+@overload(vexp_nonpos, target="cpu", jit_options=HELPER_OPTIONS)
 def _vexp_nonpos_cpu(x):
     k = _precision(x)
     small, as_float, bias, mant_bits = k.exp_min, k.as_float, k.bias, k.mant_bits
@@ -276,7 +282,7 @@ def _vexp_nonpos_cpu(x):
 # ---------------------------------------------------------------- log
 
 
-@overload(vlog, target="cpu", inline="always")
+@overload(vlog, target="cpu", jit_options=HELPER_OPTIONS)
 def _vlog_cpu(x):
     k = _precision(x)
     min_normal, scale, scale_bits, as_int, as_float = (k.min_normal, k.subnormal_scale,
@@ -304,7 +310,7 @@ def _vlog_cpu(x):
     return impl
 
 
-@overload(vlog1p, target="cpu", inline="always")
+@overload(vlog1p, target="cpu", jit_options=HELPER_OPTIONS)
 def _vlog1p_cpu(u):
     k = _precision(u)
     one, zero, inf = k.float(1.0), k.float(0.0), k.float(np.inf)
@@ -322,7 +328,7 @@ def _vlog1p_cpu(u):
 # ---------------------------------------------------------------- tanh
 
 
-@overload(vtanh, target="cpu", inline="always")
+@overload(vtanh, target="cpu", jit_options=HELPER_OPTIONS)
 def _vtanh_cpu(x):
     tanh = _precision(x).tanh
 
@@ -341,7 +347,7 @@ def compute_type(row):
     raise NotImplementedError
 
 
-@overload(compute_type, inline="always")
+@overload(compute_type, jit_options=HELPER_OPTIONS)
 def _compute_type_overload(row):
     T = np.float64 if row.dtype == types.float64 else np.float32
     return lambda row: T
@@ -352,7 +358,7 @@ def load(row, i):
     raise NotImplementedError
 
 
-@overload(load, inline="always")
+@overload(load, jit_options=HELPER_OPTIONS)
 def _load_overload(row, i):
     if row.dtype == types.uint16:
         return lambda row, i: _half_bits_to_f32(row[i])
@@ -364,7 +370,7 @@ def store(row, i, value):
     raise NotImplementedError
 
 
-@overload(store, inline="always")
+@overload(store, jit_options=HELPER_OPTIONS)
 def _store_overload(row, i, value):
     if row.dtype == types.uint16:
         def impl(row, i, value):

@@ -7,8 +7,9 @@ Two kinds of functions, compiled with different fast-math licences:
 * elementwise passes (``exp_shifted``, ``softcap_row``) do not: ``reassoc``
   would let LLVM fold away the range reduction inside ``vexp``.
 
-Numba compiles each function separately and calls it (LLVM does not inline
-across them), so the licence of one never leaks into another.  Rows may be
+Numba compiles each function separately, and the licence is a flag on each
+instruction: where LLVM inlines one function into another, the licence of one
+still never leaks into the other.  Rows may be
 float16 storage (uint16), float32 or float64; values are read with ``load``
 and computed in the type of the scalar arguments.
 """
@@ -27,6 +28,19 @@ from fastloss.cpu._threads import launch
 NARROW_ROW = 64  # classes up to which a kernel takes its whole row inline (narrow_softmax)
 ROW_BLOCK_ELEMENTS = 16384  # rows per parallel task: about this many values, at least one row
 PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, starting threads costs more than it saves
+
+
+def paths(chosen, count):
+    """The ``count`` options that choose one of a kernel's paths: True for path ``chosen``,
+    None for the others.  Numba prunes a branch on ``x is not None`` where ``x`` is None, so
+    a call compiles only the path it runs (a branch on a value it would compile every way)."""
+    return tuple(True if k == chosen else None for k in range(count))
+
+
+def path(first):
+    """``paths`` of two: ``(True, None)`` for the first (as ``(narrow, wide)`` rows),
+    ``(None, True)`` for the second."""
+    return paths(0 if first else 1, 2)
 
 
 def use_threads(x):
@@ -88,17 +102,17 @@ def row_sum(src, zero):
 
 
 @reduction_jit
-def row_dot(src, w, zero):
-    """sum(w * src) (``w`` None: sum(src)), where a zero weight contributes 0 even
-    against an infinite value (xlogy's convention: no mass on a class, no penalty
-    for it)."""
+def row_dot(src, w, shift, zero):
+    """sum(w * (src - shift)) (``w`` None: ones), where a zero weight contributes 0
+    even against an infinite value (xlogy's convention: no mass on a class, no
+    penalty for it)."""
     s = zero
     for c in range(src.shape[0]):
         if w is None:
-            s += load(src, c)
+            s += load(src, c) - shift
         else:
             wc = w[c]
-            s += zero if wc == 0 else wc * load(src, c)
+            s += zero if wc == 0 else wc * (load(src, c) - shift)
     return s
 
 

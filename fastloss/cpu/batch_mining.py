@@ -22,13 +22,12 @@ from numba.core.extending import overload
 from fastloss._reduction import grad_scale, reduce
 from fastloss.cpu import _storage
 from fastloss.cpu._jit import KERNEL_OPTIONS, jit, reduction_jit
-from fastloss.cpu._rows import ROW_BLOCK_ELEMENTS, loss_total
+from fastloss.cpu._rows import ROW_BLOCK_ELEMENTS, loss_total, paths
 from fastloss.cpu._threads import launch
 from fastloss.cpu._formulas import triplet
 from fastloss.cpu.hard_mining import batch_hard_blocked, float_bits, magnitude_bits
 from fastloss.cpu.mining_backward import batch_backward
-from fastloss.formulas.triplet import (COSINE, COSINE_NORM_EPS, DISTANCES, EUCLIDEAN, HARD,
-                                       MININGS, SEMIHARD)
+from fastloss.formulas.triplet import COSINE, COSINE_NORM_EPS, DISTANCES, EUCLIDEAN, MININGS
 
 # batch_triplet_loss: its kernels take the parallel path from this much estimated work (about
 # one unit per simple operation).  Their input comes from OpenBLAS's gemm, whose worker threads
@@ -400,15 +399,16 @@ def _all_anchor(i, Gi, sq, inv, cls, dist, margin, soft, drow, negd, negi, negc,
 
 
 @jit
-def _mine_rows(first, last, batch, rule, mode, records, S, losses, counts):
+def _mine_rows(first, last, batch, rule, hard, semihard, every, records, S, losses, counts):
     """Anchors [first, last): their losses, and their records (hard, semihard) or rows of S
-    and counts ("all"), with the scratch arrays of the mode."""
+    and counts ("all"), with the scratch arrays of the mode: one of ``hard``, ``semihard``
+    and ``every`` is True, the others None (``_rows.paths``)."""
     G, sq, inv, cls = batch
     off, rec_j, rec_c = records
     dist, margin, soft = rule
     T = G.dtype.type
     N = G.shape[0]
-    if mode == HARD:
+    if hard is not None:
         nchunks = -(-N // HARD_CHUNK)
         ik = _int_view(np.empty(N, T))  # the row's distance keys, and per chunk their extremes
         hi = _int_view(np.empty(nchunks, T))
@@ -416,7 +416,7 @@ def _mine_rows(first, last, batch, rule, mode, records, S, losses, counts):
         for i in range(first, last):
             losses[i] = _hard_anchor(i, G[i], sq, inv, cls, dist, margin, soft, ik, hi, lo, rec_j,
                                      rec_c)
-    elif mode == SEMIHARD:
+    if semihard is not None:
         drow = np.empty(N, T)
         posd = np.empty(N, T)
         posi = np.empty(N, np.int64)
@@ -425,7 +425,7 @@ def _mine_rows(first, last, batch, rule, mode, records, S, losses, counts):
         for i in range(first, last):
             losses[i] = _semihard_anchor(i, G[i], sq, inv, cls, dist, margin, soft, drow, posd,
                                          posi, rank, best, off[i], rec_j, rec_c)
-    else:
+    if every is not None:
         drow = np.empty(N, T)
         negd = np.empty(N, T)
         negi = np.empty(N, np.int64)
@@ -441,18 +441,19 @@ def _mine_rows(first, last, batch, rule, mode, records, S, losses, counts):
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _mine_parallel(batch, rule, mode, records, S, losses, counts):
+def _mine_parallel(batch, rule, hard, semihard, every, records, S, losses, counts):
     N = batch.G.shape[0]
     block = max(1, ROW_BLOCK_ELEMENTS // max(N, 1))
     for b in prange((N + block - 1) // block):
-        _mine_rows(b * block, min(N, (b + 1) * block), batch, rule, mode, records, S, losses,
-                   counts)
+        _mine_rows(b * block, min(N, (b + 1) * block), batch, rule, hard, semihard, every, records,
+                   S, losses, counts)
     return loss_total(losses)
 
 
 @jit
-def _mine_serial(batch, rule, mode, records, S, losses, counts):
-    _mine_rows(0, batch.G.shape[0], batch, rule, mode, records, S, losses, counts)
+def _mine_serial(batch, rule, hard, semihard, every, records, S, losses, counts):
+    _mine_rows(0, batch.G.shape[0], batch, rule, hard, semihard, every, records, S, losses,
+               counts)
     return loss_total(losses)
 
 
@@ -484,7 +485,8 @@ def batch_mine(E, cls, mining, rule, records, S, losses, counts):
     inv = (1.0 / np.maximum(np.sqrt(sq), T(COSINE_NORM_EPS))).astype(T, copy=False)
     work = N * N * {"hard": 1, "semihard": 8, "all": max(1, N // 8)}[mining]
     total = launch(_mine_parallel, _mine_serial, work >= BATCH_PARALLEL_MIN_WORK and N > 1,
-                   Batch(G, sq, inv, cls), rule, MININGS[mining], records, S, losses, counts)
+                   Batch(G, sq, inv, cls), rule, *paths(MININGS[mining], 3), records, S, losses,
+                   counts)
     return total, sq, inv
 
 

@@ -20,7 +20,6 @@ Absent options are None (``weight``, ``sw``, ``cap``, the gradient ``g``):
 Numba compiles a specialization per combination and prunes the branches that
 test them.
 """
-import math
 
 import numpy as np
 from numba import njit, prange
@@ -31,7 +30,7 @@ from fastloss.cpu._formulas import softmax
 from fastloss.cpu._math import load, store
 from fastloss.cpu._jit import KERNEL_OPTIONS, jit, reduction_jit
 from fastloss.cpu._rows import (NARROW_ROW, ROW_BLOCK_ELEMENTS, exp_shifted, ignored_row,
-                                loss_total, mean_denominator, narrow_softmax, row_dot, row_loss,
+                                loss_total, mean_denominator, narrow_softmax, path, row_dot, row_loss,
                                 row_max, softcap_row, softmax_grad_row)
 
 
@@ -41,12 +40,14 @@ def _label_row(src, y, weight, wsum, keep, eps, smooth, zcoef, slope, gscale, e,
     its gradient into ``g[i]`` unless ``g`` is None."""
     T = e.dtype.type
     m = row_max(src, T(-np.inf))
-    sz = row_dot(src, weight, T(0.0)) if eps > 0 else T(0.0)
+    szm = row_dot(src, weight, m, T(0.0)) if eps > 0 else T(0.0)
     s, rest = exp_shifted(src, m, e, y)
     wy = T(1.0) if weight is None else weight[y]
-    loss, lse = softmax.label_loss(load(src, y), m, s, rest, e[y], sz, wy, wsum, keep, smooth, eps, zcoef)
+    loss, lse = softmax.label_loss(load(src, y), m, s, rest, e[y], szm, wy, wsum, keep, smooth,
+                                   eps, zcoef)
     if g is not None:
-        a, b, gy = softmax.label_gradient(lse, s, rest, e[y], wy, wsum, keep, smooth, zcoef, gscale, T(2.0))
+        a, b, gy = softmax.label_gradient(lse, s, rest, e[y], wy, wsum, keep, smooth, zcoef,
+                                          gscale, T(2.0))
         softmax_grad_row(e, a, b, weight, g[i], slope)
         gy = gy if slope is None else gy * slope[y]  # named: see softmax_grad_row
         store(g, (i, y), gy)
@@ -67,18 +68,18 @@ def _narrow_label_rows(first, last, x, labels, weight, wsum, sw, ignore_index, k
         if ignored_row(y, ignore_index, losses, g, i):
             continue
         m, s, rest = narrow_softmax(x, i, y, e, T(-np.inf))
-        sz = T(0.0)
+        szm = T(0.0)
         if eps > 0:
             for c in range(C):
                 wc = T(1.0) if weight is None else weight[c]
-                sz += T(0.0) if wc == 0 else wc * load(x, (i, c))
+                szm += T(0.0) if wc == 0 else wc * (load(x, (i, c)) - m)
         wy = T(1.0) if weight is None else weight[y]
-        loss, lse = softmax.label_loss(load(x, (i, y)), m, s, rest, e[y], sz, wy, wsum, keep, smooth, eps,
-                               zcoef)
+        loss, lse = softmax.label_loss(load(x, (i, y)), m, s, rest, e[y], szm, wy, wsum, keep,
+                                       smooth, eps, zcoef)
         losses[i] = swi * loss
         if g is not None:
             a, b, gy = softmax.label_gradient(lse, s, rest, e[y], wy, wsum, keep, smooth, zcoef,
-                                      swi * scale, T(2.0))
+                                              swi * scale, T(2.0))
             for c in range(C):
                 wc = T(1.0) if weight is None else weight[c]
                 store(g, (i, c), softmax.class_gradient(e[c], a, b, wc))
@@ -86,18 +87,18 @@ def _narrow_label_rows(first, last, x, labels, weight, wsum, sw, ignore_index, k
 
 
 @reduction_jit
-def _target_sums(src, t, weight, keep, smooth, one):
-    """sum_c t'_c w_c and sum_c t'_c w_c z_c (a class without target mass
+def _target_sums(src, t, weight, m, keep, smooth, one):
+    """sum_c t'_c w_c and sum_c t'_c w_c (z_c - m) (a class without target mass
     contributes 0, even at z = -inf)."""
     zero = smooth - smooth
     tw_sum = zero
-    twz_sum = zero
+    twzm_sum = zero
     for c in range(src.shape[0]):
         wc = one if weight is None else weight[c]
         tw = softmax.target_weight(load(t, c), wc, keep, smooth)
         tw_sum += tw
-        twz_sum += zero if tw == 0 else tw * load(src, c)
-    return tw_sum, twz_sum
+        twzm_sum += zero if tw == 0 else tw * (load(src, c) - m)
+    return tw_sum, twzm_sum
 
 
 @jit
@@ -106,9 +107,9 @@ def _prob_row(src, t, weight, keep, smooth, zcoef, slope, gscale, e, g, i):
     writes its gradient into ``g[i]`` unless ``g`` is None."""
     T = e.dtype.type
     m = row_max(src, T(-np.inf))
-    tw_sum, twz_sum = _target_sums(src, t, weight, keep, smooth, T(1.0))
+    tw_sum, twzm_sum = _target_sums(src, t, weight, m, keep, smooth, T(1.0))
     s, _ = exp_shifted(src, m, e, -1)
-    lse = m + T(math.log(s))
+    loss, lse = softmax.prob_loss(tw_sum, twzm_sum, m, s, zcoef)
     if g is not None:
         a = softmax.prob_gradient(tw_sum, lse, s, zcoef, T(2.0), gscale)
         kg = gscale * keep
@@ -119,22 +120,33 @@ def _prob_row(src, t, weight, keep, smooth, zcoef, slope, gscale, e, g, i):
             v = softmax.prob_class_gradient(e[c], a, kg, load(t, c), b, wc)
             gc = v if slope is None else v * slope[c]
             store(gi, c, gc)
-    return softmax.prob_loss(tw_sum, twz_sum, lse, zcoef)
+    return loss
 
 
 @jit
-def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef, cap, scale,
-          g, losses):
+def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef, cap, narrow,
+          wide, scale, g, losses):
     """Rows [first, last): integer ``labels`` or ``probs`` (the other is None);
-    the options in the compute type T but ``cap`` (float64 or None)."""
+    the options in the compute type T but ``cap`` (float64 or None).  One of
+    ``narrow`` and ``wide`` is True, the other None: the path, chosen by the
+    caller, the other pruned at compile time."""
     T = losses.dtype.type
-    C = x.shape[1]
     keep = T(1.0) - eps
-    smooth = eps / T(C)
-    if labels is not None and cap is None and C <= NARROW_ROW:
+    smooth = eps / T(x.shape[1])
+    if narrow is not None:
         _narrow_label_rows(first, last, x, labels, weight, wsum, sw, ignore_index, keep, eps,
                            smooth, zcoef, scale, g, losses)
-        return
+    if wide is not None:
+        _wide_rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, keep, eps,
+                   smooth, zcoef, cap, scale, g, losses)
+
+
+@jit
+def _wide_rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, keep, eps, smooth,
+               zcoef, cap, scale, g, losses):
+    """Rows [first, last) one function call per row (``_label_row``, ``_prob_row``)."""
+    T = losses.dtype.type
+    C = x.shape[1]
     e = np.empty(C, T)  # exp(z - m) of the current row, kept in L1 for the gradient
     capped = np.empty(C if cap is not None else 0, T)  # soft-capped logits of the current row
     slope = np.empty(C if cap is not None else 0, T)  # their derivative
@@ -163,8 +175,8 @@ def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zc
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _rows_parallel(x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef, cap, mean, g,
-                   losses):
+def _rows_parallel(x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef, cap, narrow, wide,
+                   mean, g, losses):
     T = losses.dtype.type
     n, C = x.shape
     denom = mean_denominator(labels, probs, ignore_index, weight, sw)
@@ -172,17 +184,17 @@ def _rows_parallel(x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef,
     block = max(1, ROW_BLOCK_ELEMENTS // C)
     for b in prange((n + block - 1) // block):
         _rows(b * block, min(n, (b + 1) * block), x, labels, probs, weight, T(wsum), sw,
-              ignore_index, T(eps), T(zcoef), cap, scale, g, losses)
+              ignore_index, T(eps), T(zcoef), cap, narrow, wide, scale, g, losses)
     return loss_total(losses), denom
 
 
 @jit
-def _rows_serial(x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef, cap, mean, g,
-                 losses):
+def _rows_serial(x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef, cap, narrow, wide,
+                 mean, g, losses):
     T = losses.dtype.type
     denom = mean_denominator(labels, probs, ignore_index, weight, sw)
     _rows(0, x.shape[0], x, labels, probs, weight, T(wsum), sw, ignore_index, T(eps), T(zcoef),
-          cap, T(grad_scale(mean, denom)), g, losses)
+          cap, narrow, wide, T(grad_scale(mean, denom)), g, losses)
     return loss_total(losses), denom
 
 
@@ -193,6 +205,8 @@ def softmax_cross_entropy(logits, labels, probs, weight, sw, ignore_index, eps, 
     ``sw``, ``cap`` the soft-cap or None; ``grad`` None unless asked for.
     Runs serially when the input is small."""
     wsum = float(logits.shape[-1] if weight is None else np.sum(weight, dtype=np.float64))
-    options = (weight, wsum, sw, ignore_index, eps, zcoef, cap)  # floats: the kernels convert
+    # narrow rows take their own path, chosen here so that a call compiles only the one it runs
+    narrow = labels is not None and cap is None and logits.shape[-1] <= NARROW_ROW
+    options = (weight, wsum, sw, ignore_index, eps, zcoef, cap) + path(narrow)  # floats: converted
     return row_loss(_rows_parallel, _rows_serial, logits, labels, probs, options, (weight, sw),
                     reduction, grad, grad_out)

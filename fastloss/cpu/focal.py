@@ -29,7 +29,7 @@ from fastloss.cpu import _storage
 from fastloss.cpu._formulas import sigmoid_focal, softmax
 from fastloss.cpu._math import compute_type, load, store
 from fastloss.cpu._jit import KERNEL_OPTIONS, jit
-from fastloss.cpu._rows import (NARROW_ROW, ROW_BLOCK_ELEMENTS, exp_shifted, ignored_row,
+from fastloss.cpu._rows import (NARROW_ROW, ROW_BLOCK_ELEMENTS, exp_shifted, ignored_row, path,
                                 loss_total, mean_denominator, narrow_softmax, row_loss, row_max,
                                 row_sum, softmax_grad_row, use_threads)
 from fastloss.cpu._threads import launch
@@ -126,14 +126,24 @@ def _prob_row(src, t, alpha, ascale, gamma, gscale, e, f, terms, g, i):
 
 
 @jit
-def _rows(first, last, x, labels, probs, alpha, ascale, sw, ignore_index, gamma, scale, g, losses):
-    """Rows [first, last): integer ``labels`` or ``probs`` (the other is None)."""
-    T = losses.dtype.type
-    C = x.shape[1]
-    if labels is not None and C <= NARROW_ROW:
+def _rows(first, last, x, labels, probs, alpha, ascale, sw, ignore_index, gamma, narrow, wide,
+          scale, g, losses):
+    """Rows [first, last): integer ``labels`` or ``probs`` (the other is None).  One of
+    ``narrow`` and ``wide`` is True, the other None: the path (``_rows.path``)."""
+    if narrow is not None:
         _narrow_label_rows(first, last, x, labels, alpha, ascale, sw, ignore_index, gamma, scale,
                            g, losses)
-        return
+    if wide is not None:
+        _wide_rows(first, last, x, labels, probs, alpha, ascale, sw, ignore_index, gamma, scale,
+                   g, losses)
+
+
+@jit
+def _wide_rows(first, last, x, labels, probs, alpha, ascale, sw, ignore_index, gamma, scale, g,
+               losses):
+    """Rows [first, last) one function call per row (``_label_row``, ``_prob_row``)."""
+    T = losses.dtype.type
+    C = x.shape[1]
     e = np.empty(C, T)
     f = np.empty(0 if probs is None else C, T)
     terms = np.empty(0 if probs is None else C, T)
@@ -151,22 +161,24 @@ def _rows(first, last, x, labels, probs, alpha, ascale, sw, ignore_index, gamma,
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _focal_parallel(x, labels, probs, alpha, ascale, sw, ignore_index, gamma, mean, g, losses):
+def _focal_parallel(x, labels, probs, alpha, ascale, sw, ignore_index, gamma, narrow, wide, mean,
+                    g, losses):
     n, C = x.shape
     denom = mean_denominator(labels, probs, ignore_index, None, sw)
     scale = grad_scale(mean, denom)
     block = max(1, ROW_BLOCK_ELEMENTS // C)
     for b in prange((n + block - 1) // block):
         _rows(b * block, min(n, (b + 1) * block), x, labels, probs, alpha,
-              losses.dtype.type(ascale), sw, ignore_index, gamma, scale, g, losses)
+              losses.dtype.type(ascale), sw, ignore_index, gamma, narrow, wide, scale, g, losses)
     return loss_total(losses), denom
 
 
 @jit
-def _focal_serial(x, labels, probs, alpha, ascale, sw, ignore_index, gamma, mean, g, losses):
+def _focal_serial(x, labels, probs, alpha, ascale, sw, ignore_index, gamma, narrow, wide, mean, g,
+                  losses):
     denom = mean_denominator(labels, probs, ignore_index, None, sw)
     _rows(0, x.shape[0], x, labels, probs, alpha, losses.dtype.type(ascale), sw, ignore_index,
-          gamma, grad_scale(mean, denom), g, losses)
+          gamma, narrow, wide, grad_scale(mean, denom), g, losses)
     return loss_total(losses), denom
 
 
@@ -176,7 +188,8 @@ def focal_loss(logits, labels, probs, alpha, ascale, sw, ignore_index, gamma, re
     ``labels`` or ``probs`` (the other None), the per-class factors ``ascale``
     (a float) times ``alpha`` ((C,) or None), the optional ``sw``; ``grad``
     None unless asked for.  Runs serially when the input is small."""
-    options = (alpha, ascale, sw, ignore_index, gamma)  # Python floats: the kernels convert
+    narrow = labels is not None and logits.shape[-1] <= NARROW_ROW
+    options = (alpha, ascale, sw, ignore_index, gamma) + path(narrow)  # floats: kernels convert
     return row_loss(_focal_parallel, _focal_serial, logits, labels, probs, options, (alpha, sw),
                     reduction, grad, grad_out)
 
@@ -206,7 +219,8 @@ def _sigmoid_focal_loop(squared):
                 pw = sigmoid_focal.modulating_power(u, gamma, zero, one)
                 num, den = pw, u
             at = sigmoid_focal.alpha_weight(ti, alpha, use_alpha, one)
-            loss, d = sigmoid_focal.sigmoid_focal_value(p, q, ce, u, ti, at, pw, num, den, gamma, zero, one)
+            loss, d = sigmoid_focal.sigmoid_focal_value(p, q, ce, u, ti, at, pw, num, den, gamma,
+                                                        zero, one)
             out[i] = loss
             if g is not None:
                 store(g, i, scale * (at * d))
@@ -218,20 +232,23 @@ _sigmoid_focal_any = _sigmoid_focal_loop(False)
 
 
 @jit
-def _sigmoid_focal_chunk(x, t, alpha, gamma, scale, g, out):
-    if gamma == 2:
+def _sigmoid_focal_chunk(x, t, alpha, gamma, squared, general, scale, g, out):
+    """One chunk by the loop of ``squared`` (gamma is 2) or ``general`` (one of them True, the
+    other None: ``_rows.path``)."""
+    if squared is not None:
         _sigmoid_focal_squared(x, t, alpha, gamma, scale, g, out)
-    else:
+    if general is not None:
         _sigmoid_focal_any(x, t, alpha, gamma, scale, g, out)
 
 
 @jit
-def _sigmoid_focal_chunks(first, last, x, t, alpha, gamma, scale, g, losses, losses_half,
-                          chunk_sums):
+def _sigmoid_focal_chunks(first, last, x, t, alpha, gamma, squared, general, scale, g, losses,
+                          losses_half, chunk_sums):
     """Chunks [first, last) of ELEMENT_CHUNK elements; chunk_sums[b] = float64 sum of
     chunk b's losses, which are also kept in ``losses`` (compute type) or rounded
     into ``losses_half`` (float16 bits) when either is given.  ``alpha``,
-    ``gamma`` and ``scale`` are float64, computed in the compute type."""
+    ``gamma`` and ``scale`` are float64, computed in the compute type; one of
+    ``squared`` (gamma is 2) and ``general`` is True, the other None (``_rows.path``)."""
     T = compute_type(x)
     n = x.shape[0]
     scratch = np.empty(ELEMENT_CHUNK if losses is None else 0, T)
@@ -240,9 +257,11 @@ def _sigmoid_focal_chunks(first, last, x, t, alpha, gamma, scale, g, losses, los
         hi = min(n, lo + ELEMENT_CHUNK)
         out = scratch[:hi - lo] if losses is None else losses[lo:hi]
         if g is None:
-            _sigmoid_focal_chunk(x[lo:hi], t[lo:hi], T(alpha), T(gamma), T(scale), None, out)
+            _sigmoid_focal_chunk(x[lo:hi], t[lo:hi], T(alpha), T(gamma), squared, general,
+                                 T(scale), None, out)
         else:
-            _sigmoid_focal_chunk(x[lo:hi], t[lo:hi], T(alpha), T(gamma), T(scale), g[lo:hi], out)
+            _sigmoid_focal_chunk(x[lo:hi], t[lo:hi], T(alpha), T(gamma), squared, general,
+                                 T(scale), g[lo:hi], out)
         chunk_sums[b] = row_sum(out, 0.0)
         if losses_half is not None:
             for i in range(hi - lo):
@@ -250,17 +269,19 @@ def _sigmoid_focal_chunks(first, last, x, t, alpha, gamma, scale, g, losses, los
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _sigmoid_focal_parallel(x, t, alpha, gamma, scale, g, losses, losses_half, chunk_sums):
+def _sigmoid_focal_parallel(x, t, alpha, gamma, squared, general, scale, g, losses, losses_half,
+                            chunk_sums):
     for b in prange(chunk_sums.shape[0]):
-        _sigmoid_focal_chunks(b, b + 1, x, t, alpha, gamma, scale, g, losses, losses_half,
-                              chunk_sums)
+        _sigmoid_focal_chunks(b, b + 1, x, t, alpha, gamma, squared, general, scale, g, losses,
+                              losses_half, chunk_sums)
     return loss_total(chunk_sums)
 
 
 @jit
-def _sigmoid_focal_serial(x, t, alpha, gamma, scale, g, losses, losses_half, chunk_sums):
-    _sigmoid_focal_chunks(0, chunk_sums.shape[0], x, t, alpha, gamma, scale, g, losses,
-                          losses_half, chunk_sums)
+def _sigmoid_focal_serial(x, t, alpha, gamma, squared, general, scale, g, losses, losses_half,
+                          chunk_sums):
+    _sigmoid_focal_chunks(0, chunk_sums.shape[0], x, t, alpha, gamma, squared, general, scale, g,
+                          losses, losses_half, chunk_sums)
     return loss_total(chunk_sums)
 
 
@@ -282,7 +303,8 @@ def sigmoid_focal_loss(logits, targets, alpha, gamma, reduction, grad, grad_out)
     losses, losses_half = _storage.element_loss_buffers(n, reduction, logits.dtype, T)
     chunk_sums = np.empty(-(-n // ELEMENT_CHUNK), np.float64)
     total = launch(_sigmoid_focal_parallel, _sigmoid_focal_serial, use_threads(x), x, t, alpha,
-                   gamma, grad_scale(reduction == "mean", n), g, losses, losses_half, chunk_sums)
+                   gamma, *path(gamma == 2), grad_scale(reduction == "mean", n), g, losses,
+                   losses_half, chunk_sums)
     loss = reduce(_storage.element_losses_result(losses, losses_half), total, reduction, n,
                   logits.shape, logits.dtype)
     return loss, _storage.finish_gradient(written, result) if grad else None

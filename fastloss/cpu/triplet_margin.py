@@ -15,10 +15,10 @@ from fastloss._reduction import grad_scale, reduce
 from fastloss.cpu import _storage
 from fastloss.cpu._math import load, store
 from fastloss.cpu._jit import KERNEL_OPTIONS, jit, reduction_jit
-from fastloss.cpu._rows import ROW_BLOCK_ELEMENTS, loss_total, use_threads
+from fastloss.cpu._rows import ROW_BLOCK_ELEMENTS, loss_total, path, use_threads
 from fastloss.cpu._threads import launch
 from fastloss.cpu._formulas import triplet
-from fastloss.formulas.triplet import COSINE, DISTANCES, EUCLIDEAN
+from fastloss.formulas.triplet import DISTANCES, EUCLIDEAN
 
 # three row arrays (N, D) in kernel form: the inputs, or their gradients
 Triplets = namedtuple("Triplets", "anchor positive negative")
@@ -77,9 +77,10 @@ def _linear_rows(a, p, n, m, ga, gp, gn):
 
 
 @jit
-def _triplet_rows(first, last, x, opt, g, losses):
+def _triplet_rows(first, last, x, opt, cosine, differences, g, losses):
     """Rows [first, last) of the triplets ``x``: their losses and, unless ``g`` is None, their
-    gradient rows."""
+    gradient rows.  One of ``cosine`` and ``differences`` (the other distances) is True, the
+    other None (``_rows.path``)."""
     T = losses.dtype.type
     zero = T(0.0)
     one = T(1.0)
@@ -94,33 +95,36 @@ def _triplet_rows(first, last, x, opt, g, losses):
         a = xa[i]
         p = xp[i]
         n = xn[i]
-        if dist == COSINE:
+        if cosine is not None:
             d, geometry = triplet.cosine_distances(_dot_sums(a, p, n, zero), eps, one)
-        else:
-            d = triplet.difference_distances(_difference_sums(a, p, n, shift, swap, zero), euclid)
-        losses[i], c, cn, cs = triplet.margin_term(d[0], d[1], d[2], swap, margin, scale, zero, one)
-        if g is not None:
-            if dist == COSINE:
+            losses[i], c, cn, cs = triplet.margin_term(d[0], d[1], d[2], swap, margin, scale,
+                                                       zero, one)
+            if g is not None:
                 m = triplet.cosine_coefficients(geometry, c, cn, cs, zero, one)
                 _linear_rows(a, p, n, m, ga[i], gp[i], gn[i])
-            else:
+        if differences is not None:
+            d = triplet.difference_distances(_difference_sums(a, p, n, shift, swap, zero), euclid)
+            losses[i], c, cn, cs = triplet.margin_term(d[0], d[1], d[2], swap, margin, scale,
+                                                       zero, one)
+            if g is not None:
                 cp, cn, cs = triplet.difference_coefficients(euclid, d[0], d[1], d[2], c, cn, cs,
-                                                         zero, one)
+                                                             zero, one)
                 _difference_rows(a, p, n, shift, cp, cn, cs, ga[i], gp[i], gn[i])
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _triplet_parallel(x, opt, g, losses):
+def _triplet_parallel(x, opt, cosine, differences, g, losses):
     rows, D = x.anchor.shape
     block = max(1, ROW_BLOCK_ELEMENTS // max(D, 1))
     for b in prange((rows + block - 1) // block):
-        _triplet_rows(b * block, min(rows, (b + 1) * block), x, opt, g, losses)
+        _triplet_rows(b * block, min(rows, (b + 1) * block), x, opt, cosine, differences, g,
+                      losses)
     return loss_total(losses)
 
 
 @jit
-def _triplet_serial(x, opt, g, losses):
-    _triplet_rows(0, x.anchor.shape[0], x, opt, g, losses)
+def _triplet_serial(x, opt, cosine, differences, g, losses):
+    _triplet_rows(0, x.anchor.shape[0], x, opt, cosine, differences, g, losses)
     return loss_total(losses)
 
 
@@ -146,7 +150,8 @@ def triplet_margin_loss(anchor, positive, negative, distance, swap, margin, eps,
     losses = np.empty(n, _storage.compute_type(anchor.dtype))
     opt = MarginOptions(DISTANCES[distance], bool(swap), float(margin), float(eps),
                         grad_scale(reduction == "mean", n))
-    total = launch(_triplet_parallel, _triplet_serial, use_threads(x.anchor), x, opt, g, losses)
+    total = launch(_triplet_parallel, _triplet_serial, use_threads(x.anchor), x, opt,
+                   *path(distance == "cosine"), g, losses)
     loss = reduce(losses, total, reduction, n, batch_shape, anchor.dtype)
     if not grad:
         return loss, None

@@ -53,43 +53,59 @@ def _weight(weight, c, zero):
 
 
 @cuda.jit(device=True)
-def _label_visit(v, c, y, m, rest, sz, wsum, weight, eps, cap, zero, one, ninf):
+def _shift(acc, wsum, m_old, m, zero):
+    """``sum_c w_c (z_c - m_old)`` as ``sum_c w_c (z_c - m)``, ``wsum = sum_c w_c``."""
+    return acc - wsum * (m - m_old) if m != m_old and wsum != zero else acc
+
+
+@cuda.jit(device=True)
+def _add_shifted(acc, wsum, m_old, m, w, z, zero):
+    """``(sum_c w_c (z_c - m), sum_c w_c)`` after one more class (weight ``w``, logit ``z``)
+    as a thread's running max moves from ``m_old`` to ``m``.  Summed against the max, not
+    as ``sum_c w_c z_c - wsum m``, which cancels at large ``|m|``; a zero weight adds 0,
+    even at ``z = -inf``."""
+    acc = _shift(acc, wsum, m_old, m, zero)
+    if w != zero:
+        acc += w * (zero if z == m else z - m)
+    return acc, wsum + w
+
+
+@cuda.jit(device=True)
+def _label_visit(v, c, y, m, rest, szm, wsum, weight, eps, cap, zero, one, ninf):
     """Pass 1 of an integer-target row, one element: online max and sum of
     exp over the classes but y, and the smoothing sums."""
     z, _ = _capped(cast_like(v, zero), cap, one)
+    m_new, rest = online_add(m, rest, z, c != y, ninf)
     if eps > 0:
-        wc = _weight(weight, c, zero)
-        sz += zero if wc == 0 else wc * z
-        wsum += wc
-    m, rest = online_add(m, rest, z, c != y, ninf)
-    return m, rest, sz, wsum
+        szm, wsum = _add_shifted(szm, wsum, m, m_new, _weight(weight, c, zero), z, zero)
+    return m_new, rest, szm, wsum
 
 
 @cuda.jit(device=True)
 def _label_sums(x, row, y, weight, eps, cap, zero, one, ninf):
     """Pass 1 of an integer-target row over this thread's columns: ``(max, sum
-    of exp over the classes but y, sum_c w_c z_c, sum_c w_c)``, the last two
-    with label smoothing only."""
+    of exp over the classes but y, sum_c w_c (z_c - max), sum_c w_c)``, the last
+    two with label smoothing only."""
     nt = cuda.blockDim.x
     C = x.shape[1]
-    m, rest, sz, wsum = ninf, zero, zero, zero
+    m, rest, szm, wsum = ninf, zero, zero, zero
     c = cuda.threadIdx.x
     while c < group_end(C):
         v0, v1, v2, v3 = load_group(x, row, c)
-        m, rest, sz, wsum = _label_visit(v0, c, y, m, rest, sz, wsum, weight, eps, cap, zero, one,
-                                         ninf)
-        m, rest, sz, wsum = _label_visit(v1, c + nt, y, m, rest, sz, wsum, weight, eps, cap, zero,
-                                         one, ninf)
-        m, rest, sz, wsum = _label_visit(v2, c + 2 * nt, y, m, rest, sz, wsum, weight, eps, cap,
-                                         zero, one, ninf)
-        m, rest, sz, wsum = _label_visit(v3, c + 3 * nt, y, m, rest, sz, wsum, weight, eps, cap,
-                                         zero, one, ninf)
+        m, rest, szm, wsum = _label_visit(v0, c, y, m, rest, szm, wsum, weight, eps, cap, zero, one,
+                                          ninf)
+        m, rest, szm, wsum = _label_visit(v1, c + nt, y, m, rest, szm, wsum, weight, eps, cap, zero,
+                                          one, ninf)
+        m, rest, szm, wsum = _label_visit(v2, c + 2 * nt, y, m, rest, szm, wsum, weight, eps, cap,
+                                          zero, one, ninf)
+        m, rest, szm, wsum = _label_visit(v3, c + 3 * nt, y, m, rest, szm, wsum, weight, eps, cap,
+                                          zero, one, ninf)
         c += UNROLL * nt
     while c < C:
-        m, rest, sz, wsum = _label_visit(x[row, c], c, y, m, rest, sz, wsum, weight, eps, cap,
-                                         zero, one, ninf)
+        m, rest, szm, wsum = _label_visit(x[row, c], c, y, m, rest, szm, wsum, weight, eps, cap,
+                                          zero, one, ninf)
         c += nt
-    return m, rest, sz, wsum
+    return m, rest, szm, wsum
 
 
 @cuda.jit(device=True)
@@ -135,20 +151,20 @@ def _label_row(x, labels, row, ignore_index, weight, swi, gscale, eps, zcoef, ca
     if y == ignore_index:
         ignored_row(row, losses, g, zero)
         return
-    m, rest, sz, wsum = _label_sums(x, row, y, weight, eps, cap, zero, one,
+    m, rest, szm, wsum = _label_sums(x, row, y, weight, eps, cap, zero, one,
                                     cast_like(-math.inf, zero))
     # read before the barriers below: the gradient may overwrite the logits
     zy, slope_y = _capped(cast_like(x[row, y], zero), cap, one)
     mrow, rest64 = block_logsumexp(mbuf, sbuf, m, rest)
     if eps > 0:
-        sz = cast_like(block_sum(mbuf, sz), zero)
+        szm = cast_like(block_sum(mbuf, _shift(szm, wsum, m, cast_like(mrow, zero), zero)), zero)
         wsum = cast_like(block_sum(mbuf, wsum), zero)
     m = cast_like(mrow, zero)
     rest = cast_like(rest64, zero)
     ey = math.exp(zy - m)
     s = rest + ey
     wy = _weight(weight, y, zero)
-    loss, lse = softmax.label_loss(zy, m, s, rest, ey, sz, wy, wsum, keep, smooth, eps, zcoef)
+    loss, lse = softmax.label_loss(zy, m, s, rest, ey, szm, wy, wsum, keep, smooth, eps, zcoef)
     if cuda.threadIdx.x == 0:
         losses[row] = swi * loss
     if g is not None:
@@ -162,41 +178,40 @@ def _label_row(x, labels, row, ignore_index, weight, swi, gscale, eps, zcoef, ca
 
 
 @cuda.jit(device=True)
-def _prob_visit(v, p, c, m, s, tw_sum, twz_sum, weight, keep, smooth, cap, zero, one, ninf):
+def _prob_visit(v, p, c, m, s, tw_sum, twzm_sum, weight, keep, smooth, cap, zero, one, ninf):
     """Pass 1 of a probability-target row, one element."""
     z, _ = _capped(cast_like(v, zero), cap, one)
     tw = softmax.target_weight(cast_like(p, zero), _weight(weight, c, zero), keep, smooth)
-    tw_sum += tw
-    twz_sum += zero if tw == 0 else tw * z  # a class without mass adds 0, even at z = -inf
-    m, s = online_add(m, s, z, True, ninf)
-    return m, s, tw_sum, twz_sum
+    m_new, s = online_add(m, s, z, True, ninf)
+    twzm_sum, tw_sum = _add_shifted(twzm_sum, tw_sum, m, m_new, tw, z, zero)
+    return m_new, s, tw_sum, twzm_sum
 
 
 @cuda.jit(device=True)
 def _prob_sums(x, probs, row, weight, keep, smooth, cap, zero, one, ninf):
     """Pass 1 of a probability-target row over this thread's columns: ``(max,
-    sum of exp, sum_c t'_c w_c, sum_c t'_c w_c z_c)``."""
+    sum of exp, sum_c t'_c w_c, sum_c t'_c w_c (z_c - max))``."""
     nt = cuda.blockDim.x
     C = x.shape[1]
     c = cuda.threadIdx.x
-    m, s, tw_sum, twz_sum = ninf, zero, zero, zero
+    m, s, tw_sum, twzm_sum = ninf, zero, zero, zero
     while c < group_end(C):
         v0, v1, v2, v3 = load_group(x, row, c)
         p0, p1, p2, p3 = load_group(probs, row, c)
-        m, s, tw_sum, twz_sum = _prob_visit(v0, p0, c, m, s, tw_sum, twz_sum, weight, keep, smooth,
-                                            cap, zero, one, ninf)
-        m, s, tw_sum, twz_sum = _prob_visit(v1, p1, c + nt, m, s, tw_sum, twz_sum, weight, keep,
-                                            smooth, cap, zero, one, ninf)
-        m, s, tw_sum, twz_sum = _prob_visit(v2, p2, c + 2 * nt, m, s, tw_sum, twz_sum, weight, keep,
-                                            smooth, cap, zero, one, ninf)
-        m, s, tw_sum, twz_sum = _prob_visit(v3, p3, c + 3 * nt, m, s, tw_sum, twz_sum, weight, keep,
-                                            smooth, cap, zero, one, ninf)
+        m, s, tw_sum, twzm_sum = _prob_visit(v0, p0, c, m, s, tw_sum, twzm_sum, weight, keep,
+                                             smooth, cap, zero, one, ninf)
+        m, s, tw_sum, twzm_sum = _prob_visit(v1, p1, c + nt, m, s, tw_sum, twzm_sum, weight, keep,
+                                             smooth, cap, zero, one, ninf)
+        m, s, tw_sum, twzm_sum = _prob_visit(v2, p2, c + 2 * nt, m, s, tw_sum, twzm_sum, weight,
+                                             keep, smooth, cap, zero, one, ninf)
+        m, s, tw_sum, twzm_sum = _prob_visit(v3, p3, c + 3 * nt, m, s, tw_sum, twzm_sum, weight,
+                                             keep, smooth, cap, zero, one, ninf)
         c += UNROLL * nt
     while c < C:
-        m, s, tw_sum, twz_sum = _prob_visit(x[row, c], probs[row, c], c, m, s, tw_sum, twz_sum,
-                                            weight, keep, smooth, cap, zero, one, ninf)
+        m, s, tw_sum, twzm_sum = _prob_visit(x[row, c], probs[row, c], c, m, s, tw_sum, twzm_sum,
+                                             weight, keep, smooth, cap, zero, one, ninf)
         c += nt
-    return m, s, tw_sum, twz_sum
+    return m, s, tw_sum, twzm_sum
 
 
 @cuda.jit(device=True)
@@ -229,16 +244,17 @@ def _prob_grads(x, probs, row, g, weight, a, kg, b, m, cap, zero, one):
 def _prob_row(x, probs, row, weight, swi, gscale, eps, zcoef, cap, mbuf, sbuf, g, losses):
     """Loss (and gradient unless ``g`` is None) of row ``row``, probability targets."""
     zero, one, keep, smooth = _smoothing(eps, x.shape[1])
-    m, s, tw_sum, twz_sum = _prob_sums(x, probs, row, weight, keep, smooth, cap, zero, one,
+    m, s, tw_sum, twzm_sum = _prob_sums(x, probs, row, weight, keep, smooth, cap, zero, one,
                                        cast_like(-math.inf, zero))
     mrow, s64 = block_logsumexp(mbuf, sbuf, m, s)
+    twzm_sum = cast_like(block_sum(mbuf, _shift(twzm_sum, tw_sum, m, cast_like(mrow, zero), zero)),
+                         zero)
     tw_sum = cast_like(block_sum(mbuf, tw_sum), zero)
-    twz_sum = cast_like(block_sum(mbuf, twz_sum), zero)
     m = cast_like(mrow, zero)
     s = cast_like(s64, zero)
-    lse = m + math.log(s)
+    loss, lse = softmax.prob_loss(tw_sum, twzm_sum, m, s, zcoef)
     if cuda.threadIdx.x == 0:
-        losses[row] = swi * softmax.prob_loss(tw_sum, twz_sum, lse, zcoef)
+        losses[row] = swi * loss
     if g is not None:
         a = softmax.prob_gradient(tw_sum, lse, s, zcoef, cast_like(2, zero), gscale)
         _prob_grads(x, probs, row, g, weight, a, gscale * keep, gscale * smooth, m, cap, zero, one)

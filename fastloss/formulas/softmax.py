@@ -4,7 +4,9 @@ Notation: ``z`` the row's (optionally soft-capped) logits, ``m = max z``,
 ``e_c = exp(z_c - m)``, ``s = sum_c e_c``, ``lse = m + log s``, ``p = e / s``,
 ``C`` classes, sample weight ``sw``; for an integer target ``y``,
 ``rest = s - e_y`` (summed apart, so that ``1 - p_y = rest / s`` and
-``-log p_y = log1p(rest / e_y)`` keep their digits as ``p_y -> 1``).
+``-log p_y = log1p(rest / e_y)`` keep their digits as ``p_y -> 1``).  Every
+``lse - z_c`` below is formed as ``log s - (z_c - m)``: at large ``|m|`` the
+rounding of ``m + log s`` would take the digits of ``log s``.
 
 Cross entropy, with class weights ``w`` (ones when not given), smoothing ``eps``,
 ``smooth = eps / C``, ``keep = 1 - eps``, z-loss coefficient ``zc``::
@@ -52,15 +54,17 @@ from fastloss.formulas import exp, log, log1p
 # ---------------------------------------------------------------- cross entropy
 
 
-def label_loss(zy, m, s, rest, ey, sz, wy, wsum, keep, smooth, eps, zcoef):
-    """``(L / sw, lse)`` of a row with integer target y; ``sz = sum_c w_c z_c``
+def label_loss(zy, m, s, rest, ey, szm, wy, wsum, keep, smooth, eps, zcoef):
+    """``(L / sw, lse)`` of a row with integer target y; ``szm = sum_c w_c (z_c - m)``
     (read only with smoothing), ``wsum = sum_c w_c``."""
-    lse = m + math.log(s)
-    # -log p_y: lse - z_y cancels as p_y -> 1, log1p(rest / e_y) does not
-    nll = math.log1p(rest / ey) if ey >= rest else lse - zy
+    log_s = math.log(s)
+    # -log p_y as log s - (z_y - m): lse - z_y would lose the digits of log s to the
+    # rounding of m + log s at large |m|; log1p(rest / e_y) keeps them as p_y -> 1
+    nll = math.log1p(rest / ey) if ey >= rest else log_s - (zy - m)
     loss = keep * wy * nll
     if eps > 0:
-        loss += smooth * (wsum * lse - sz)
+        loss += smooth * (wsum * log_s - szm)  # sum_c w_c (log s - (z_c - m))
+    lse = m + log_s
     if zcoef > 0:
         loss += zcoef * lse * lse
     return loss, lse
@@ -85,16 +89,19 @@ def class_gradient(e, a, b, w):
 
 def target_weight(t, w, keep, smooth):
     """``t'_c w_c`` of class c of a probability-target row.  The kernels add
-    ``t'_c w_c z_c`` to their sum only where it is not 0, so that a class
+    ``t'_c w_c (z_c - m)`` to their sum only where it is not 0, so that a class
     without mass adds 0 even at ``z_c = -inf`` (and the CPU reads ``z_c`` only
     there)."""
     return (keep * t + smooth) * w
 
 
-def prob_loss(tw_sum, twz_sum, lse, zcoef):
-    """``L / sw`` of a probability-target row from ``sum_c t'_c w_c`` and
-    ``sum_c t'_c w_c z_c``."""
-    return tw_sum * lse - twz_sum + zcoef * lse * lse
+def prob_loss(tw_sum, twzm_sum, m, s, zcoef):
+    """``(L / sw, lse)`` of a probability-target row from ``sum_c t'_c w_c`` and
+    ``sum_c t'_c w_c (z_c - m)``: ``sum_c t'_c w_c (log s - (z_c - m))``, whose
+    digits do not go to the rounding of ``m + log s`` at large ``|m|``."""
+    log_s = math.log(s)
+    lse = m + log_s
+    return tw_sum * log_s - twzm_sum + zcoef * lse * lse, lse
 
 
 def prob_gradient(tw_sum, lse, s, zcoef, two, gscale):
