@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import fastloss as fl
+import naive
 
 SIDES = ("cpu", "cuda")
 
@@ -41,6 +42,16 @@ def on_side(dev, kw):
 def on_host(res, dev):
     """A ``LossGrad`` with its arrays on the host."""
     return fl.LossGrad(dev.get(res.loss), dev.get(res.grad))
+
+
+def assert_same_as_cpu(backend, got, fn, x, *args, loss_scale=None, **kw):
+    """On the "cuda" side, the GPU's answer ``got`` (on the host) against the CPU path's,
+    ``fn(x, *args, **kw)``."""
+    if backend == "cuda":
+        cpu = fn(x, *args, **kw)
+        naive.assert_close(got.loss, cpu.loss, x.dtype, scale=loss_scale, what="loss, GPU vs CPU")
+        if cpu.grad is not None:
+            naive.assert_close(got.grad, cpu.grad, x.dtype, what="grad, GPU vs CPU")
 
 
 def assert_rejected_unchanged(dev, fn, names, second, x, case, fill=123.0):

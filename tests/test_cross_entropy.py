@@ -53,13 +53,6 @@ def run_both(x, t, **kw):
     return res, want
 
 
-def _same_as_cpu(backend, got, x, t, **kw):
-    """On the "cuda" side, the GPU's answer (on the host) against the CPU path's."""
-    if backend == "cuda":
-        cpu = fl.softmax_cross_entropy(x, t, **kw)
-        naive.assert_close(got.loss, cpu.loss, x.dtype, what="loss, GPU vs CPU")
-        if cpu.grad is not None:
-            naive.assert_close(got.grad, cpu.grad, x.dtype, what="grad, GPU vs CPU")
 
 
 def run(dev, x, t, **kw):
@@ -135,7 +128,7 @@ def test_integer_targets_options(rng, backend, dev, name, reduction, C, dtype, n
     assert isinstance(res.loss, type(dev.put(x))) and isinstance(res.grad, type(dev.put(x)))
     got = sides.on_host(res, dev)
     check_result(got, *naive.softmax_cross_entropy(x, t, reduction=reduction, **kw, **call), dtype)
-    _same_as_cpu(backend, got, x, t, reduction=reduction, **kw, **call)
+    sides.assert_same_as_cpu(backend, got, fl.softmax_cross_entropy, x, t, reduction=reduction, **kw, **call)
 
 
 def _prob_option_rows(side):
@@ -404,7 +397,7 @@ def test_nan_and_minus_inf_logits_stay_in_their_row(rng, backend, dev, C, dtype)
     t = np.array([0, 1, 2, 0])
     got, (want_loss, want_grad) = run(dev, x, t, reduction="none")
     # on the GPU, NaN where the CPU path has NaN (and the same numbers elsewhere)
-    _same_as_cpu(backend, got, x, t, reduction="none")
+    sides.assert_same_as_cpu(backend, got, fl.softmax_cross_entropy, x, t, reduction="none")
     assert np.isnan(got.loss[1]) and np.all(np.isnan(got.grad[1]))
     rest = [0, 2, 3]
     assert np.all(np.isfinite(got.loss[rest])) and np.all(np.isfinite(got.grad[rest]))

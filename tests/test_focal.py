@@ -56,19 +56,12 @@ def _alpha(kind, C, rng, dtype=np.float64):
     return rng.uniform(0.1, 1.0, size=C).astype(dtype)
 
 
-def _same_as_cpu(backend, got, x, t, loss_scale=None, **kw):
-    """On the "cuda" side, the GPU's answer (on the host) against the CPU path's."""
-    if backend == "cuda":
-        cpu = fl.focal_loss(x, t, **kw)
-        naive.assert_close(got.loss, cpu.loss, x.dtype, scale=loss_scale, what="loss, GPU vs CPU")
-        if cpu.grad is not None:
-            naive.assert_close(got.grad, cpu.grad, x.dtype, what="grad, GPU vs CPU")
 
 
 def run(backend, dev, x, t, *, loss_scale=None, **kw):
     """(focal_loss on the test's side, on the host; the float64 reference)."""
     got = sides.on_host(fl.focal_loss(dev.put(x), dev.put(t), **sides.on_side(dev, kw)), dev)
-    _same_as_cpu(backend, got, x, t, loss_scale, **kw)
+    sides.assert_same_as_cpu(backend, got, fl.focal_loss, x, t, loss_scale=loss_scale, **kw)
     return got, naive.focal_loss(x, t, **kw)
 
 
@@ -96,7 +89,7 @@ def test_integer_targets(rng, backend, dev, alpha, gamma, reduction, C, dtype, n
     assert res.grad.dtype == np.dtype(dtype) and res.grad.shape == x.shape
     got = sides.on_host(res, dev)
     check_result(got, *naive.focal_loss(x, t, **kw), dtype)
-    _same_as_cpu(backend, got, x, t, **kw)
+    sides.assert_same_as_cpu(backend, got, fl.focal_loss, x, t, **kw)
 
 
 @pytest.mark.parametrize("backend, alpha, gamma, reduction, dtype, n", sides.per_side(
@@ -218,7 +211,7 @@ def test_strided_views(rng, backend, dev):
     host = dict(sample_weight=sw[::3], alpha=alpha[::2], **kw)
     got = sides.on_host(res, dev)
     check_result(got, *naive.focal_loss(big[::2, 1:10:2], labels[::2], **host), np.float32)
-    _same_as_cpu(backend, got, big[::2, 1:10:2], labels[::2], **host)
+    sides.assert_same_as_cpu(backend, got, fl.focal_loss, big[::2, 1:10:2], labels[::2], **host)
     probs = rng.dirichlet(np.ones(5), size=8).astype(np.float32)
     got = sides.on_host(fl.focal_loss(dev.put(big)[1::2, ::2], dev.put(probs)[::2], gamma=2.0), dev)
     check_result(got, *naive.focal_loss(big[1::2, ::2], probs[::2], gamma=2.0), np.float32)

@@ -32,19 +32,12 @@ def run_both(x, t, **kw):
     return fl.sigmoid_focal_loss(x, t, **kw), naive.sigmoid_focal_loss(x, t, **kw)
 
 
-def _same_as_cpu(backend, got, x, t, loss_scale=None, **kw):
-    """On the "cuda" side, the GPU's answer (on the host) against the CPU path's."""
-    if backend == "cuda":
-        cpu = fl.sigmoid_focal_loss(x, t, **kw)
-        naive.assert_close(got.loss, cpu.loss, x.dtype, scale=loss_scale, what="loss, GPU vs CPU")
-        if cpu.grad is not None:
-            naive.assert_close(got.grad, cpu.grad, x.dtype, what="grad, GPU vs CPU")
 
 
 def run(backend, dev, x, t, *, loss_scale=None, **kw):
     """(sigmoid_focal_loss on the test's side, on the host; the float64 reference)."""
     got = sides.on_host(fl.sigmoid_focal_loss(sides.put(backend, dev, x), sides.put(backend, dev, t), **kw), dev)
-    _same_as_cpu(backend, got, x, t, loss_scale, **kw)
+    sides.assert_same_as_cpu(backend, got, fl.sigmoid_focal_loss, x, t, loss_scale=loss_scale, **kw)
     return got, naive.sigmoid_focal_loss(x, t, **kw)
 
 
@@ -62,7 +55,7 @@ def test_matches_reference(rng, backend, dev, alpha, gamma, reduction, dtype, n)
     assert res.grad.dtype == np.dtype(dtype) and res.grad.shape == x.shape
     got = sides.on_host(res, dev)
     check_result(got, *naive.sigmoid_focal_loss(x, t, **kw), dtype)
-    _same_as_cpu(backend, got, x, t, **kw)
+    sides.assert_same_as_cpu(backend, got, fl.sigmoid_focal_loss, x, t, **kw)
 
 
 def test_defaults_are_torchvision_defaults(rng, backend, dev):
@@ -88,7 +81,7 @@ def test_target_dtypes_convert_like_the_cpu(rng, dev, kind):
                        soft=kind is np.float64)
     t = t.astype(kind)
     got = sides.on_host(fl.sigmoid_focal_loss(dev.put(x), dev.put(t), gamma=1.5, reduction="none"), dev)
-    _same_as_cpu("cuda", got, x, t, gamma=1.5, reduction="none")
+    sides.assert_same_as_cpu("cuda", got, fl.sigmoid_focal_loss, x, t, gamma=1.5, reduction="none")
 
 
 @pytest.mark.cpu
