@@ -41,7 +41,8 @@ SEMIHARD_LINEAR_MAX = 128  # positives per anchor up to which counting beats a b
 # the batch as mining reads it: the Gram matrix (N, N), the squared norms, the inverse clamped
 # norms, the class ids (int32)
 Batch = namedtuple("Batch", "G sq inv cls")
-# what mining applies: the distance's code, the margin (compute type), whether soft
+# what mining applies: the distance's code, the margin (compute type), soft: True, or None for the
+# hinge (None prunes softplus at compile time: the default call never compiles it)
 MiningRule = namedtuple("MiningRule", "distance margin soft")
 # the records: anchor a's are the slots off[a]:off[a+1] of (j, c), j = -1 for an empty one
 Records = namedtuple("Records", "off j c")
@@ -379,7 +380,7 @@ def _all_anchor(i, Gi, sq, inv, cls, dist, margin, soft, drow, negd, negi, negc,
     count = 0
     for j in range(N):
         if cls[j] == ci and j != i:
-            if soft:
+            if soft is not None:
                 _all_soft_terms(drow[j], nd, margin, terms, slopes)
                 lsum, ssum = _all_soft_sums(terms[:nneg], slopes[:nneg], nc)
                 cnt = nneg
@@ -430,8 +431,8 @@ def _mine_rows(first, last, batch, rule, hard, semihard, every, records, S, loss
         negd = np.empty(N, T)
         negi = np.empty(N, np.int64)
         negc = np.empty(N, T)
-        terms = np.empty(N if soft else 0, T)  # softplus terms and slopes: soft only
-        slopes = np.empty(N if soft else 0, T)
+        terms = np.empty(N if soft is not None else 0, T)  # softplus terms and slopes: soft only
+        slopes = np.empty(N if soft is not None else 0, T)
         for i in range(first, last):
             loss, count = _all_anchor(i, G[i], sq, inv, cls, dist, margin, soft, drow, negd, negi,
                                       negc, terms, slopes, S)
@@ -527,7 +528,7 @@ def batch_triplet_loss(embeddings, labels, mining, distance, margin, soft, reduc
     cls = np.ascontiguousarray(cls.reshape(N), dtype=np.int32)
     size = class_sizes[cls]  # size of each anchor's class
     records = _records(mining, N, size, T)
-    rule = MiningRule(DISTANCES[distance], T(margin), bool(soft))
+    rule = MiningRule(DISTANCES[distance], T(margin), True if soft else None)
     S = np.zeros((N, N), T) if mining == "all" and grad else None
     losses = np.zeros(N, np.float64)
     counts = np.zeros(N, np.int64) if mining == "all" else None
@@ -549,6 +550,6 @@ def batch_triplet_loss(embeddings, labels, mining, distance, margin, soft, reduc
                                                (embeddings, E))
     if S is not None:
         S += S.T  # row r: every coefficient of a pair touching r (NumPy buffers the overlap)
-    batch_backward(E, inv, distance, records, S, grad_scale(reduction == "mean", denom),
+    batch_backward(E, inv, rule.distance, records, S, grad_scale(reduction == "mean", denom),
                    _storage.kernel_view(written), BATCH_PARALLEL_MIN_WORK)
     return loss, _storage.finish_gradient(written, result)

@@ -42,8 +42,9 @@ from numba.core.extending import intrinsic, register_jitable
 
 from fastloss.cpu._jit import jit
 from fastloss.cpu._rows import loss_total
+from fastloss.cpu.mining_backward import distance_flags
 from fastloss.cpu._formulas import triplet
-from fastloss.formulas.triplet import COSINE, COSINE_NORM_EPS, EUCLIDEAN
+from fastloss.formulas.triplet import COSINE_NORM_EPS
 
 HARD_BLOCK = 256  # columns per mining slice, at most HARD_BLOCK_MAX
 HARD_GEMM_BLOCKS = 4  # gemm blocks per batch, of equal widths (multiples of 16 columns)
@@ -186,8 +187,9 @@ def _tables(F, K):
 
 
 @jit
-def _block_norms(blk, J0, dist, norms):
-    """The norms of rows J0:J1 from the diagonal of gemm block ``blk`` = G[:J1, J0:J1]."""
+def _block_norms(blk, J0, cosine, norms):
+    """The norms of rows J0:J1 from the diagonal of gemm block ``blk`` = G[:J1, J0:J1]
+    (``cosine`` True, or None for the other distances)."""
     T = blk.dtype.type
     one = T(1.0)
     eps = T(COSINE_NORM_EPS)
@@ -199,7 +201,7 @@ def _block_norms(blk, J0, dist, norms):
         v = one / (eps if n < eps else n)  # np.maximum's clamp: NaN passes
         sq[j] = s
         inv[j] = v
-        if dist == COSINE:
+        if cosine is not None:
             u[j] = T(0.5)
             wr[j] = v
             wc[j] = v
@@ -227,7 +229,7 @@ def _slice_anchors(blk, S0, c0, c1, st, ext):
 
 
 @jit
-def _hard_block(blk, J0, B, dist, cls, st, F, K):
+def _hard_block(blk, J0, B, cosine, cls, st, F, K):
     """Mine gemm block ``blk`` = G[:J1, J0:J1] in slices of B columns (see above): fills the
     norms of rows J0:J1 from its diagonal, the running extremes of the anchors J0:J1 (as
     columns: complete below J1) and of the anchors below J0 (as rows), into the tables F, K
@@ -238,7 +240,7 @@ def _hard_block(blk, J0, B, dist, cls, st, F, K):
     lowest = float_bits(-zero)
     highest = float_bits(T(np.nan))
     J1, width = blk.shape
-    _block_norms(blk, J0, dist, norms)
+    _block_norms(blk, J0, cosine, norms)
     U = norms.u
     Wr = norms.wr
     bp, bi, pg, bn, bni, ng = ext  # out of the tuples once: no references taken in the loops
@@ -288,37 +290,38 @@ def _hard_block(blk, J0, B, dist, cls, st, F, K):
 
 
 @jit
-def _hard_distance(g, u_i, u_j, w_i, w_j, dist, zero):
+def _hard_distance(g, u_i, u_j, w_i, w_j, cosine, euclid, zero):
     """d(i, j) from the Gram entry, as the blocks' keys order it: the clamped squared distance
-    (its root for euclidean) or the (unclamped) cosine distance."""
+    (its root for euclidean) or the (unclamped) cosine distance (``mining_backward.distance_flags``)."""
     d = _gram_distance(g, u_i, u_j, w_i, w_j)
-    if dist == COSINE:
+    if cosine is not None:
         return d
     d = zero if d < zero else d
-    if dist == EUCLIDEAN:
+    if euclid is not None:
         return math.sqrt(d)
     return d
 
 
 @jit
-def _hard_finish(dist, margin, soft, F, K, rec_j, rec_c, losses):
-    """Per anchor, from its farthest positive and nearest negative: the loss term and the two
-    records (as the full-Gram path).  Returns the float64 sum of the losses."""
-    norms, ext = _tables(F, K)
-    T = F.dtype.type
+def _hard_finish(cosine, euclid, margin, soft, U, Wr, Wc, pos, neg, pos_gram, neg_gram, rec_j,
+                 rec_c, losses):
+    """Per anchor, from its farthest positive and nearest negative (the tables' rows, see
+    ``_tables``): the loss term and the two records (as the full-Gram path).  Returns the
+    float64 sum of the losses.  (The rows are plain arguments: a kernel that builds the
+    named tables costs a first call more than passing them.)"""
+    T = U.dtype.type
     zero = T(0.0)
     one = T(1.0)
-    _, _, U, Wr, Wc = norms
     for a in range(U.shape[0]):
-        p = ext.pos[a]
-        n = ext.neg[a]
+        p = pos[a]
+        n = neg[a]
         rec_j[2 * a] = -1
         rec_j[2 * a + 1] = -1
         losses[a] = 0.0
         if p < 0 or n < 0:
             continue
-        d_ap = _hard_distance(ext.pos_gram[a], U[a], U[p], Wr[a], Wc[p], dist, zero)
-        d_an = _hard_distance(ext.neg_gram[a], U[a], U[n], Wr[a], Wc[n], dist, zero)
+        d_ap = _hard_distance(pos_gram[a], U[a], U[p], Wr[a], Wc[p], cosine, euclid, zero)
+        d_an = _hard_distance(neg_gram[a], U[a], U[n], Wr[a], Wc[n], cosine, euclid, zero)
         loss, slope = triplet.term(d_ap - d_an + margin, soft, zero, one)
         losses[a] = loss
         rec_j[2 * a] = p
@@ -347,12 +350,15 @@ def batch_hard_blocked(E, cls, rule, records, losses):
     st = np.empty(6 * HARD_BLOCK_MAX, I)
     buf = np.empty(N * min(width, N), E.dtype)
     inf_key = int(np.array(np.inf, E.dtype).view(I))
+    cosine, euclid = distance_flags(rule.distance)
     for J0 in range(0, N, width):
         J1 = min(N, J0 + width)
         blk = buf[:J1 * (J1 - J0)].reshape(J1, J1 - J0)
         np.dot(E[:J1], E[J0:J1].T, out=blk)
         slice_width = -(-(J1 - J0) // -(-(J1 - J0) // B))  # equal slices of at most B columns
-        if _hard_block(blk, J0, slice_width, rule.distance, cls, st, F, K) > inf_key:
+        if _hard_block(blk, J0, slice_width, cosine, cls, st, F, K) > inf_key:
             return None
-    total = _hard_finish(rule.distance, rule.margin, rule.soft, F, K, records.j, records.c, losses)
+    norms, ext = _tables(F, K)
+    total = _hard_finish(cosine, euclid, rule.margin, rule.soft, norms.u, norms.wr, norms.wc,
+                         ext.pos, ext.neg, ext.pos_gram, ext.neg_gram, records.j, records.c, losses)
     return total, F[0], F[1]

@@ -155,8 +155,9 @@ def softplus(z, zero, one):
 
 
 def term(z, soft, zero, one):
-    """(f(z), f'(z)) of a mined triplet: softplus when ``soft``, else the hinge."""
-    if soft:
+    """(f(z), f'(z)) of a mined triplet: softplus when ``soft``, else the hinge.  ``soft`` is
+    a bool, or None for the hinge: a compiled caller then never compiles softplus."""
+    if soft is not None and soft:
         return softplus(z, zero, one)
     return hinge(z, zero, one)
 
