@@ -126,7 +126,10 @@ def test_every_loss_runs_tiny(tmp_path, capsys, no_competitors):
 
 
 def test_chart_is_skipped_without_matplotlib(tmp_path, capsys, no_competitors, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    # every matplotlib module: one imported earlier in this process (the demo's tests) would
+    # otherwise import by its full name, without its package
+    for name in ["matplotlib"] + [m for m in sys.modules if m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
     status = _run(tmp_path, "--losses", "ce")
     out, _ = capsys.readouterr()
     assert status == 0
