@@ -184,6 +184,9 @@ def grad_buffer(grad_out, shape, dtype, device=False):
     """Checks a caller's ``grad_out``: a writable array of the gradient's shape
     and dtype, on the GPU when ``device`` (the inputs' Numba views are), else
     a NumPy array."""
+    if type(grad_out) is np.ndarray and not device:  # the common case, first: one test
+        if grad_out.shape == shape and grad_out.dtype is dtype and grad_out.flags.writeable:
+            return grad_out
     if device and not on_device(grad_out):
         raise TypeError(f"grad_out must be a CUDA array (the inputs are), got {type(grad_out).__name__}")
     if not device and not isinstance(grad_out, np.ndarray):

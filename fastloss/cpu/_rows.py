@@ -34,18 +34,25 @@ def paths(chosen, count):
     """The ``count`` options that choose one of a kernel's paths: True for path ``chosen``,
     None for the others.  Numba prunes a branch on ``x is not None`` where ``x`` is None, so
     a call compiles only the path it runs (a branch on a value it would compile every way)."""
-    return tuple(True if k == chosen else None for k in range(count))
+    return _PATHS[count][chosen]
+
+
+_PATHS = {count: tuple(tuple(True if k == chosen else None for k in range(count))
+                       for chosen in range(count)) for count in (2, 3)}
 
 
 def path(first):
     """``paths`` of two: ``(True, None)`` for the first (as ``(narrow, wide)`` rows),
     ``(None, True)`` for the second."""
-    return paths(0 if first else 1, 2)
+    return _PATHS[2][0 if first else 1]
+
+
+_PARALLEL_FROM = max(PARALLEL_MIN_ELEMENTS, 2 * ROW_BLOCK_ELEMENTS)
 
 
 def use_threads(x):
     """Whether a kernel over ``x`` should take the parallel path (else the serial one)."""
-    return x.size >= max(PARALLEL_MIN_ELEMENTS, 2 * ROW_BLOCK_ELEMENTS)
+    return x.size >= _PARALLEL_FROM
 
 
 def _float_max(src, ninf):
@@ -257,7 +264,8 @@ def row_loss(parallel, serial, logits, labels, probs, options, reads, reduction,
         g, written, result = _storage.gradient_arrays(grad, grad_out, logits, (n, C),
                                                       (probs, labels) + reads)
     losses = np.empty(n, _storage.compute_type(logits.dtype))
-    total, denom = launch(parallel, serial, use_threads(x), x, labels, probs, *options,
-                          reduction == "mean", g, losses)
+    args = (x, labels, probs, *options, reduction == "mean", g, losses)
+    # a small input goes straight to the serial kernel (``launch`` decides for the large ones)
+    total, denom = launch(parallel, serial, True, *args) if use_threads(x) else serial(*args)
     loss = reduce(losses, total, reduction, denom, logits.shape[:-1], logits.dtype)
     return loss, _storage.finish_gradient(written, result) if grad else None

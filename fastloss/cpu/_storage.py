@@ -16,7 +16,7 @@ _F64 = np.dtype(np.float64)
 
 def compute_type(dtype):
     """float64 math for float64 arrays, float32 math for float32 and float16."""
-    return np.float64 if dtype == _F64 else np.float32
+    return np.float64 if dtype is _F64 or dtype == _F64 else np.float32  # `is`: the common case
 
 
 def kernel_view(a, shape=None):
@@ -93,8 +93,10 @@ def compact_weights(sw, shape, T):
 def may_overlap(a, b):
     """``np.may_share_memory(a, b)``, answered at once for two distinct arrays that each
     own their memory (two allocations never overlap): a small call with several
-    buffers to check would otherwise pay NumPy's full test many times."""
-    if a is not b and a.flags.owndata and b.flags.owndata:
+    buffers to check would otherwise pay NumPy's full test many times.  An array without
+    a ``base`` owns its memory (NumPy sets ``base`` on every view and wrapper), and
+    ``base`` is cheaper to read than ``flags``."""
+    if a is not b and a.base is None and b.base is None:
         return False
     return np.may_share_memory(a, b)
 
