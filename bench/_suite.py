@@ -13,7 +13,11 @@ which ``python -m fastloss bench`` runs too: one copy of each.  This module adds
 2. calls it once (the warm-up: Numba JIT or cache load, ``torch.compile``,
    ``jax.jit``) and checks its loss and gradient (and updated centers) against
    fastloss's, and fastloss's own against NumPy: a disagreement fails the entry;
-3. times it with ``benchmark.pedantic`` (``timed``).
+3. times it with ``benchmark.pedantic`` (``timed``);
+4. times it again in interleaved rounds beside the case's copy ceiling
+   (``fastloss.tools.regression``): the ratio and its spread go to the benchmark's
+   ``extra_info`` and to ``RATIOS``, which ``--fastloss-save`` writes and
+   ``--fastloss-baseline`` gates (``bench/conftest.py``).
 """
 import gc
 import math
@@ -24,7 +28,7 @@ import pytest
 
 from fastloss.tools import bench as B
 from fastloss.tools import competitors as _competitors
-from fastloss.tools import registry
+from fastloss.tools import registry, regression
 
 # Each suite case runs at these sizes in float32, and at the medium size in float16
 # where the loss takes float16.
@@ -55,6 +59,8 @@ def params(cases, roles=ROLES, extra=None, names=None):
             name = (names or {}).get((case.short, role), role)
             yield pytest.param(case, role, id=f"{case.group}-{name}")
 
+
+RATIOS = {}  # benchmark id -> its ratio to the case's ceiling (regression.Ratio.as_dict)
 
 # Cases run one after the other (every role of a case, then the next case), so a
 # one-slot cache keeps only the current case's arrays alive (~1 GB at the large sizes).
@@ -149,6 +155,21 @@ def run_entry(benchmark, config, case, role):
     if p.threads is not None:
         benchmark.extra_info["threads"] = p.threads
     timed(benchmark, config, p.run, large=case.size == "large")
+    if role != "copy":
+        r = regression.interleaved(p.run, ceiling_run(case, device), benchmark.param)
+        benchmark.extra_info.update(ratio=r.ratio, ratio_spread=r.spread,
+                                    ratio_rounds=len(r.entry_s))
+        RATIOS[benchmark.param] = r.as_dict("copy")
+
+
+def ceiling_run(case, device):
+    """The case's copy ceiling on ``device``, prepared once per case and warmed up."""
+    d = case_data(case)
+    if ("ceiling", device) not in d:
+        run = B.ceiling(case, d["args"], device).run
+        run()
+        d["ceiling", device] = run
+    return d["ceiling", device]
 
 
 def timed(benchmark, config, run, large=False):

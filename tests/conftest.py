@@ -90,6 +90,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cpu: a test of the CPU side only (the main process)")
     config.addinivalue_line("markers", "cuda: a test of the CUDA side only (a GPU, or the "
                                        "NUMBA_ENABLE_CUDASIM=1 process)")
+    config.addinivalue_line("markers", "gate: times the benchmark for real, tens of seconds "
+                                       "(the regression gate on this machine; CI runs them)")
 
 
 def pytest_ignore_collect(collection_path, config):

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import competitors, registry
+from . import competitors, registry, regression
 from . import numpy_losses as npl
 from .bench_table import COMPETITORS, LEGEND, collect_notes, draw_chart, format_markdown, format_text, shape_str
 
@@ -474,10 +474,11 @@ def run_case(case, entries, repeat=None, progress=None, skip=()):
            "entries": {}}
     out = res["entries"]
     ref = None
+    ceiling_run = _ceiling_run(case, args)
     for entry in entries:
         if progress is not None:
             progress.show(f"{case.label}: {entry}")
-        out[entry] = _run_entry(case, entry, args, ref, repeat, skip)
+        out[entry] = _run_entry(case, entry, args, ref, repeat, skip, ceiling_run)
         if entry == "fastloss":
             ref = out[entry].pop("_outcome", None)
         if progress is not None:
@@ -492,7 +493,23 @@ def run_case(case, entries, repeat=None, progress=None, skip=()):
     return res
 
 
-def _run_entry(case, entry, args, ref, repeat, skip):
+def _ceiling_run(case, args):
+    """The case's copy ceiling, warmed up: the reference every other entry is timed beside
+    (``regression.interleaved``); None when it cannot run."""
+    try:
+        run = ceiling(case, args, case.backend).run
+        run()
+    except Exception:
+        return None
+    return run
+
+
+def ratio_key(case, entry):
+    """An entry's name in ratio files: its pytest-benchmark id, ``ce-8192x1000-fastloss``."""
+    return f"{case.group}-{entry}"
+
+
+def _run_entry(case, entry, args, ref, repeat, skip, ceiling_run=None):
     e = {"status": None, "median_s": None}
     if entry in skip:
         e.update(status="skipped", note="--skip")
@@ -530,7 +547,12 @@ def _run_entry(case, entry, args, ref, repeat, skip):
                 e.update(status="mismatch", note=f"disagrees with fastloss: {what}")
                 return e
         del first
-        samples, iters = time_calls(p.run, repeat)
+        if entry != "copy" and ceiling_run is not None:  # beside the ceiling, in rounds
+            r = regression.interleaved(p.run, ceiling_run, ratio_key(case, entry), repeat)
+            samples, iters = r.entry_s, r.calls
+            e.update(ratio=r.ratio, ratio_spread=r.spread)
+        else:
+            samples, iters = time_calls(p.run, repeat)
     except Exception as exc:
         e.update(status="failed", note=_brief(exc))
         e.pop("_outcome", None)
@@ -611,12 +633,16 @@ def select_cases(losses, sizes, dtypes, backends):
 
 def run_bench(losses=None, sizes=("medium",), dtypes=("float32",), backends=("cpu",), repeat=None,
               threads=None, out_dir="fastloss-bench", plot=True, skip=(), command=None,
-              stdout=None, stderr=None):
+              stdout=None, stderr=None, save=None, baseline=None, fail_above=0.15):
     """Run the benchmark, print the table, write the files; returns ``(results, exit status)``.
 
     The exit status is 1 when an entry disagrees with fastloss or fastloss fails
-    (a ``mismatch``), else 0; missing competitors do not count.
+    (a ``mismatch``), or when, against the ratios of ``baseline`` (a file ``save`` wrote),
+    an entry's ratio to its ceiling grew by more than ``fail_above`` (a fraction) and more
+    than the noise (``regression.compare``); else 0.  Missing competitors do not count.
     """
+    base_ratios = None if baseline is None else regression.load(baseline)  # before the runs
+    regression.steady_malloc()
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
     specs = [registry.BY_NAME[n] for n in (losses or LOSS_CHOICES)]
@@ -652,10 +678,14 @@ def run_bench(losses=None, sizes=("medium",), dtypes=("float32",), backends=("cp
         "machine": _machine(),
         "versions": _versions(backends),
         "threads": _threads_desc(jax_note),
-        "timing": (f"median of {repeat} samples" if repeat else
+        "timing": ("the copy ceiling: " + (f"median of {repeat} samples" if repeat else
                    "median of 10 samples (up to 50 for calls under 5 ms, 3-9 for calls over 0.3 s)") +
-                  " after a checked warm-up call and one untimed call; calls under 1 ms are repeated "
-                  "within a sample; fresh gradient per call unless grad_out",
+                   "; every other entry: median of " + (f"{repeat}" if repeat else
+                   f"{regression.ROUNDS} (at least {regression.MIN_ROUNDS} for slow calls)") +
+                   " rounds, each a sample of the entry then one of the ceiling (the ratio per "
+                   "round); after a checked warm-up call and one untimed call; calls under "
+                   f"{regression.MIN_SAMPLE_S * 1e3:g} ms are repeated within a sample; fresh "
+                   "gradient per call unless grad_out"),
         "rtol": RTOL,
     }
     mismatch = any(e.get("status") == "mismatch" or e.get("check") == "mismatch"
@@ -679,9 +709,50 @@ def run_bench(losses=None, sizes=("medium",), dtypes=("float32",), backends=("cp
         else:
             print("note: results.png not drawn: matplotlib is not installed", file=stdout)
     print(f"wrote {', '.join(str(out / w) for w in written)}", file=stdout)
+    ratios = collect_ratios(results)
+    if save is not None:
+        regression.save(save, ratios, results["meta"])
+        print(f"wrote {save} ({len(ratios)} ratios)", file=stdout)
+    slower = False
+    if base_ratios is not None:
+        rows = regression.compare(base_ratios, ratios, fail_above)
+        for _ in range(regression.CONFIRM_RUNS):  # a flagged entry is timed again
+            flagged = {r.key for r in rows if r.flagged}
+            if not flagged:
+                break
+            again = _run_again(cases, flagged, repeat, skip)
+            ratios = {k: min(v, again.get(k, v), key=lambda r: r["ratio"]) for k, v in ratios.items()}
+            rows = regression.compare(base_ratios, ratios, fail_above)
+        print(regression.report(rows, fail_above), file=stdout)
+        slower = any(r.flagged for r in rows)
     if mismatch:
         print("SOME ENTRIES DISAGREE WITH FASTLOSS (mismatch): see the notes", file=stdout)
-    return results, (1 if mismatch else 0)
+    return results, (1 if mismatch or slower else 0)
+
+
+def _run_again(cases, keys, repeat, skip):
+    """The ratios of the entries ``keys`` timed again (their cases run anew, fastloss first:
+    the reference of the checks)."""
+    again = {"cases": []}
+    for case in cases:
+        entries = [e for e in ENTRIES if ratio_key(case, e) in keys]
+        if entries:
+            again["cases"].append(run_case(case, ["fastloss"] + [e for e in entries if e != "fastloss"],
+                                           repeat, None, skip))
+            gc.collect()
+    return collect_ratios(again)
+
+
+def collect_ratios(results):
+    """``{ratio key: {"ratio", "spread", "rounds", "reference"}}`` of every entry of
+    ``results`` timed beside its ceiling."""
+    ratios = {}
+    for c in results["cases"]:
+        for name, e in c["entries"].items():
+            if e.get("ratio") is not None:
+                ratios[f"{c['group']}-{name}"] = {"ratio": e["ratio"], "spread": e["ratio_spread"],
+                                                  "rounds": len(e["samples_s"]), "reference": "copy"}
+    return ratios
 
 
 def _json_default(o):
@@ -729,6 +800,11 @@ def add_arguments(p):
     p.add_argument("--out", default="fastloss-bench", metavar="DIR",
                    help="folder for results.json, results.md, results.png (default: ./fastloss-bench)")
     p.add_argument("--no-plot", action="store_true", help="do not draw results.png")
+    p.add_argument("--save", default=None, metavar="FILE", help=regression.OPTION_HELP["save"])
+    p.add_argument("--baseline", default=None, metavar="FILE",
+                   help=regression.OPTION_HELP["baseline"])
+    p.add_argument("--fail-above", type=float, default=regression.FAIL_ABOVE_PCT, metavar="PCT",
+                   help=regression.OPTION_HELP["fail_above"])
 
 
 HELP = "time every loss beside NumPy, torch, torch.compile, JAX and a copy ceiling"
@@ -750,9 +826,19 @@ def run(args):
         if not 1 <= args.threads <= top:
             print(f"--threads must be between 1 and {top} (NUMBA_NUM_THREADS)", file=sys.stderr)
             return 2
+    if not args.fail_above >= 0:
+        print("--fail-above must be a percentage >= 0", file=sys.stderr)
+        return 2
+    if args.baseline is not None:
+        try:
+            regression.load(args.baseline)
+        except (OSError, ValueError) as exc:
+            print(f"--baseline: {exc}", file=sys.stderr)
+            return 2
     losses = list(dict.fromkeys(args.losses)) if args.losses else None
     _, status = run_bench(losses=losses, sizes=list(dict.fromkeys(args.sizes)),
                           dtypes=list(dict.fromkeys(args.dtypes)), backends=list(dict.fromkeys(args.backends)),
                           repeat=args.repeat, threads=args.threads, out_dir=args.out, plot=not args.no_plot,
-                          skip=tuple(args.skip), command=getattr(args, "command_line", None))
+                          skip=tuple(args.skip), command=getattr(args, "command_line", None),
+                          save=args.save, baseline=args.baseline, fail_above=args.fail_above / 100)
     return status

@@ -35,8 +35,18 @@ def _cell(e, ratio_key="vs_fastloss"):
 
 
 COLUMNS = ("loss", "size", "shape", "dtype", "backend", "fastloss ms", "grad_out ms (ratio)", "copy ms",
-           "fastloss/copy", "numpy ms (ratio)", "torch ms (ratio)", "torch-compile ms (ratio)",
-           "jax ms (ratio)")
+           "fastloss/copy (spread)", "grad_out/copy (spread)", "numpy ms (ratio)", "torch ms (ratio)",
+           "torch-compile ms (ratio)", "jax ms (ratio)")
+
+
+def _vs_copy(e):
+    """The entry's ratio to the copy ceiling: interleaved, with its spread, where measured so
+    (``regression``), else the ratio of the two medians."""
+    if e is None or e.get("status") != "ok":
+        return "-"
+    if e.get("ratio") is not None:
+        return f"{e['ratio']:.2f}x ({100 * e['ratio_spread']:.0f}%)"
+    return f"{e['vs_copy']:.2f}x" if e.get("vs_copy") is not None else "-"
 
 
 def table_rows(results):
@@ -49,10 +59,9 @@ def table_rows(results):
         fl_cell = _ms(fl["median_s"]) if fl.get("status") == "ok" else (fl.get("status") or "-")
         if fl.get("check") == "mismatch":
             fl_cell += " (mismatch vs numpy)"
-        vs_copy = fl.get("vs_copy")
         rows.append([c["short"], c["size"], shape, c["dtype"], c["backend"], fl_cell,
                      _cell(en.get("fastloss-grad_out")), _cell(en.get("copy"), None),
-                     f"{vs_copy:.2f}x" if vs_copy is not None else "-",
+                     _vs_copy(fl), _vs_copy(en.get("fastloss-grad_out")),
                      *(_cell(en.get(name)) for name in COMPETITORS)])
     return rows
 
@@ -89,8 +98,11 @@ def format_markdown(results):
 
 LEGEND = ("Medians in milliseconds. `(ratio)` = the entry's median / fastloss's median: above 1, "
           "fastloss is faster by that factor (for grad_out, below 1: reusing the gradient buffer "
-          "pays). `fastloss/copy` = fastloss's median / the memory-copy ceiling's (1.0 is the "
-          "bandwidth floor of a one-pass kernel; for batch_hard the ceiling is one gemm). "
+          "pays). `fastloss/copy` (and `grad_out/copy`) = its time over the memory-copy ceiling's "
+          "(1.0 is the bandwidth floor of a one-pass kernel; for batch_hard the ceiling is one "
+          "gemm), the median over rounds that time the entry and the ceiling one after the other, "
+          "so that a change in the machine's load hits both; in brackets its spread, the "
+          "interquartile range of the rounds' ratios over their median. "
           "`missing`: not installed; `mismatch`: its loss or gradient disagrees with fastloss "
           "(not timed); `unavailable`/`failed`/`skipped`: see the notes; `-`: does not apply.")
 
