@@ -26,6 +26,28 @@ def bad_input_cases(everywhere, on_the_host):
             for name, case in {**everywhere, **(on_the_host if side == "cuda" else {})}.items()]
 
 
+def grad_out_cases(shape):
+    """The bad ``grad_out`` of a loss whose gradient has ``shape`` (float32), as
+    ``bad_input_cases`` takes them: ``(everywhere, on_the_host)``."""
+    shape = tuple(shape)
+    wrong = shape[:-1] + (shape[-1] + 1,)
+    everywhere = {
+        "grad_out of the wrong shape": (lambda put: {"grad_out": put(np.zeros(wrong, np.float32))},
+                                        ValueError, "grad_out must have shape"),
+        "flat grad_out": (lambda put: {"grad_out": put(np.zeros(int(np.prod(shape)), np.float32))},
+                          ValueError, "grad_out must have shape"),
+        "grad_out of another dtype": (lambda put: {"grad_out": put(np.zeros(shape))},
+                                      TypeError, "grad_out must have dtype"),
+    }
+    if len(shape) == 2 and shape[0] != shape[1]:
+        everywhere["transposed grad_out"] = (
+            lambda put: {"grad_out": put(np.zeros(shape[::-1], np.float32))},
+            ValueError, "grad_out must have shape")
+    on_the_host = {"grad_out on the host": (lambda put: {"grad_out": np.zeros(shape, np.float32)},
+                                            TypeError, "grad_out is on cpu")}
+    return everywhere, on_the_host
+
+
 def put(backend, dev, a):
     """``dev.put``, a 0-d array staying 0-d (a device copy of one is 1-d)."""
     if backend == "cuda" and a is not None and np.ndim(a) == 0:

@@ -618,6 +618,7 @@ def test_persistent_blocks_loop_over_rows(rng, dev, monkeypatch):
 # ---------------------------------------------------------------- bad input
 
 F32 = np.float32
+GRAD_OUT_BAD, GRAD_OUT_ON_THE_HOST = sides.grad_out_cases((3, 5))
 #: one bad argument per case, as ``put`` (the side's) places it, beside (3, 5) float32
 #: logits and the labels [0, 1, 2]: (the call's arguments that change, the error, its
 #: message); the "cuda" side also refuses host arrays beside its own
@@ -651,16 +652,10 @@ BAD_INPUT = {
     "label_smoothing above one": (lambda put: {"label_smoothing": 1.5},
                                   ValueError, r"label_smoothing must be in \[0, 1\]"),
     "bad reduction": (lambda put: {"reduction": "avg"}, ValueError, "reduction must be one of"),
-    "grad_out of the wrong shape": (lambda put: {"grad_out": put(np.zeros((3, 6), F32))},
-                                    ValueError, "grad_out must have shape"),
-    "transposed grad_out": (lambda put: {"grad_out": put(np.zeros((5, 3), F32))},
-                            ValueError, "grad_out must have shape"),
-    "grad_out of another dtype": (lambda put: {"grad_out": put(np.zeros((3, 5)))},
-                                  TypeError, "grad_out must have dtype"),
+    **GRAD_OUT_BAD,
 }
 ON_THE_HOST = {
-    "grad_out on the host": (lambda put: {"grad_out": np.zeros((3, 5), F32)},
-                             TypeError, "grad_out is on cpu"),
+    **GRAD_OUT_ON_THE_HOST,
     "target on the host": (lambda put: {"target": np.array([0, 1, 2])},
                            TypeError, "target is on cpu"),
 }

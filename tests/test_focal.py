@@ -484,6 +484,7 @@ def test_device_arrays_are_never_copied_to_or_from_the_host(rng, dev, monkeypatc
 # ---------------------------------------------------------------- bad input
 
 F32 = np.float32
+GRAD_OUT_BAD, GRAD_OUT_ON_THE_HOST = sides.grad_out_cases((3, 5))
 #: one bad argument per case, as ``put`` (the side's) places it, beside (3, 5) float32
 #: logits and the labels [0, 1, 2]: (the call's arguments that change, the error, its
 #: message); the "cuda" side also refuses host arrays beside its own
@@ -504,17 +505,11 @@ BAD_INPUT = {
     "sample_weight of the wrong shape": (lambda put: {"sample_weight": put(np.ones(2, F32))},
                                          ValueError, "sample_weight must have shape"),
     "bad reduction": (lambda put: {"reduction": "average"}, ValueError, "reduction must be one of"),
-    "grad_out of the wrong shape": (lambda put: {"grad_out": put(np.zeros((3, 4), F32))},
-                                    ValueError, "grad_out must have shape"),
-    "transposed grad_out": (lambda put: {"grad_out": put(np.zeros((5, 3), F32))},
-                            ValueError, "grad_out must have shape"),
-    "grad_out of another dtype": (lambda put: {"grad_out": put(np.zeros((3, 5)))},
-                                  TypeError, "grad_out must have dtype"),
+    **GRAD_OUT_BAD,
 }
 ON_THE_HOST = {
+    **GRAD_OUT_ON_THE_HOST,
     "alpha on the host": (lambda put: {"alpha": np.ones(5, F32)}, TypeError, "alpha is on cpu"),
-    "grad_out on the host": (lambda put: {"grad_out": np.zeros((3, 5), F32)},
-                             TypeError, "grad_out is on cpu"),
 }
 
 

@@ -316,6 +316,7 @@ def test_device_arrays_are_never_copied_to_or_from_the_host(rng, dev, monkeypatc
 # ---------------------------------------------------------------- bad input
 
 F32 = np.float32
+GRAD_OUT_BAD, GRAD_OUT_ON_THE_HOST = sides.grad_out_cases((3, 4))
 #: one bad argument per case, as ``put`` (the side's) places it: (the call's arguments that
 #: change, the error, its message); the "cuda" side also refuses host arrays beside its own
 BAD_INPUT = {
@@ -330,16 +331,10 @@ BAD_INPUT = {
     "sample_weight that broadcasts too far": (
         lambda put: {"sample_weight": put(np.ones((2, 1, 4), F32))}, ValueError, "to a larger shape"),
     "bad reduction": (lambda put: {"reduction": "max"}, ValueError, "reduction must be one of"),
-    "grad_out of the wrong shape": (lambda put: {"grad_out": put(np.zeros((3, 3), F32))},
-                                    ValueError, "grad_out must have shape"),
-    "flat grad_out": (lambda put: {"grad_out": put(np.zeros(12, F32))},
-                      ValueError, "grad_out must have shape"),
-    "grad_out of another dtype": (lambda put: {"grad_out": put(np.zeros((3, 4)))},
-                                  TypeError, "grad_out must have dtype"),
+    **GRAD_OUT_BAD,
 }
 ON_THE_HOST = {
-    "grad_out on the host": (lambda put: {"grad_out": np.zeros((3, 4), F32)},
-                             TypeError, "grad_out is on cpu"),
+    **GRAD_OUT_ON_THE_HOST,
     "sample_weight on the host": (lambda put: {"sample_weight": np.ones(4, F32)},
                                   TypeError, "sample_weight is on cpu"),
 }

@@ -321,6 +321,7 @@ def test_strided_arrays_of_more_than_two_dimensions_are_refused(rng, dev):
 # ---------------------------------------------------------------- bad input
 
 F32 = np.float32
+GRAD_OUT_BAD, GRAD_OUT_ON_THE_HOST = sides.grad_out_cases((3, 4))
 #: one bad argument per case, as ``put`` (the side's) places it, beside (3, 4) float32
 #: logits and targets: (the call's arguments that change, the error, its message); the
 #: "cuda" side also refuses host arrays beside its own
@@ -335,14 +336,10 @@ BAD_INPUT = {
                      TypeError, "logits must have dtype"),
     "negative gamma": (lambda put: {"gamma": -1.0}, ValueError, "gamma must be >= 0"),
     "bad reduction": (lambda put: {"reduction": "mean_sum"}, ValueError, "reduction must be one of"),
-    "grad_out of the wrong shape": (lambda put: {"grad_out": put(np.zeros((4, 3), F32))},
-                                    ValueError, "grad_out must have shape"),
-    "grad_out of another dtype": (lambda put: {"grad_out": put(np.zeros((3, 4)))},
-                                  TypeError, "grad_out must have dtype"),
+    **GRAD_OUT_BAD,
 }
 ON_THE_HOST = {
-    "grad_out on the host": (lambda put: {"grad_out": np.zeros((3, 4), F32)},
-                             TypeError, "grad_out is on cpu"),
+    **GRAD_OUT_ON_THE_HOST,
     "targets on the host": (lambda put: {"targets": np.zeros((3, 4), F32)},
                             TypeError, "targets is on cpu"),
 }
