@@ -10,9 +10,11 @@ that says how to get the cache back.
 
 Numba keys a cached kernel on its own source file, so an edit to a helper it
 calls (``cpu/_math.py``, a formula) would leave it stale.  Every fastloss
-kernel's key is instead ``FINGERPRINT``, a hash of all of fastloss's kernel
-sources: an edit to any of them rebuilds every kernel once
-(``use_fingerprint``).
+kernel's key is instead its target's fingerprint (``FINGERPRINTS``), a hash of
+every source that target's kernels are built from: ``formulas/`` and ``cpu/``
+for the CPU, ``formulas/`` and ``cuda/`` for the GPU.  An edit to one of them
+rebuilds that target's kernels once (``use_fingerprint``); an edit to a public
+wrapper, the validation or the tools rebuilds nothing.
 """
 import hashlib
 import os
@@ -45,11 +47,15 @@ def _decide():
     return False
 
 
-def _fingerprint():
-    """sha256 of every source a kernel can be built from: the package but its tools."""
+KERNEL_SOURCES = {"cpu": ("formulas", "cpu"), "cuda": ("formulas", "cuda")}
+
+
+def _fingerprint(folders):
+    """sha256 of every source file under ``folders`` (of the package), in a fixed order."""
     digest = hashlib.sha256()
-    for folder, dirs, files in os.walk(_PACKAGE):
-        dirs[:] = sorted(d for d in dirs if d not in ("tools", "__pycache__"))
+    walks = (os.walk(os.path.join(_PACKAGE, sub)) for sub in folders)
+    for folder, dirs, files in (step for walk in walks for step in walk):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
             if name.endswith((".py", ".pyx", ".h")):
                 path = os.path.join(folder, name)
@@ -59,8 +65,8 @@ def _fingerprint():
     return digest.hexdigest()
 
 
-def _package_locator(base):
-    """``base``, a Numba cache locator, for fastloss's kernels only, keyed on ``FINGERPRINT``."""
+def _package_locator(base, fingerprint):
+    """``base``, a Numba cache locator, for fastloss's kernels only, keyed on ``fingerprint``."""
     class PackageLocator(base):
         fastloss = True
 
@@ -70,27 +76,27 @@ def _package_locator(base):
             return super().from_function(py_func, py_file) if inside else None
 
         def get_source_stamp(self):
-            return FINGERPRINT
+            return fingerprint
 
     PackageLocator.__name__ = PackageLocator.__qualname__ = f"Fastloss{base.__name__}"
     return PackageLocator
 
 
-def use_fingerprint(cache_impl):
+def use_fingerprint(cache_impl, target):
     """Put fastloss's locators first in ``cache_impl``'s (Numba's CPU ``CacheImpl``, or
-    numba-cuda's): those backed by a source file, keyed on ``FINGERPRINT``; other
+    numba-cuda's): those backed by a source file, keyed on ``FINGERPRINTS[target]``; other
     functions' caching is unchanged.  Once per class."""
     classes = cache_impl._locator_classes
     if any(getattr(c, "fastloss", False) for c in classes):
         return
-    mine = [_package_locator(c) for c in classes
+    mine = [_package_locator(c, FINGERPRINTS[target]) for c in classes
             if any(b.__name__ == "_SourceFileBackedLocatorMixin" for b in c.__mro__)]
     cache_impl._locator_classes = mine + list(classes)
 
 
 CACHE = _decide()
-FINGERPRINT = _fingerprint()
+FINGERPRINTS = {target: _fingerprint(folders) for target, folders in KERNEL_SOURCES.items()}
 if CACHE:
     from numba.core.caching import CacheImpl
 
-    use_fingerprint(CacheImpl)
+    use_fingerprint(CacheImpl, "cpu")

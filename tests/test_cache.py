@@ -91,7 +91,8 @@ def _copy_of_the_package(tmp_path):
 def test_an_edit_to_a_helper_rebuilds_the_kernels_that_use_it(tmp_path):
     """The kernels' cache key covers every kernel source, not only the kernel's own file:
     after an edit to ``cpu/_math.py`` (which the Huber kernel loads through), the next process
-    compiles again; without an edit, and after one to the tools, it loads."""
+    compiles again; without an edit, and after one to the tools, a public wrapper or the CUDA
+    kernels, it loads."""
     src = _copy_of_the_package(tmp_path)
     env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"), "PYTHONPATH": str(src)}
 
@@ -102,9 +103,10 @@ def test_an_edit_to_a_helper_rebuilds_the_kernels_that_use_it(tmp_path):
 
     assert hits_and_misses() == (0, 1)  # compiled, then written to the cache
     assert hits_and_misses() == (1, 0)
-    with open(src / "fastloss" / "tools" / "cli.py", "a") as f:
-        f.write("\n# an edit outside the kernels' sources\n")
-    assert hits_and_misses() == (1, 0)
+    for outside in (("tools", "cli.py"), ("huber.py",), ("cuda", "huber.py")):
+        with open(src.joinpath("fastloss", *outside), "a") as f:
+            f.write("\n# an edit outside the CPU kernels' sources\n")
+        assert hits_and_misses() == (1, 0), outside
     with open(src / "fastloss" / "cpu" / "_math.py", "a") as f:
         f.write("\n# an edit to a helper\n")
     assert hits_and_misses() == (0, 1)

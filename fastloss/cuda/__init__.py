@@ -6,7 +6,7 @@ CUDA (or without ``numba-cuda``) pays nothing until it asks for the GPU.
 """
 from fastloss._cache import CACHE, use_fingerprint
 
-if CACHE:  # the CUDA kernels' cache keys too are fastloss's fingerprint
+if CACHE:  # the CUDA kernels' cache keys are the fingerprint of cuda/ and formulas/
     from numba.cuda.core.caching import CacheImpl
 
-    use_fingerprint(CacheImpl)
+    use_fingerprint(CacheImpl, "cuda")
