@@ -20,7 +20,7 @@ from fastloss.tools import regression
 
 # Row order of the ratio table; bench/_suite.py stores the role in extra_info.
 ROLE_ORDER = ("fastloss", "fastloss-grad_out", "fastloss-cuda", "numpy", "torch", "torch-compile", "jax",
-              "matmul", "copy")
+              "matmul", "unfused", "copy")
 BASE_ROLE = "fastloss"
 CEILING_ROLE = "copy"
 

@@ -10,6 +10,7 @@ from fastloss.center import CenterLoss, center_loss, center_update
 from fastloss.cross_entropy import softmax_cross_entropy
 from fastloss.focal import focal_loss, sigmoid_focal_loss
 from fastloss.huber import huber_loss
+from fastloss.linear_cross_entropy import linear_cross_entropy
 from fastloss.triplet import batch_triplet_loss, triplet_margin_loss
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "center_update",
     "focal_loss",
     "huber_loss",
+    "linear_cross_entropy",
     "sigmoid_focal_loss",
     "softmax_cross_entropy",
     "triplet_margin_loss",

@@ -180,23 +180,23 @@ def broadcast_weights(w, shape, name):
     return w
 
 
-def grad_buffer(grad_out, shape, dtype, device=False):
-    """Checks a caller's ``grad_out``: a writable array of the gradient's shape
-    and dtype, on the GPU when ``device`` (the inputs' Numba views are), else
-    a NumPy array."""
+def grad_buffer(grad_out, shape, dtype, device=False, name="grad_out"):
+    """Checks a caller's ``grad_out`` (named ``name`` in errors): a writable array of
+    the gradient's shape and dtype, on the GPU when ``device`` (the inputs' Numba views
+    are), else a NumPy array."""
     if type(grad_out) is np.ndarray and not device:  # the common case, first: one test
         if grad_out.shape == shape and grad_out.dtype is dtype and grad_out.flags.writeable:
             return grad_out
     if device and not on_device(grad_out):
-        raise TypeError(f"grad_out must be a CUDA array (the inputs are), got {type(grad_out).__name__}")
+        raise TypeError(f"{name} must be a CUDA array (the inputs are), got {type(grad_out).__name__}")
     if not device and not isinstance(grad_out, np.ndarray):
-        raise TypeError(f"grad_out must be a NumPy array on the CPU, got {type(grad_out).__name__}")
+        raise TypeError(f"{name} must be a NumPy array on the CPU, got {type(grad_out).__name__}")
     if grad_out.shape != tuple(shape):
-        raise ValueError(f"grad_out must have shape {tuple(shape)}, got {grad_out.shape}")
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {grad_out.shape}")
     if grad_out.dtype != dtype:
-        raise TypeError(f"grad_out must have dtype {dtype}, got {grad_out.dtype}")
+        raise TypeError(f"{name} must have dtype {dtype}, got {grad_out.dtype}")
     if not device and not grad_out.flags.writeable:
-        raise ValueError("grad_out must be writable")
+        raise ValueError(f"{name} must be writable")
     return grad_out
 
 

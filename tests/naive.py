@@ -128,6 +128,29 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
     return loss, grad.reshape(x.shape)
 
 
+# ---------------------------------------------------- linear + cross entropy
+
+
+def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=None,
+                         sample_weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, reduction="mean"):
+    """softmax_cross_entropy of the whole logits Z = E W^T + b, by the chain rule:
+
+        dL/dE = G W,   dL/dW = G^T E,   dL/db = sum_rows G,   G = dL/dZ (the reference above)
+
+    Returns (loss, (dE, dW)) or, with a bias, (loss, (dE, dW, db))."""
+    E = _f64(embeddings)
+    H = E.shape[-1]
+    W = _f64(classifier)
+    Z = E @ W.T if bias is None else E @ W.T + _f64(bias)
+    loss, G = softmax_cross_entropy(Z, target, weight=weight, sample_weight=sample_weight,
+                                    ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                    z_loss=z_loss, softcap=softcap, reduction=reduction)
+    G2 = G.reshape(-1, W.shape[0])
+    grads = ((G2 @ W).reshape(E.shape), G2.T @ E.reshape(G2.shape[0], H))
+    return loss, grads if bias is None else grads + (G2.sum(axis=0),)
+
+
 # ------------------------------------------------------------------ focal
 
 

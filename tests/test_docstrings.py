@@ -30,6 +30,7 @@ PAPERS = {
     "center_loss": ("Wen", "2016"),
     "center_update": ("Wen", "2016"),
     "CenterLoss": ("Wen", "2016"),
+    "linear_cross_entropy": ("Wijmans", "2024", "Cut Your Losses", "Liger", "Hsu"),
 }
 NOT_A_LOSS = {"backend_of", "LossGrad"}
 

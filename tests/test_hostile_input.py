@@ -95,18 +95,19 @@ class Case:
     """
 
     def __init__(self, name, func, positional, build, *, first=None, updated=None,
-                 grad_out=True, same_dtype=False):
+                 grad_out=True, same_dtype=()):
         self.name, self.func, self.positional, self.build = name, func, positional, build
         self.first = first or positional[0]
         self.updated = updated
         self.writes = updated is not None  # updates centers in place
         self.grad_out = grad_out  # takes grad_out=
-        self.same_dtype = same_dtype  # float inputs must share one dtype (triplet)
         sample = build(np.random.default_rng(0), np.float64, 3, 2, "mean")
         arrays = [k for k in dict.fromkeys(positional + tuple(sample))
                   if isinstance(sample.get(k), np.ndarray)]
         self.floats = tuple(k for k in arrays if sample[k].dtype.kind == "f")
         self.labels = tuple(k for k in arrays if sample[k].dtype.kind in "iu")
+        # the float inputs that must share one dtype (triplet: all; linear: E, W, bias)
+        self.same_dtype = self.floats if same_dtype is None else tuple(same_dtype)
 
     def arrays(self, kw):
         return [k for k in self.floats + self.labels if kw.get(k) is not None]
@@ -264,6 +265,19 @@ def _center(rng, dtype, n, c, reduction):
             "update": bool(rng.random() < 0.8)}
 
 
+def _linear(rng, dtype, n, c, reduction):
+    v = 4
+    kw = {"embeddings": rng.normal(size=(n, c)).astype(dtype),
+          "classifier": rng.normal(size=(v, c)).astype(dtype),
+          "target": rng.integers(0, v, size=n), "bias": rng.normal(size=v).astype(dtype),
+          "weight": rng.uniform(0.5, 2.0, v).astype(dtype),
+          "sample_weight": rng.uniform(0.5, 2.0, n).astype(dtype), "label_smoothing": 0.05,
+          "reduction": reduction, "grad": bool(rng.random() < 0.85)}
+    if n > 2:
+        kw["target"][-1] = -100  # one ignored row
+    return kw
+
+
 def _center_update(rng, dtype, n, c, reduction):
     kw = _center(rng, dtype, n, c, reduction)
     return {k: kw[k] for k in ("centers", "features", "labels", "alpha")}
@@ -280,8 +294,12 @@ BUILDS = {
     "triplet_margin_loss": [("triplet", _triplet)],
     "batch_triplet_loss": [("batch_triplet", _batch)],
     "center_loss": [("center_loss", _center)],
+    "linear_cross_entropy": [("linear_ce", _linear)],
 }
-SAME_DTYPE = {"triplet_margin_loss"}  # its float inputs must share one dtype
+#: per loss, the float arguments that must share one dtype (None: all of them)
+SAME_DTYPE = {"triplet_margin_loss": None, "linear_cross_entropy": ("embeddings", "classifier", "bias")}
+#: losses whose grad_out is a tuple: tested in their own files, not by the one-array layouts here
+TUPLE_GRAD_OUT = {"linear_cross_entropy"}
 
 
 def _positional(info):
@@ -311,7 +329,8 @@ def _cases():
         updated = None if info.updates is None else positional[info.updates]
         for name, build in BUILDS.get(info.name, [(info.short, _registry_build(info, positional))]):
             cases.append(Case(name, info.function, positional, build, updated=updated,
-                              grad_out=info.grad_out, same_dtype=info.name in SAME_DTYPE))
+                              grad_out=info.grad_out and info.name not in TUPLE_GRAD_OUT,
+                              same_dtype=SAME_DTYPE.get(info.name, ())))
     # the functions that are not losses: the update alone, and the object
     cases.append(Case("center_update", fl.center_update, ("centers", "features", "labels"),
                       _center_update, first="features", updated="centers", grad_out=False))
@@ -578,7 +597,7 @@ def test_odd_objects_instead_of_arrays(arg, odd):
     if odd == "none" and name == "CenterLoss" and a == "centers":
         return  # init=None: zero centers, legal
     out = attempt(case, kw)
-    if odd == "none" and a in ("weight", "sample_weight", "alpha"):
+    if odd == "none" and a in ("weight", "sample_weight", "alpha", "bias"):
         # None is the documented default of the optional arguments
         close(returned(out)[1], ref(case), _tol_dtype(kw))
         return
@@ -599,8 +618,8 @@ def test_list_inputs(arg, data):
     out = attempt(case, kw)
     if a == "centers" and name != "CenterLoss":
         raises(out, "centers", types=(TypeError,))
-    elif case.same_dtype and dtype != np.float64:
-        raises(out, case.floats, types=(TypeError,))  # a list is float64; the others are not
+    elif a in case.same_dtype and dtype != np.float64:
+        raises(out, case.same_dtype, types=(TypeError,))  # a list is float64; the others are not
     else:
         close(returned(out)[1], ref(case), _tol_dtype(kw), f"{a} as a list")
 
@@ -620,8 +639,10 @@ def test_labels_out_of_range(arg, data, how):
     case, kw = data.draw(calls(name))
     labels = np.asarray(kw[a]).copy()
     i = data.draw(st.integers(0, labels.size - 1))
-    upper = np.asarray(kw["logits"]).shape[-1] if a == "target" else np.asarray(
-        kw.get("centers", np.zeros((3, 1)))).shape[0]
+    if a != "target":
+        upper = np.asarray(kw.get("centers", np.zeros((3, 1)))).shape[0]
+    else:  # the classes: the logits' last axis, or the classifier's rows
+        upper = np.shape(kw["logits"])[-1] if "logits" in kw else np.shape(kw["classifier"])[0]
     value = {"upper": upper, "negative": -1, "huge": 2**40, "int64_min": np.iinfo(np.int64).min,
              "uint64_huge": 2**63 + 5, "ignore_minus_one": -1}[how]
     if how == "uint64_huge":
@@ -836,6 +857,20 @@ def _sample_rows(case, a, index, kw):
         m = np.zeros(shape, bool)
         m[index] = True
         return {"loss": m if none else None, "grad": m}
+    if case.name == "linear_ce":
+        # every row's logits hold every class: a value in the classifier or the bias reaches
+        # every row not ignored; one in the embeddings its row, and the classifier's and
+        # bias's gradients (sums over rows) everywhere
+        # (an ignored row's gradient too: its zero row of G times an inf is NaN, as in BLAS)
+        kept = np.asarray(kw["target"]) != kw.get("ignore_index", -100)
+        if a == "embeddings":
+            rows[index[0]] = True
+        else:
+            rows = kept
+        grad_rows = rows if a == "embeddings" else np.ones_like(rows)
+        return {"loss": rows if none else None, "grad0": np.broadcast_to(grad_rows[:, None], shape),
+                "grad1": np.ones(np.shape(kw["classifier"]), bool),
+                "grad2": np.ones(np.shape(kw["classifier"])[:1], bool)}
     if a == "centers":
         rows = np.asarray(kw["labels"]) == index[0]
     else:
@@ -858,6 +893,9 @@ def _counts(case, kw, a, index):
         return bool(np.any(np.asarray(kw["labels"]) == index[0]))
     if case.name in ("ce", "focal"):
         return kw["target"][index[0]] != kw.get("ignore_index", -100)
+    if case.name == "linear_ce":  # a class's weights reach every row not ignored
+        kept = np.asarray(kw["target"]) != kw.get("ignore_index", -100)
+        return bool(kept[index[0]] if a == "embeddings" else kept.any())
     return True
 
 
@@ -929,6 +967,9 @@ def test_minus_inf_masked_classes_give_finite_results(name, data):
 
 
 def _hugify(case, kw, rng):
+    if case.name == "linear_ce":  # logits of about +-1e4: the embeddings scaled up
+        kw["embeddings"] = (np.asarray(kw["embeddings"]) * 1e4).astype(np.asarray(kw["embeddings"]).dtype)
+        return
     if case.first == "logits" or case.name == "huber":
         a = case.first
         v = np.asarray(kw[a])
@@ -1599,8 +1640,8 @@ def test_backend_cuda_with_odd_numpy_inputs(name, data, how):
     if how == "read_only" and name == "center_loss" and kw.get("update", True):
         raises(out, "centers", types=(ValueError,))
         return
-    if how == "list" and case.same_dtype and np.asarray(want_kw[a]).dtype != np.float64:
-        raises(out, case.floats, types=(TypeError,))
+    if how == "list" and a in case.same_dtype and np.asarray(want_kw[a]).dtype != np.float64:
+        raises(out, case.same_dtype, types=(TypeError,))
         return
     like_cpu(returned(out)[1], case, dict(want_kw, **{a: kw[a]}) if how == "list" else want_kw, how)
 

@@ -314,8 +314,36 @@ def _registry_case(info, dtype=F32):
                 rows=args[0].shape[0], out=out)
 
 
+def _linear_case(dtype, reduction="mean", *, options=False, block=256):
+    """linear_cross_entropy at 2048 rows, H = 128, V = 4096 (logits of 32 MiB in float32),
+    blocks of ``block`` classes.  Its work space (documented): one block of logits, the
+    ``(N, H)`` accumulator of d_embeddings and one product, and for float16 the float32
+    copies of the embeddings and of one classifier block and one d_classifier block."""
+    n, H, V = 2048, 128, 4096
+    rng = _rng()
+    e = rng.normal(size=(n, H)).astype(dtype)
+    w = (rng.normal(size=(V, H)) / np.sqrt(H)).astype(dtype)
+    y = rng.integers(0, V, size=n)
+    kw = {"reduction": reduction, "block_size": block}
+    if options:
+        kw.update(bias=rng.normal(size=V).astype(dtype), weight=rng.uniform(0.5, 2, V).astype(dtype),
+                  sample_weight=rng.uniform(0.5, 2, n).astype(dtype), label_smoothing=0.1,
+                  z_loss=1e-4, softcap=30.0)
+    T = 8 if dtype == F64 else 4
+    work = (n * block + 2 * n * H) * T
+    if dtype == F16:
+        work += (n * H + 2 * block * H) * 4
+    grads = (e, w) + ((kw["bias"],) if options else ())
+    outs = tuple(np.empty_like(g) for g in grads)
+    return Case(fresh=lambda: fl.linear_cross_entropy(e, w, y, **kw),
+                out=lambda: fl.linear_cross_entropy(e, w, y, grad_out=outs, **kw),
+                grad_bytes=sum(g.nbytes for g in grads), rows=n, work=work,
+                loss_bytes=n * np.dtype(dtype).itemsize if reduction == "none" else 0)
+
+
 #: the losses whose plain call needs more than the plain budget: their own cases below
-OWN_PLAIN = {"batch_triplet_loss"}  # O(N**2) pairwise buffers, budgeted in _batch_case
+OWN_PLAIN = {"batch_triplet_loss",  # O(N**2) pairwise buffers, budgeted in _batch_case
+             "linear_cross_entropy"}  # a block of logits, budgeted in _linear_case
 #: per loss of the registry, its cases beyond the plain call (and the public forms of center
 #: loss that are not loss functions, with it)
 MORE_CASES = {
@@ -406,6 +434,12 @@ MORE_CASES = {
         "center_update-f64": lambda: _center_update_case(F64),
         "center_update-f32-f64_centers": lambda: _center_update_case(F32, F64),
         "center_update-f16": lambda: _center_update_case(F16),
+    },
+    "linear_cross_entropy": {
+        "linear_ce-f32": lambda: _linear_case(F32),
+        "linear_ce-f16": lambda: _linear_case(F16),
+        "linear_ce-f64-none": lambda: _linear_case(F64, "none"),
+        "linear_ce-f32-every_option": lambda: _linear_case(F32, "sum", options=True),
     },
 }
 

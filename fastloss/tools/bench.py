@@ -303,7 +303,10 @@ def ceiling(case, args, device="cpu"):
       write the gradient); in float16, a bitwise XOR of their int16 views (NumPy's float16
       arithmetic is emulated, far below bandwidth);
     * ``"gemm"`` (batch-hard): one Gram matrix ``E @ E.T`` as a gemm on a transposed copy
-      made beforehand (the product fastloss itself forms), not a copy.
+      made beforehand (the product fastloss itself forms), not a copy;
+    * ``"products"`` (linear cross-entropy): the three matrix products that any path must
+      form, ``Z = E @ W.T``, ``Z @ W`` and ``Z.T @ E``, into preallocated arrays (the
+      ``(N, V)`` ``Z`` among them), with no softmax between them.
 
     On CUDA: a device-to-device copy of every input that gets a gradient.
     """
@@ -320,6 +323,16 @@ def ceiling(case, args, device="cpu"):
             cuda.synchronize()
         return Prepared(run, bytes_moved=2 * sum(a.nbytes for a in args[:n_grad]))
     x = args[0]
+    if kind == "products":
+        w = args[1]
+        z = np.empty((x.shape[0], w.shape[0]), x.dtype)
+        de, dw = np.empty_like(x), np.empty_like(w)
+
+        def run():
+            np.matmul(x, w.T, out=z)
+            np.matmul(z, w, out=de)
+            np.matmul(z.T, x, out=dw)
+        return Prepared(run, bytes_moved=2 * (x.nbytes + w.nbytes) + 3 * z.nbytes)
     if kind == "gemm":
         et = np.ascontiguousarray(x.T)
 
@@ -356,6 +369,23 @@ def numpy_matmul(case, args):
     return Prepared(run)
 
 
+def unfused_linear(case, args):
+    """The linear cross-entropy the unfused way, with fastloss for the softmax: ``Z = E @ W.T``
+    whole, ``softmax_cross_entropy(Z, y, grad_out=Z)`` in place, then ``(G @ W, G.T @ E)``: the
+    suite's ``unfused`` entry (linear_ce), what ``linear_cross_entropy`` is held against."""
+    import fastloss
+    e, w, y = args
+
+    def run():
+        z = e @ w.T
+        loss, g = fastloss.softmax_cross_entropy(z, y, grad_out=z)
+        return loss, (g @ w, g.T @ e)
+
+    def result(out):
+        return Outcome(float(out[0]), out[1])
+    return Prepared(run, result)
+
+
 def prepare_entry(case, entry, args, device=None):
     """Entry ``entry`` of ``ENTRIES`` for ``case`` on its host inputs ``args``.
 
@@ -373,6 +403,8 @@ def prepare_entry(case, entry, args, device=None):
         return _numpy(case, args)
     if entry == "matmul":
         return numpy_matmul(case, args)
+    if entry == "unfused":
+        return unfused_linear(case, args)
     if entry in competitors.NAMES:
         p = competitors.prepare(entry, case.spec.name, _own(case, args), case.spec.bench.kwargs, device)
 

@@ -98,8 +98,15 @@ class _Reference:
         with self.context():
             xs = [self.array(a) for a in args]
             kw = {k: self.array(v) for k, v in kwargs.items()}
-            loss = functools.partial(info.reference, self.ns, reduction=reduction, **kw)
-            value, grads = self.value_and_grads(loss, xs, info.n_grad)
+            # keywords with a gradient of their own (a bias) join the differentiated leaves
+            keys = [k for k in info.grad_keywords if k in kw]
+            extra = [kw.pop(k) for k in keys]
+            formula = functools.partial(info.reference, self.ns, reduction=reduction, **kw)
+            n, k = info.n_grad, len(keys)
+
+            def loss(*leaves):
+                return formula(*leaves[:n], *leaves[n + k:], **dict(zip(keys, leaves[n:n + k])))
+            value, grads = self.value_and_grads(loss, xs[:n] + extra + xs[n:], n + k)
             centers = None if info.update is None else self.host(info.update(self.ns, *xs, **kw))
             return self.host(value), tuple(self.host(g) for g in grads), centers
 
@@ -271,7 +278,8 @@ def _fastloss_call(info, args, kwargs, reduction, backend):
     args = tuple(np.array(a, copy=True) for a in args)     # centers are updated in place
     res = info.function(*args, reduction=reduction, backend=backend, **kwargs)
     grads = res.grad if isinstance(res.grad, tuple) else (res.grad,)
-    for g, a in zip(grads, args):
+    differentiated = args[:info.n_grad] + tuple(kwargs[k] for k in info.grad_keywords if k in kwargs)
+    for g, a in zip(grads, differentiated):
         if g is None or np.asarray(g).dtype != a.dtype:
             raise TypeError(f"gradient of dtype {getattr(g, 'dtype', None)} for input of dtype {a.dtype}")
     centers = None if info.updates is None else args[info.updates]

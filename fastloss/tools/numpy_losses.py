@@ -22,6 +22,9 @@ arguments to avoid the worst temporaries), with fixed hyper-parameters and
   the gradient is a tuple of three arrays.
 * ``batch_triplet_loss(embeddings, labels)``: Hermans et al.'s batch-hard loss
   (``mining="hard"``, euclidean, ``margin=1``) from one Gram matrix.
+* ``linear_cross_entropy(embeddings, classifier, labels)``: the unfused path, the
+  ``(N, V)`` logits ``E @ W.T`` whole, ``softmax_cross_entropy`` on them, then
+  ``(G @ W, G.T @ E)``; the gradient is a tuple of two arrays.
 
 Each takes float32 arrays (integer labels where they apply) and returns
 ``(loss, grad)``: ``loss`` a Python float, ``grad`` a float32 array of the
@@ -40,6 +43,7 @@ __all__ = [
     "center_loss",
     "focal_loss",
     "huber_loss",
+    "linear_cross_entropy",
     "sigmoid_focal_loss",
     "softmax_cross_entropy",
     "triplet_margin_loss",
@@ -247,6 +251,14 @@ def batch_triplet_loss(embeddings, labels, margin=1.0):
     return loss, grad
 
 
+def linear_cross_entropy(embeddings, classifier, labels):
+    """Mean softmax cross entropy of ``E @ W.T`` and its gradients ``(G @ W, G.T @ E)``."""
+    loss, g = softmax_cross_entropy(embeddings @ classifier.T, labels)
+    g = g.reshape(-1, g.shape[-1])
+    e = embeddings.reshape(-1, embeddings.shape[-1])
+    return loss, ((g @ classifier).reshape(embeddings.shape), g.T @ e)
+
+
 LOSSES = {
     "softmax_cross_entropy": softmax_cross_entropy,
     "focal_loss": focal_loss,
@@ -255,4 +267,5 @@ LOSSES = {
     "center_loss": center_loss,
     "triplet_margin_loss": triplet_margin_loss,
     "batch_triplet_loss": batch_triplet_loss,
+    "linear_cross_entropy": linear_cross_entropy,
 }

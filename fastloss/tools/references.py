@@ -324,6 +324,15 @@ def batch_triplet_loss(ns, e, labels, *, mining="hard", margin=1.0, distance="eu
     return reduce(ns, per, reduction)
 
 
+# ------------------------------------------------------------ linear + cross entropy
+
+
+def linear_cross_entropy(ns, e, w, y, *, bias=None, reduction="mean", **options):
+    """``softmax_cross_entropy`` of the logits ``e @ w.T + bias``, formed whole."""
+    z = e @ w.T if bias is None else e @ w.T + bias
+    return softmax_cross_entropy(ns, z, y, reduction=reduction, **options)
+
+
 # ------------------------------------------------------------ center
 
 

@@ -8,7 +8,8 @@ A ``LossInfo`` holds:
 * ``name``: the public function (``info.function`` is ``fastloss.<name>``, imported on use);
   ``short``: its name on the command line (``python -m fastloss check --losses ce``);
 * ``n_grad``: how many leading positional arguments are differentiated (3 for the triplet
-  margin loss: ``grad`` is a tuple); ``grad_out``: whether it takes ``grad_out=``;
+  margin loss: ``grad`` is a tuple); ``grad_keywords``: keyword arguments that get a
+  gradient too when given, after those (the ``bias`` of the linear cross-entropy); ``grad_out``: whether it takes ``grad_out=``;
   ``in_place``: whether ``grad_out`` may be the first argument itself; ``updates``: the
   index of an argument updated in place (the centers of ``center_loss``), else None;
 * ``make_inputs(rng, dtype, shape=None, classes=None, **inputs) -> tuple``: small random
@@ -75,7 +76,7 @@ class BenchSpec:
     fl_kwargs: dict = field(default_factory=dict)  # spelled out for fastloss only
     classes: dict = field(default_factory=dict)    # size -> number of classes (center, batch)
     float16: bool = False      # also benchmarked in float16 (at the medium size in the suite)
-    ceiling: str = "copy"      # the least a one-pass kernel must move: "copy", "subtract", "gemm" (bench.ceiling)
+    ceiling: str = "copy"      # the least a one-pass kernel must move: "copy", "subtract", "gemm", "products" (bench.ceiling)
     what: str = ""             # one line for the docs
 
 
@@ -89,6 +90,7 @@ class LossInfo:
     warmup_variants: Callable
     bench: BenchSpec
     n_grad: int = 1
+    grad_keywords: tuple = ()
     grad_out: bool = True
     in_place: bool = False
     updates: int | None = None
@@ -412,6 +414,74 @@ CENTER_LOSS = LossInfo(
     updates=2)
 
 
+# ------------------------------------------------------------ linear + cross entropy
+
+
+def _linear_inputs(rng, dtype, shape=None, classes=None):
+    """``(embeddings, classifier, target)``: embeddings ``N(0, 1)`` of ``shape`` (default
+    (6, 4)), a classifier ``(classes, H)`` (default 9 classes) of ``N(0, 1/H)`` (logits of
+    about unit scale), labels uniform in ``[0, classes)``."""
+    shape = (6, 4) if shape is None else tuple(shape)
+    V = 9 if classes is None else classes
+    H = shape[-1]
+    e = rng.standard_normal(shape).astype(dtype)
+    w = (rng.standard_normal((V, H)) / np.sqrt(H)).astype(dtype)
+    return e, w, rng.integers(0, V, size=shape[:-1])
+
+
+def _linear_kwargs(bias=False, weight=False, sample_weight=False, **fixed):
+    def make_kwargs(rng, dtype, args):
+        e, w, y = args
+        kw = dict(fixed)
+        if "ignore_index" in kw:
+            y.reshape(-1)[:2] = kw["ignore_index"]
+        if bias:
+            kw["bias"] = rng.standard_normal(w.shape[0]).astype(dtype)
+        if weight:
+            kw["weight"] = rng.uniform(0.2, 2.0, size=w.shape[0]).astype(dtype)
+        if sample_weight:
+            kw["sample_weight"] = rng.uniform(0.0, 2.0, size=e.shape[:-1]).astype(dtype)
+        return kw
+    return make_kwargs
+
+
+def _linear_variants(dtype, rows, rng):
+    """Warm-up calls: defaults, ``grad=False``, a bias, and every option at once."""
+    T = np.dtype(dtype)
+    e = rng.standard_normal((rows, 64)).astype(T)
+    w = rng.standard_normal((WARMUP_WIDTH, 64)).astype(T) / 8
+    y = rng.integers(0, WARMUP_WIDTH, rows)
+    every = {"bias": np.zeros(WARMUP_WIDTH, T), "weight": np.ones(WARMUP_WIDTH, T),
+             "sample_weight": np.ones(rows, T), "label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}
+    return [((e, w, y), kw) for kw in ({}, {"grad": False}, {"bias": every["bias"]}, every)]
+
+
+def _bench_linear_inputs(rng, shape, classes):
+    """Embeddings ``N(0, 1)`` ``(N, H)``, a classifier ``(classes, H)`` of ``N(0, 1/H)``, labels
+    uniform int64 in ``[0, classes)``."""
+    n, h = shape
+    e = rng.standard_normal(shape, dtype=np.float32)
+    w = rng.standard_normal((classes, h), dtype=np.float32)
+    w *= np.float32(1.0 / np.sqrt(h))
+    return e, w, rng.integers(0, classes, size=n, dtype=np.int64)
+
+
+LINEAR_CROSS_ENTROPY = LossInfo(
+    "linear_cross_entropy", "linear_ce", _linear_inputs,
+    (Option("plain, embeddings (2, 3, 4)", _fixed(), shape=(2, 3, 4)),
+     Option("bias, 70 classes", _linear_kwargs(bias=True), classes=70),
+     Option("weight, ignore_index=1, smoothing 0.1",
+            _linear_kwargs(weight=True, ignore_index=1, label_smoothing=0.1)),
+     Option("z_loss=0.01, softcap=3, sample_weight",
+            _linear_kwargs(bias=True, sample_weight=True, z_loss=0.01, softcap=3.0))),
+    _linear_variants,
+    BenchSpec("linear_ce", 7, dict(tiny=(8, 4), small=(64, 32), medium=(2048, 256), large=(8192, 256)),
+              _bench_linear_inputs, classes=dict(tiny=16, small=1000, medium=32768, large=32768),
+              ceiling="products",
+              what="linear_cross_entropy(embeddings, classifier, labels): the (N, V) logits never held"),
+    n_grad=2, grad_keywords=("bias",))
+
+
 LOSSES = (SOFTMAX_CROSS_ENTROPY, FOCAL_LOSS, SIGMOID_FOCAL_LOSS, HUBER_LOSS, TRIPLET_MARGIN_LOSS,
-          BATCH_TRIPLET_LOSS, CENTER_LOSS)
+          BATCH_TRIPLET_LOSS, CENTER_LOSS, LINEAR_CROSS_ENTROPY)
 BY_NAME = {key: info for info in LOSSES for key in (info.name, info.short, info.bench.short)}

@@ -1,0 +1,169 @@
+"""Fused linear + softmax cross-entropy: the public wrapper (validation, dispatch, docstring)."""
+import numpy as np
+
+from fastloss import _validation as check
+from fastloss._dispatch import select_backend
+from fastloss._reduction import reduce
+from fastloss._result import LossGrad
+from fastloss.cpu import _storage
+from fastloss.cpu import linear_cross_entropy as cpu
+
+
+def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=None,
+                         sample_weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, reduction="mean", grad=True, grad_out=None, block_size=None,
+                         backend="auto"):
+    r"""Softmax cross-entropy of a linear layer's logits, without ever holding the logits.
+
+    Equal to ``softmax_cross_entropy(embeddings @ classifier.T + bias, target, ...)`` with
+    integer targets and every option of it: for a row ``e`` of the embeddings, logits
+    ``z = cap(W e + b)`` (``cap`` the optional soft-cap), ``p = softmax(z)``,
+    ``lse = logsumexp(z)``, class weights ``w``, smoothing ``eps``, sample weight ``s``:
+
+    .. math::
+
+        \ell = s \Big[(1-\varepsilon)\, w_y (\mathrm{lse} - z_y)
+               + \tfrac{\varepsilon}{V} \sum_c w_c (\mathrm{lse} - z_c)
+               + \lambda_z\, \mathrm{lse}^2\Big]
+
+    With ``G = dL/dz`` (``softmax_cross_entropy``'s gradient, times the cap's slope), the
+    gradients are ``d_embeddings = G W``, ``d_classifier = G^T E`` and ``d_bias = sum_rows G``.
+
+    The vocabulary is walked in blocks of ``block_size`` classes: NumPy's BLAS forms one
+    block of logits at a time into a reused buffer, a first pass keeps an online
+    log-sum-exp per row, and a second pass forms each block's ``G`` in place and sends it
+    straight into the three products. Beyond the inputs and the returned gradients the
+    memory is one ``(N, block_size)`` block, an ``(N, H)`` accumulator and a few vectors
+    of N, whatever V is. ``grad=False`` is the first pass alone (one product per block).
+    The second pass recomputes the block logits (four products per block in all, where
+    the unfused path has three) because ``d_classifier``'s block needs each row's final
+    log-sum-exp (the Cut Cross-Entropy recipe; Liger-Kernel instead chunks rows, which
+    keeps whole ``(rows, V)`` chunks).
+
+    Args:
+      embeddings: float16/32/64 array ``E`` of shape ``(..., H)``.  float16 computes in
+        float32 (products included) and returns float16 gradients.
+      classifier: the ``(V, H)`` weight ``W`` of the output layer, the embeddings' dtype.
+      target: integer class indices of shape ``(...)`` in ``[0, V)`` (or equal to
+        ``ignore_index``), any integer dtype.  Probability targets are not taken.
+      bias: ``None`` (default) or the ``(V,)`` bias ``b``, the embeddings' dtype.
+      weight: ``None`` (default: ones) or ``(V,)`` class weights, as
+        ``softmax_cross_entropy``'s (and PyTorch's) ``weight``.
+      sample_weight: ``None`` or weights of shape ``(...)``, as in ``softmax_cross_entropy``.
+      ignore_index: default ``-100``; targets equal to it contribute nothing and leave the mean.
+      label_smoothing: ``eps`` in ``[0, 1]``, default ``0.0``.
+      z_loss: ``lambda_z >= 0``, default ``0.0`` (PaLM's ``lse**2`` term).
+      softcap: ``None`` or a positive cap: ``z = softcap * tanh((W e + b) / softcap)``.
+      reduction: ``"mean"`` (default: divided by the sum of ``w[y] * sample_weight`` over
+        rows not ignored), ``"sum"``, or ``"none"`` (per-row losses of shape ``(...)``; the
+        gradients are those of their sum).
+      grad: ``True`` (default); ``False`` skips the second pass (``grad`` is then ``None``).
+      grad_out: ``None`` (default: new arrays) or a tuple ``(d_embeddings, d_classifier)``,
+        plus ``d_bias`` when a bias is given, of the inputs' shapes and dtype, written in
+        place; they may not share memory with any input or with each other.
+      block_size: classes per block; ``None`` (default) picks about 8 MiB of logits
+        (``fastloss.cpu.linear_cross_entropy.block_size``), between 128 and 8192 classes.
+      backend: ``"auto"`` (default), ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+      ``LossGrad(loss, grad)``: ``loss`` in the embeddings' dtype (``()`` or ``(...)``);
+      ``grad`` the tuple ``(d_embeddings, d_classifier)`` or ``(d_embeddings,
+      d_classifier, d_bias)``, or ``None``.
+
+    References:
+      Wijmans, Huval, Hertzberg, Koltun & Krähenbühl 2024, "Cut Your Losses in
+      Large-Vocabulary Language Models" (Cut Cross-Entropy).
+      Hsu et al. 2024, "Liger Kernel: Efficient Triton Kernels for LLM Training"
+      (fused linear cross-entropy).
+
+    Example:
+      A zero classifier gives equal logits, so the loss is ``log V``; the gradient with
+      respect to the classifier is then ``(p - onehot)^T E / N`` with ``p = 1/V``:
+
+      >>> import numpy as np, fastloss as fl
+      >>> E = np.array([[1.0, 2.0], [3.0, 4.0]])
+      >>> loss, (dE, dW) = fl.linear_cross_entropy(E, np.zeros((5, 2)), np.array([0, 1]))
+      >>> round(float(loss), 4)  # log(5)
+      1.6094
+      >>> dW[0].tolist()  # ((0.2 - 1) * [1, 2] + 0.2 * [3, 4]) / 2
+      [-0.1, -0.4]
+      >>> dE.tolist()  # G W with W = 0
+      [[0.0, 0.0], [0.0, 0.0]]
+    """
+    if select_backend(backend, embeddings=embeddings, classifier=classifier, target=target,
+                      bias=bias, weight=weight, sample_weight=sample_weight) == "cuda":
+        raise NotImplementedError("linear_cross_entropy runs on the CPU only in this version")
+    E = check.float_array(embeddings, "embeddings")
+    if E.ndim < 1:
+        raise ValueError(f"embeddings must have shape (..., H), got {E.shape}")
+    H = E.shape[-1]
+    W = check.float_array(classifier, "classifier")
+    if W.ndim != 2 or W.shape[1] != H or W.shape[0] == 0:
+        raise ValueError(f"classifier must have shape (V, {H}) with V >= 1 (H = embeddings.shape[-1]),"
+                         f" got {W.shape}")
+    _same_dtype(W, E, "classifier")
+    V = W.shape[0]
+    if bias is not None:
+        bias = check.float_array(bias, "bias")
+        check.shape_equal(bias, (V,), "bias", "one bias per class of classifier")
+        _same_dtype(bias, E, "bias")
+    reduction = check.reduction(reduction)
+    eps = check.unit_interval(label_smoothing, "label_smoothing")
+    zcoef = check.nonnegative(z_loss, "z_loss")
+    cap = None if softcap is None else check.positive(softcap, "softcap")
+    cap = None if cap == np.inf else cap
+    ignore_index = check.integer(ignore_index, "ignore_index")
+    T = _storage.compute_type(E.dtype)
+    weight = check.weight_vector(weight, V, "weight", T)
+    labels = check.as_array(target, "target", "integer class indices")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got dtype {labels.dtype}")
+    labels = check.label_array(labels, "target")
+    check.shape_equal(labels, E.shape[:-1], "target", "one class index per row of embeddings")
+    check.labels_in_range(labels, V, "target", ignore_index)
+    sw = check.sample_weights(sample_weight, E.shape[:-1], "sample_weight", T)
+    n = labels.size
+    width = cpu.block_size(n, V, np.dtype(T).itemsize) if block_size is None \
+        else min(V, _block_size(block_size))
+    grads_out = _grads_out(grad_out, E, W, bias, labels, weight, sw) if grad else None
+    losses, total, denom, grads = cpu.linear_cross_entropy(
+        E.reshape(n, H), W, np.ascontiguousarray(labels).reshape(n), bias, weight, sw, ignore_index, eps, zcoef, cap,
+        reduction, grad, grads_out, width)
+    loss = reduce(losses, total, reduction, denom, E.shape[:-1], E.dtype)
+    if grads is not None and grads_out is None:
+        grads = (grads[0].reshape(E.shape),) + grads[1:]
+    return LossGrad(loss, grads)
+
+
+def _same_dtype(a, E, name):
+    if a.dtype != E.dtype:
+        raise TypeError(f"{name} must have the embeddings' dtype {E.dtype}, got {a.dtype}")
+
+
+def _block_size(value):
+    size = check.integer(value, "block_size")
+    if size < 1:
+        raise ValueError(f"block_size must be a positive number of classes, got {value}")
+    return size
+
+
+def _grads_out(grad_out, E, W, bias, *reads):
+    """The caller's ``(d_embeddings, d_classifier[, d_bias])``, checked; None when not given."""
+    if grad_out is None:
+        return None
+    inputs = {"embeddings": E, "classifier": W, "bias": bias}
+    expected = [("grad_out[0]", E), ("grad_out[1]", W)] + ([("grad_out[2]", bias)] if bias is not None else [])
+    if not isinstance(grad_out, (tuple, list)) or len(grad_out) != len(expected):
+        what = "(d_embeddings, d_classifier, d_bias)" if bias is not None else "(d_embeddings, d_classifier)"
+        raise TypeError(f"grad_out must be a tuple {what}, got {type(grad_out).__name__}"
+                        + (f" of length {len(grad_out)}" if isinstance(grad_out, (tuple, list)) else ""))
+    outs = tuple(check.grad_buffer(out, like.shape, like.dtype, name=name)
+                 for out, (name, like) in zip(grad_out, expected))
+    for k, out in enumerate(outs):
+        others = list(inputs.items()) + [(f"grad_out[{j}]", o) for j, o in enumerate(outs) if j != k]
+        others += [("target, weight or sample_weight", r) for r in reads]
+        for name, a in others:
+            if a is not None and np.may_share_memory(out, a):
+                raise ValueError(f"grad_out[{k}] shares memory with {name}: "
+                                 "linear_cross_entropy writes its gradients apart from its inputs")
+    return outs
