@@ -1,4 +1,4 @@
-"""``python -m fastloss``: the command line of ``fastloss.tools.cli`` (check, bench, warmup, demo)."""
+"""``python -m fastloss``: the command line of ``fastloss.tools.cli`` (check, bench, warmup, demo, eval)."""
 import sys
 
 from fastloss.tools.cli import main

@@ -103,12 +103,21 @@ def backend_of(*arrays):
     return _devices((f"argument {i}", a) for i, a in enumerate(arrays))
 
 
+def is_dask(a):
+    """Whether ``a`` is a Dask collection, read from its type's module: Dask is never imported."""
+    return type(a).__module__.startswith("dask")
+
+
 def select_backend(backend, **arrays):
     """Resolve ``backend=`` ("auto" reads ``FASTLOSS_BACKEND``) against the arrays.
 
-    Returns ``"cpu"`` or ``"cuda"``.  Whether a GPU is really there is
-    checked later, by ``fastloss.cuda._arrays.cuda_module``, so that this
-    module never imports CUDA machinery.
+    Returns ``"cpu"`` or ``"cuda"``, or ``"dask"`` when any array is a Dask array
+    (whatever ``backend`` says: the wrapper then hands the call to
+    ``fastloss._dask``, whose chunks run with that ``backend``).  Dask is looked for
+    only past the all-NumPy fast path, so a NumPy call pays nothing for it.
+    Whether a GPU is really there is checked later, by
+    ``fastloss.cuda._arrays.cuda_module``, so that this module never imports CUDA
+    machinery.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -122,6 +131,8 @@ def select_backend(backend, **arrays):
                 break
         else:
             return "cpu"  # the common case, decided without naming anything
+    if any(is_dask(a) for a in arrays.values()):
+        return "dask"
     where = _devices(arrays.items())
     if backend == "cpu" and where == "cuda":
         name = next(n for n, a in arrays.items() if _device_of(a) == "cuda")

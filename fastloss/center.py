@@ -59,6 +59,11 @@ def center_update(centers, features, labels, *, alpha=0.5, backend="auto"):
         ``0.5`` (the seed's).
       backend: ``"auto"`` (default), ``"cpu"`` or ``"cuda"``.
 
+    Dask ``features`` and ``labels`` (chunked along the rows; ``centers`` in memory): the
+    per-class sums and counts of every chunk are merged in a fixed tree, computed before
+    the call returns, then applied once, in place: equal to one in-memory call on all the
+    rows to round-off, and the same bits on every run.
+
     Shapes:
       centers ``(K, D)``, features ``(N, D)``, labels ``(N,)`` -> centers
       ``(K, D)`` (the same array).
@@ -79,7 +84,11 @@ def center_update(centers, features, labels, *, alpha=0.5, backend="auto"):
       >>> fl.center_update(centers, np.array([[2.0, 4.0], [4.0, 8.0]]), [1, 1], alpha=0.5).tolist()
       [[0.0, 0.0], [1.0, 2.0]]
     """
-    if select_backend(backend, centers=centers, features=features, labels=labels) == "cuda":
+    where = select_backend(backend, centers=centers, features=features, labels=labels)
+    if where == "dask":
+        from fastloss import _dask
+        return _dask.center_update(center_update, locals())
+    if where == "cuda":
         from fastloss.cuda import center as gpu
         gpu.center_update(gpu.checked_call(features, labels, centers, alpha, update=True))
         return centers
@@ -101,6 +110,11 @@ def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction=
     Loss and gradient come from one fused pass and use the centers as they
     were before the update; then, when ``update=True``, :func:`center_update`
     moves the centers with learning rate ``alpha``.
+
+    Dask ``features`` and ``labels`` (chunked along the rows; ``centers`` in memory): loss
+    and gradient are lazy (``"mean"`` over all N rows) and read a copy of the centers as
+    they were; with ``update=True`` the update of all the rows (as :func:`center_update`
+    on Dask arrays) is applied to ``centers`` before the call returns.
 
     Args:
       features: ``(N, D)`` float16/32/64 array.
@@ -154,8 +168,12 @@ def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction=
       >>> float(loss), grad.tolist()  # the mean: 15 / 2, (x - 0) / 2
       (7.5, [[0.5, 1.0], [1.5, 2.0]])
     """
-    if select_backend(backend, features=features, labels=labels, centers=centers,
-                      grad_out=grad_out) == "cuda":
+    where = select_backend(backend, features=features, labels=labels, centers=centers,
+                           grad_out=grad_out)
+    if where == "dask":
+        from fastloss import _dask
+        return _dask.call(center_loss, locals())
+    if where == "cuda":
         from fastloss.cuda import center as gpu
         call = gpu.checked_call(features, labels, centers, alpha, update)
         reduction = check.reduction(reduction)

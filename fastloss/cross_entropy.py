@@ -81,6 +81,11 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
     Returns:
       ``LossGrad(loss, grad)``; ``loss`` has the logits' dtype.
 
+    Dask arrays (``logits``, ``target`` and ``sample_weight`` chunked along the rows,
+    the class axis in one chunk; ``weight`` in memory) give a lazy ``LossGrad``: each
+    chunk runs this function, and ``"mean"`` divides by the denominator of the whole
+    array, computed in the same graph (``fastloss._dask``).
+
     Choices where PyTorch is silent or surprising: with probability targets a
     class whose target mass (after smoothing) is 0 contributes 0 even when its
     logit is ``-inf`` (xlogy's convention; PyTorch gives NaN).  A "mean" over
@@ -123,8 +128,12 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
       ((2, 3), dtype('float32'))
     """
     dev = caller_grad_out = first_bad = None
-    if select_backend(backend, logits=logits, target=target, weight=weight,
-                      sample_weight=sample_weight, grad_out=grad_out) == "cuda":
+    where = select_backend(backend, logits=logits, target=target, weight=weight,
+                           sample_weight=sample_weight, grad_out=grad_out)
+    if where == "dask":
+        from fastloss import _dask
+        return _dask.call(softmax_cross_entropy, locals())
+    if where == "cuda":
         from fastloss.cuda._arrays import Device
         from fastloss.cuda._checks import first_bad_label as first_bad
         dev, caller_grad_out = Device(logits), grad_out

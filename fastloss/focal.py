@@ -75,6 +75,10 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
     Returns:
       ``LossGrad(loss, grad)``.
 
+    Dask arrays (``logits``, ``target``, ``sample_weight`` chunked along the rows;
+    ``alpha`` in memory) give a lazy ``LossGrad`` whose ``"mean"`` is over the whole
+    array, as for :func:`softmax_cross_entropy`.
+
     With probability targets, a class with zero target mass contributes 0
     (even when its probability is 0).
 
@@ -111,9 +115,13 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
     dev = caller_grad_out = first_bad = None
     # a scalar alpha lives nowhere (a NumPy scalar or 0-d array with CUDA logits is no mix)
     scalar_alpha = alpha is None or _is_scalar(alpha)
-    if select_backend(backend, logits=logits, target=target,
-                      alpha=None if scalar_alpha else alpha, sample_weight=sample_weight,
-                      grad_out=grad_out) == "cuda":
+    where = select_backend(backend, logits=logits, target=target,
+                           alpha=None if scalar_alpha else alpha, sample_weight=sample_weight,
+                           grad_out=grad_out)
+    if where == "dask":
+        from fastloss import _dask
+        return _dask.call(focal_loss, locals())
+    if where == "cuda":
         from fastloss.cuda._arrays import Device
         from fastloss.cuda._checks import first_bad_label as first_bad
         dev, caller_grad_out = Device(logits), grad_out
@@ -178,6 +186,9 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mea
     Returns:
       ``LossGrad(loss, grad)``.
 
+    Dask arrays (``logits`` and ``targets``, chunked along any axis) give a lazy
+    ``LossGrad`` whose ``"mean"`` is over every element of the whole array.
+
     On the GPU the elementwise kernel reads 1-D and 2-D arrays as they are
     (strided or not) and arrays of more dimensions when C-contiguous.
 
@@ -204,7 +215,11 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="mea
       0.075
     """
     dev = caller_grad_out = None
-    if select_backend(backend, logits=logits, targets=targets, grad_out=grad_out) == "cuda":
+    where = select_backend(backend, logits=logits, targets=targets, grad_out=grad_out)
+    if where == "dask":
+        from fastloss import _dask
+        return _dask.call(sigmoid_focal_loss, locals())
+    if where == "cuda":
         from fastloss.cuda._arrays import Device
         dev, caller_grad_out = Device(logits), grad_out
         logits, targets, grad_out = dev.views(logits=logits, targets=targets, grad_out=grad_out)

@@ -44,6 +44,10 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
       Huber 1964, "Robust Estimation of a Location Parameter", Annals of
       Mathematical Statistics 35(1).
 
+    Dask arrays (``input``, ``target`` and ``sample_weight`` all Dask, chunked along any
+    axis) give a lazy ``LossGrad``; ``"mean"`` divides by the broadcast weights of the
+    whole array.
+
     On the GPU the weights stay on the device, never broadcast to the
     input's size (a view of them is read per element; only weights that vary
     along axes separated by a broadcast one, say ``(N, 1, K)`` against
@@ -61,8 +65,12 @@ def huber_loss(input, target, *, delta=1.0, sample_weight=None, reduction="mean"
       (0.125, [0.5, 0.0])
     """
     dev = caller_grad_out = None
-    if select_backend(backend, input=input, target=target, sample_weight=sample_weight,
-                      grad_out=grad_out) == "cuda":
+    where = select_backend(backend, input=input, target=target, sample_weight=sample_weight,
+                           grad_out=grad_out)
+    if where == "dask":
+        from fastloss import _dask
+        return _dask.call(huber_loss, locals())
+    if where == "cuda":
         from fastloss.cuda._arrays import Device
         dev, caller_grad_out = Device(input), grad_out
         input, target, sample_weight, grad_out = dev.views(

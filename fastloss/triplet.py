@@ -91,6 +91,10 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
         is then a tuple of three device arrays (the inputs themselves allowed, in any
         order; a buffer overlapping an input otherwise is written through a temporary).
 
+    Dask arrays (the three inputs chunked along the rows, ``D`` in one chunk) give a lazy
+    ``LossGrad`` whose three gradients are chunked like ``anchor``; ``"mean"`` divides by
+    the whole N.
+
     Shapes:
       anchor, positive, negative ``(N, D)`` (or ``(D,)``) -> loss ``()``, or ``(N,)``
       for ``"none"`` (``()`` for one triplet); three gradients ``(N, D)``.
@@ -119,9 +123,13 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
       1.5
     """
     dev = caller_grad_out = None
-    if select_backend(backend, anchor=anchor, positive=positive, negative=negative,
-                      **({} if grad_out is None or not isinstance(grad_out, (tuple, list))
-                         else dict(zip(_GRAD_OUT_NAMES, grad_out)))) == "cuda":
+    where = select_backend(backend, anchor=anchor, positive=positive, negative=negative,
+                           **({} if grad_out is None or not isinstance(grad_out, (tuple, list))
+                              else dict(zip(_GRAD_OUT_NAMES, grad_out))))
+    if where == "dask":
+        from fastloss import _dask
+        return _dask.call(triplet_margin_loss, locals())
+    if where == "cuda":
         from fastloss.cuda._arrays import Device
         dev = Device(anchor)
         anchor, positive, negative = dev.views(anchor=anchor, positive=positive, negative=negative)
@@ -228,6 +236,11 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
       embeddings ``(N, D)``, labels ``(N,)`` -> loss ``()``, or ``(N,)`` for
       ``"none"``; grad ``(N, D)``.
 
+    Dask arrays (``embeddings`` and ``labels`` chunked along the rows): **mining stays
+    within each chunk**, a chunk being a batch (no triplet spans two chunks); the lazy
+    ``"mean"`` is the mean of the chunks' means (each chunk weighs the same, as the
+    batches of an epoch), ``"sum"`` the sum, ``"none"`` the chunks' per-anchor losses.
+
     On the GPU (``fastloss.cuda.triplet``) the ``N x N`` matrix comes from tiled
     kernels rather than BLAS: squared distances summed from the differences
     themselves (euclidean, squared: no cancellation, exactly 0 between equal rows)
@@ -261,7 +274,11 @@ def batch_triplet_loss(embeddings, labels, *, mining="hard", margin=1.0, distanc
       0.691
     """
     dev = None
-    if select_backend(backend, embeddings=embeddings, labels=labels, grad_out=grad_out) == "cuda":
+    where = select_backend(backend, embeddings=embeddings, labels=labels, grad_out=grad_out)
+    if where == "dask":
+        from fastloss import _dask
+        return _dask.call(batch_triplet_loss, locals())
+    if where == "cuda":
         from fastloss.cuda._arrays import Device
         dev = Device(embeddings)
         embeddings, labels = dev.views(embeddings=embeddings, labels=labels)

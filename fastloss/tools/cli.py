@@ -2,7 +2,7 @@
 
 Each command lives in its own module, which provides ``HELP`` (one line),
 ``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> exit status``;
-heavy imports (torch, jax, matplotlib) stay inside ``run``.  With no command,
+heavy imports (torch, jax, matplotlib, dask) stay inside ``run``.  With no command,
 or with only options, the command is ``check``.
 """
 import argparse
@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": "fastloss.tools.bench",    # fastloss beside NumPy, torch, torch.compile, JAX and a copy
     "warmup": "fastloss.tools.warmup",  # compile every kernel ahead of time, into the disk cache
     "demo": "fastloss.tools.demo",      # a NumPy MLP trained with fastloss's gradients (center loss)
+    "eval": "fastloss.tools.eval",      # one loss over files larger than memory, in chunks, on Dask
 }
 DEFAULT_COMMAND = "check"
 
