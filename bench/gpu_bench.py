@@ -188,6 +188,7 @@ def _row_config_sweep(cp, timer, quick):
     """Cross entropy float32 under each (row threads, resident threads per SM)."""
     import fastloss as fl
     from fastloss.cuda import _blocks
+    from fastloss.cuda.cross_entropy import cross_entropy_kernel
     n, C = (512, 32768) if quick else (4096, 131072)
     rng = np.random.default_rng(1)
     x = cp.asarray(rng.standard_normal((n, C), np.float32))
@@ -197,6 +198,8 @@ def _row_config_sweep(cp, timer, quick):
     rows = []
     try:
         for row_threads in (256, 512, 1024):
+            if row_threads > _blocks.largest_block(cross_entropy_kernel):
+                continue  # launch would clamp it: the same run again
             for sm_threads in (1024, 2048):
                 _blocks.set_threads_per_block(saved[0][0], row_threads)
                 _blocks.SM_THREADS = sm_threads

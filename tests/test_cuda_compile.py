@@ -1,17 +1,21 @@
-"""Every CUDA kernel compiles for a real GPU (sm_90, the H100/H200), without one.
+"""Every CUDA kernel compiles for a real GPU (sm_90, the H100/H200), without one,
+and launches there.
 
 The simulator runs kernels as Python and lets through what a GPU rejects
 (runtime-sized shared arrays, warp shuffles it does not have, float64 where
-float32 was meant...); ``numba.cuda.compile_ptx`` runs the real compiler
-(NVVM).  This runs in the main pytest process, which must not have the
-simulator enabled, and needs numba-cuda with its CUDA toolkit wheels (the
-``cuda`` extra); without them it is skipped.
+float32 was meant, blocks with more registers than an SM holds...);
+``numba.cuda.compile_ptx`` runs the real compiler (NVVM), and ``ptxas -v``
+(the ``nvidia-cuda-nvcc`` wheel) the assembler, which reports each kernel's
+registers and spills.  This runs in the main pytest process, which must not
+have the simulator enabled, and needs numba-cuda with its CUDA toolkit wheels
+(the ``cuda`` extra); without them it is skipped, and without ``ptxas`` the
+register check is.  Each signature is compiled once (``_ptx``), for both checks.
 """
+import functools
 import importlib
 import os
 import pkgutil
 import re
-import types as pytypes
 
 import pytest
 
@@ -22,6 +26,7 @@ cuda = pytest.importorskip("numba.cuda")
 pytest.importorskip("numba_cuda")
 
 import fastloss.cuda  # noqa: E402
+from fastloss.cuda import _blocks, _ptxas  # noqa: E402
 
 
 def _kernel_modules():
@@ -39,25 +44,27 @@ def _cases():
     return cases
 
 
-@pytest.fixture(autouse=True)
-def _sm90_without_a_gpu(monkeypatch):
-    # Device functions are compiled for "the current device", which needs a
-    # driver; give the compiler the H200's compute capability instead.
-    import numba.cuda.dispatcher as dispatcher
-    monkeypatch.setattr(dispatcher, "get_current_device",
-                        lambda: pytypes.SimpleNamespace(compute_capability=(9, 0)))
-
-
 def _nothing():
     pass
 
 
-def _nvvm_available():
+@functools.cache
+def _nvvm_missing():
+    """Why NVVM cannot compile (None when it can)."""
     try:
-        cuda.compile_ptx(_nothing, (), cc=(9, 0))
+        cuda.compile_ptx(_nothing, (), cc=_ptxas.CC)
     except Exception as exc:  # pragma: no cover - depends on the installed toolkit
         return str(exc)
     return None
+
+
+@functools.cache
+def _ptx(kernel, sig):
+    """The sm_90 PTX of one signature, compiled once for every test here."""
+    missing = _nvvm_missing()
+    if missing:
+        pytest.skip(f"NVVM is not available: {missing}")
+    return _ptxas.compile_ptx(kernel, sig)
 
 
 def test_every_kernel_module_declares_its_signatures():
@@ -74,12 +81,42 @@ def test_every_kernel_module_declares_its_signatures():
 
 @pytest.mark.parametrize("kernel, sig", _cases())
 def test_kernel_compiles_to_ptx(kernel, sig):
-    missing = _nvvm_available()
-    if missing:
-        pytest.skip(f"NVVM is not available: {missing}")
-    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    ptx = _ptx(kernel, sig)
     assert ".target sm_90" in ptx
     assert re.search(r"\.entry\s", ptx), "no kernel entry point in the PTX"
+
+
+@pytest.mark.parametrize("kernel, sig", _cases())
+def test_kernel_launches_with_its_largest_block(kernel, sig):
+    # A GPU refuses a launch whose block needs more registers than an SM holds
+    # (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES); the simulator does not.  The driver's
+    # ptxas bounds the kernel by its max_registers, as here; spills go to memory.
+    ptxas = _ptxas.find_ptxas()
+    if ptxas is None:
+        pytest.skip("ptxas is not installed (pip install 'fastloss[cuda]')")
+    threads = _blocks.largest_block(kernel)
+    usage = _ptxas.ptxas_usage(_ptx(kernel, sig), kernel.targetoptions.get("max_registers"),
+                               ptxas)
+    assert usage.registers * threads <= _ptxas.REGISTERS_PER_SM, (
+        f"{usage.registers} registers x {threads} threads per block do not fit one SM")
+    assert usage.spill_stores == usage.spill_loads == 0, f"spills: {usage}"
+
+
+def test_launch_never_exceeds_the_largest_block(monkeypatch):
+    launched = []
+
+    class Recorder:
+        largest_block = _blocks.LARGE_KERNEL_BLOCK
+
+        def __getitem__(self, config):
+            launched.append(config)
+            return lambda *args: None
+
+    _blocks.launch(Recorder(), 3, _blocks.MAX_THREADS, 0)
+    _blocks.launch(Recorder(), 3, 64, 0)
+    assert launched == [(3, _blocks.LARGE_KERNEL_BLOCK, 0), (3, 64, 0)]
+    with pytest.raises(ValueError):
+        _blocks.launch(Recorder(), 3, (32, 32), 0)
 
 
 def test_float32_cross_entropy_loop_has_no_float64_math():
@@ -90,7 +127,7 @@ def test_float32_cross_entropy_loop_has_no_float64_math():
     T = types.float32
     sig = (T[:, :], types.int64[::1], types.none, types.none, types.none, types.int64, T, T, T,
            types.none, T[:, :], T[::1])
-    ptx, _ = cuda.compile_ptx(cross_entropy_kernel.py_func, sig, cc=(9, 0))
+    ptx = _ptx(cross_entropy_kernel, sig)
     assert "ex2.approx.f32" in ptx or "ex2.approx.ftz.f32" in ptx  # expf on the row
     # exp in float64 would call a long software sequence with many fma.rn.f64;
     # the tree reductions use a handful (merge_online's exp, one per level).

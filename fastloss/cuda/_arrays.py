@@ -1,4 +1,4 @@
-"""CUDA arrays in and out of the kernels, without copies.
+"""CUDA arrays in and out of the kernels, without copies, on the caller's stream.
 
 Inputs exposing ``__cuda_array_interface__`` (CuPy, Numba device arrays,
 PyTorch CUDA tensors) become zero-copy Numba views; Numba device arrays (and
@@ -9,11 +9,28 @@ of array it passed in: CuPy in, CuPy out; Numba device array in, device array
 out; PyTorch in, PyTorch out.  With ``backend="cuda"`` and NumPy inputs, the
 inputs are copied to the GPU and the results copied back as NumPy arrays.
 
-Kernels run on the legacy default stream, so they are ordered after work that
-CuPy or PyTorch queued on their default streams; no call synchronises unless a
-check must read data back (labels out of range) or the caller asked for NumPy.
+Streams (SPEC, "Where the work runs"): a call runs on the caller's current
+stream: CuPy's current stream for CuPy inputs, PyTorch's for tensors, else the
+stream that the main input's ``__cuda_array_interface__`` (version 3) names,
+else the legacy default stream.  ``Device`` wraps it once
+(``cuda.external_stream``) and every launch (``Device.launch``), copy and
+allocation of the call goes to it, so the call is ordered with the caller's
+work as one of that library's own operations would be, and its outputs, taken
+from the caller's pool on that stream, are not handed out again while it
+writes them.  An input whose interface names another stream is waited for on
+the device (an event recorded there, waited on by the call's stream), not by
+the host: that is version 3's synchronisation, without blocking.  Nothing
+synchronises the host unless a check must read data back (labels out of
+range) or the caller asked for NumPy.  The inputs' device (CuPy's and
+PyTorch's own record of it) is made current around each launch, copy and
+allocation when it is not already.
 """
+import contextlib
+import os
+
 import numpy as np
+
+_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 INSTALL_HINT = "install the CUDA extra: pip install 'fastloss[cuda]'"
 
@@ -59,64 +76,172 @@ def _with_float(view):
 _SCALAR_CLASSES = {}
 
 
+# CUDA Array Interface stream values that are not pointers (version 3)
+_LEGACY_DEFAULT_STREAM = 1
+_PER_THREAD_DEFAULT_STREAM = 2
+
+
+def interface_stream(a):
+    """The stream handle that ``a``'s ``__cuda_array_interface__`` names, or None
+    (no interface, version 2, or no synchronisation asked for)."""
+    iface = getattr(a, "__cuda_array_interface__", None)
+    return None if iface is None else iface.get("stream")
+
+
+def caller_stream(main, kind):
+    """``(stream handle, device index)`` of a call whose main input is ``main``
+    (None for each that the input does not say: the legacy default stream, the
+    current device)."""
+    if kind == "cupy":
+        import cupy
+        with cupy.cuda.Device(main.device.id):
+            return cupy.cuda.get_current_stream().ptr, main.device.id
+    if kind == "torch":
+        import torch
+        return torch.cuda.current_stream(main.device).cuda_stream, main.device.index
+    if kind == "numba":
+        return interface_stream(main), None
+    return None, None
+
+
+def _stream_key(handle):
+    """``handle`` with the legacy default stream's three spellings (None, 0 and
+    CAI's 1) made one, so that streams compare by what they are."""
+    return _LEGACY_DEFAULT_STREAM if handle in (None, 0) else handle
+
+
+def external_stream(cuda, handle):
+    """A Numba stream for the handle ``handle`` (a pointer, 0 or None: the legacy
+    default stream, or CAI's 1 and 2)."""
+    if _stream_key(handle) == _LEGACY_DEFAULT_STREAM:
+        return cuda.legacy_default_stream()
+    if handle == _PER_THREAD_DEFAULT_STREAM:
+        return cuda.per_thread_default_stream()
+    return cuda.external_stream(handle)
+
+
+# events only to order streams: no timestamps (the simulator's take no arguments)
+_NO_TIMING = {} if _SIMULATOR else {"timing": False}
+
+
 class Device:
-    """One call's GPU: views of its inputs, and outputs of the main input's kind."""
+    """One call's GPU: its device and stream (the caller's), views of its inputs,
+    outputs of the main input's kind, and the launches, copies and allocations
+    of the call, all on that stream."""
 
     def __init__(self, main):
         self.cuda = cuda_module()
         self.kind = array_kind(main)
         self.like = main
+        handle, index = caller_stream(main, self.kind)
+        self._gpu = None
+        if index is not None and index != self.cuda.get_current_device().id:
+            self._gpu = self.cuda.gpus[index]
+        # a Numba array bound to a stream (the views of a Device are bound to its
+        # call's) names no other: that stream is the caller's
+        bound = getattr(main, "stream", 0) if self.kind == "numba" else 0
+        if handle is None and bound != 0:
+            self.stream = bound
+            handle = int(bound) if hasattr(bound, "__int__") else None
+        else:
+            with self.current():
+                self.stream = external_stream(self.cuda, handle)
+        self.handle = handle
+
+    def current(self):
+        """A context in which the inputs' device is current (nothing to do when it is)."""
+        return contextlib.nullcontext() if self._gpu is None else self._gpu
+
+    def launch(self, kernel, blocks, threads, *args):
+        """``kernel(*args)`` on the call's stream and device (``_blocks.launch``)."""
+        from fastloss.cuda._blocks import launch
+        with self.current():
+            launch(kernel, blocks, threads, self.stream, *args)
+
+    def _after(self, a):
+        """Order the call's stream after the stream that ``a``'s interface names,
+        when that is another one (CAI version 3), by an event: the host does not wait."""
+        handle = interface_stream(a)
+        if handle is None or _stream_key(handle) == _stream_key(self.handle):
+            return
+        event = self.cuda.event(**_NO_TIMING)
+        event.record(stream=external_stream(self.cuda, handle))
+        event.wait(stream=self.stream)
 
     def view(self, a, name):
-        """A Numba device view of ``a`` (None stays None); host values are copied over."""
+        """A Numba device view of ``a`` (None stays None) bound to the call's stream;
+        host values are copied over on it."""
         if a is None:
             return None
         if getattr(a, "__cuda_ndarray__", False):
-            return a
+            with self.current():
+                self._after(a)
+            return a.bind(self.stream)
         if hasattr(a, "__cuda_array_interface__"):
-            return self.cuda.as_cuda_array(a, sync=False)
+            with self.current():
+                self._after(a)
+                # sync=False: the event above orders the call after a's stream
+                return self.cuda.as_cuda_array(a, sync=False).bind(self.stream)
         try:
             host = np.ascontiguousarray(np.asarray(a))
         except Exception as exc:
             raise TypeError(f"{name} must be an array: {exc}") from None
         if host.dtype == object:
             raise TypeError(f"{name} must be an array of numbers, got dtype object")
-        return self.cuda.to_device(host)
+        with self.current():
+            return self.cuda.to_device(host, stream=self.stream)
 
     def views(self, **named):
         """``view`` of each keyword argument, in order."""
         return tuple(self.view(a, name) for name, a in named.items())
 
     def empty(self, shape, dtype):
-        """``(native, view)``: a new array of the main input's kind and its Numba view."""
+        """``(native, view)``: a new array of the main input's kind, from its
+        library's memory pool on the call's stream, and its Numba view."""
         shape, dtype = tuple(shape), np.dtype(dtype)
         if self.kind == "cupy":
             import cupy
-            native = cupy.empty(shape, dtype)
-            return native, self.cuda.as_cuda_array(native, sync=False)
-        if self.kind == "torch":
+            with cupy.cuda.Device(self.like.device.id):
+                native = cupy.empty(shape, dtype)  # on CuPy's current stream: the call's
+        elif self.kind == "torch":
             import torch
             tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
             native = torch.empty(shape, dtype=tdtype, device=self.like.device)
-            return native, self.cuda.as_cuda_array(native, sync=False)
-        native = self.cuda.device_array(shape, dtype)
-        return native, native
+        else:
+            with self.current():
+                native = self.cuda.device_array(shape, dtype, stream=self.stream)
+            return native, native
+        with self.current():
+            return native, self.cuda.as_cuda_array(native, sync=False).bind(self.stream)
+
+    def scratch(self, shape, dtype):
+        """A Numba view of a new array for the call's own use (counters,
+        denominators, partial sums), from the caller's pool when it has one (the
+        view holds the pool's array until the view is dropped)."""
+        return self.empty(shape, dtype)[1]
 
     def zeros(self, shape, dtype):
         native, view = self.empty(shape, dtype)
-        fill(view.reshape(-1) if view.ndim != 1 else view, 0.0)
+        fill(self, view.reshape(-1) if view.ndim != 1 else view, 0.0)
         return native, view
+
+    def to_host(self, view):
+        """A NumPy copy of ``view``, once the call's stream has reached it."""
+        with self.current():
+            host = view.copy_to_host(stream=self.stream)
+            self.stream.synchronize()
+        return host
 
     def give(self, native, shape=None):
         """``native`` (from ``empty``) as returned to the caller, reshaped to ``shape``."""
         if shape is not None and tuple(native.shape) != tuple(shape):
             native = native.reshape(shape)
         if self.kind == "numpy":
-            return native.copy_to_host()
-        if self.kind == "numba" and native.ndim == 0:
-            return _with_float(native)
+            return self.to_host(native)
+        if self.kind == "numba":  # Numba's reshape forgets the stream: the caller's copies use it
+            native = native.bind(self.stream)
+            return _with_float(native) if native.ndim == 0 else native
         return native
-
 
     def give_grad(self, native, caller_grad_out):
         """The gradient as returned: the caller's own ``grad_out`` when one was
@@ -126,11 +251,16 @@ class Device:
             return None
         if self.kind != "numpy":
             return native if caller_grad_out is None else caller_grad_out
-        host = native.copy_to_host()
+        host = self.to_host(native)
         if caller_grad_out is None:
             return host
         np.copyto(caller_grad_out, host)
         return caller_grad_out
+
+    def first_bad_label(self, labels, upper, skip):
+        """``_checks.first_bad_label`` on the call's stream and device."""
+        from fastloss.cuda._checks import first_bad_label
+        return first_bad_label(labels, upper, skip, self)
 
 
 def compute_type(dtype):
@@ -169,8 +299,8 @@ def flat(view, name):
                      f"than 2 dimensions must be C-contiguous (pass a contiguous copy)")
 
 
-def fill(view, value):
-    """Set every element of a 1-D device array (launch on the default stream)."""
+def fill(dev, view, value):
+    """Set every element of a 1-D device array, on the call's stream."""
     from fastloss.cuda._blocks import fill_kernel, grid_for
     blocks, threads = grid_for(view.shape[0])
-    fill_kernel[blocks, threads](view, value)
+    dev.launch(fill_kernel, blocks, threads, view, value)

@@ -4,9 +4,18 @@ Row kernels run one block per row, persistent: a grid sized to the GPU
 (``row_grid``) whose blocks loop over the rows, each thread loading
 ``UNROLL`` elements (``load_group``) before using them.  Elementwise kernels
 run a grid-stride loop (``grid_stride``).  Threads per block: 256 for
-elementwise kernels, up to 1024 for rows; ``FASTLOSS_CUDA_THREADS`` (a power
-of two) or ``set_threads_per_block`` sets both, which the simulator tests use
-to run with 8 to 32 (it runs each thread of a block as a Python thread).
+elementwise kernels, up to 1024 for rows, in both cases at most the kernel's
+``largest_block``; ``FASTLOSS_CUDA_THREADS`` (a power of two) or
+``set_threads_per_block`` sets both, which the simulator tests use to run
+with 8 to 32 (it runs each thread of a block as a Python thread).
+
+Every kernel is declared with ``kernel(largest_block)``: its registers are
+bounded (``max_registers``, applied by the driver's ptxas) so that a block of
+``largest_block`` threads fits one SM's 65,536 registers, and ``launch``, the
+one launch point, never starts it with more threads.  Kernels whose code needs
+more than 64 registers without spilling (``tests/test_cuda_compile.py`` runs
+ptxas on each) take ``LARGE_KERNEL_BLOCK``; the others a block of up to
+``MAX_THREADS``.
 
 Block reductions go through a shared float64 buffer of ``MAX_THREADS``
 entries with a tree of barriers (``syncthreads`` reached by every thread of
@@ -17,6 +26,7 @@ import math
 import os
 
 from numba import cuda, int64
+from numba.core import config
 from numba.cuda.extending import overload
 
 from fastloss._cache import CACHE
@@ -26,6 +36,50 @@ DEFAULT_THREADS = 256  # elementwise (grid-stride) kernels
 DEFAULT_ROW_THREADS = 1024  # row kernels: one block per wide row, one block per SM
 UNROLL = 4  # row kernels load this many elements per thread before using them: load_group's count
 MAX_BLOCKS = 65535 * 16  # grid-stride kernels: enough blocks to fill any GPU
+REGISTERS_PER_SM = 65536  # 32-bit registers of one SM, sm_50 to sm_90
+REGISTERS_PER_THREAD = 255  # the most one thread can address, sm_50 to sm_90
+LARGE_KERNEL_BLOCK = 512  # largest block of the kernels that need up to 128 registers
+
+
+def kernel(largest_block=MAX_THREADS):
+    """The decorator of every fastloss kernel: ``@cuda.jit(cache=CACHE)`` with at
+    most ``REGISTERS_PER_SM // largest_block`` registers per thread (and at most
+    ``REGISTERS_PER_THREAD``), so that ``launch`` can start it with up to
+    ``largest_block`` threads.  A register bound, not launch bounds: with
+    ``.maxntid`` ptxas also trades registers for occupancy, and spills.  The
+    simulator takes no bound."""
+    registers = min(REGISTERS_PER_THREAD, REGISTERS_PER_SM // largest_block)
+    options = {} if config.ENABLE_CUDASIM else {"max_registers": registers}
+
+    def decorate(fn):
+        dispatcher = cuda.jit(cache=CACHE, **options)(fn)
+        dispatcher.largest_block = largest_block
+        return dispatcher
+    return decorate
+
+
+def largest_block(kernel):
+    """The most threads per block that ``launch`` starts ``kernel`` with."""
+    return kernel.largest_block
+
+
+def fit(kernel, threads):
+    """``threads`` per block, at most ``largest_block(kernel)`` (powers of two stay
+    powers of two: every bound is one)."""
+    return min(threads, kernel.largest_block)
+
+
+def launch(kernel, blocks, threads, stream, *args):
+    """Run ``kernel(*args)`` on ``stream`` with ``blocks`` blocks of ``threads``
+    threads (an int, clamped by ``fit``; or a tuple, which must fit as given).
+    The one launch point of fastloss's kernels: the caller's stream reaches
+    every launch through it (``_arrays.Device.launch``)."""
+    if isinstance(threads, tuple):
+        if math.prod(threads) > kernel.largest_block:
+            raise ValueError(f"a block of {threads} threads exceeds {kernel.largest_block}")
+    else:
+        threads = fit(kernel, threads)
+    kernel[blocks, threads, stream](*args)
 
 
 def _check_threads(n, what):
@@ -278,7 +332,7 @@ def merge_online(m1, s1, m2, s2):
     return m1, s1 + s2 * math.exp(m2 - m1)
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def fill_kernel(out, value):
     i = cuda.grid(1)
     stride = cuda.gridsize(1)

@@ -1,15 +1,16 @@
 """Data checks that must read device memory: one small kernel, one index back."""
+import threading
+
 import numpy as np
 from numba import cuda, int64
 
-from fastloss._cache import CACHE
-from fastloss.cuda._arrays import fill
-from fastloss.cuda._blocks import grid_for
+from fastloss.cuda._blocks import grid_for, kernel
 
 _NONE = np.iinfo(np.int64).max
+_PINNED = threading.local()  # per thread: two threads may check labels at once
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def _first_bad_label_kernel(labels, upper, skip, first):
     """first[0] = the smallest i with labels[i] outside [0, upper) and != skip."""
     i = cuda.grid(1)
@@ -21,19 +22,38 @@ def _first_bad_label_kernel(labels, upper, skip, first):
         i += stride
 
 
-def first_bad_label(labels, upper, skip):
+def _pinned_slots():
+    """``(start, found)``: pinned host int64 arrays of one element, ``start``
+    holding ``_NONE`` (never written again), ``found`` where the answer lands."""
+    if not hasattr(_PINNED, "slots"):
+        start = cuda.pinned_array(1, np.int64)
+        start[0] = _NONE
+        _PINNED.slots = (start, cuda.pinned_array(1, np.int64))
+    return _PINNED.slots
+
+
+def first_bad_label(labels, upper, skip, dev):
     """Index of the first label outside ``[0, upper)`` that is not ``skip``, or -1.
 
     ``labels`` is a 1-D device array of any integer dtype (uint64 values past
-    int64's range read as negative, hence as out of range)."""
+    int64's range read as negative, hence as out of range).  ``dev`` is the
+    call's ``Device`` (the wrappers hand ``dev.first_bad_label`` to the validation).
+
+    Cost: one kernel launch and two 8-byte copies between the device and
+    pinned host memory, on the call's stream, then one wait for that stream:
+    the only point where a call with integer labels waits for the GPU."""
     n = labels.shape[0]
     if n == 0:
         return -1
-    first = cuda.device_array(1, np.int64)
-    fill(first, _NONE)
-    blocks, threads = grid_for(n)
-    _first_bad_label_kernel[blocks, threads](labels, upper, skip, first)
-    bad = int(first.copy_to_host()[0])
+    start, found = _pinned_slots()
+    first = dev.scratch((1,), np.int64)
+    with dev.current():
+        first.copy_to_device(start, stream=dev.stream)
+        blocks, threads = grid_for(n)
+        dev.launch(_first_bad_label_kernel, blocks, threads, labels, upper, skip, first)
+        first.copy_to_host(found, stream=dev.stream)
+        dev.stream.synchronize()
+    bad = int(found[0])
     return -1 if bad == _NONE else bad
 
 

@@ -3,7 +3,9 @@
 A "mean" needs its denominator before the fused kernel runs, since each
 gradient is scaled by it: ``class_denominator`` computes it on the device
 (``stats[0]``, float64) and the kernels read it there, so nothing waits for
-the host.  After the fused kernel, ``finish`` sums the per-row (or per-block)
+the host.  A denominator the host already knows (a count of rows or
+elements) is passed by value instead, a float64 ``stats``: no launch, no
+allocation (``denominator`` reads either).  After the fused kernel, ``finish`` sums the per-row (or per-block)
 losses in float64 in a single block, in a fixed order: the same bits on every
 run.  ``grad_scale`` is the CPU one (``register_jitable`` serves both).
 """
@@ -13,17 +15,16 @@ import numpy as np
 from numba import cuda, float64, types
 from numba.cuda.extending import overload
 
-from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
 from fastloss.cuda import _blocks
-from fastloss.cuda._arrays import fill, flat
-from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like
+from fastloss.cuda._arrays import flat
+from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, kernel
 
 __all__ = ["class_denominator", "count_denominator", "elementwise_loss", "elementwise_outputs",
            "finish", "grad_scale", "gradient_scale", "per_row_losses", "sum_to"]
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def _class_denominator_kernel(n, labels, weight, sw, ignore_index, stats):
     """stats[0] = sum over rows i not ignored of weight[labels[i]] * sw[i]
     (each factor 1 when not given; every row counts when labels is None)."""
@@ -48,7 +49,7 @@ def _class_denominator_kernel(n, labels, weight, sw, ignore_index, stats):
         stats[0] = total
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def _total_kernel(losses, stats, out):
     """out[0] = sum(losses) in float64, divided by stats[0] when stats is given
     ("mean"; NaN over a zero denominator, as in PyTorch)."""
@@ -61,21 +62,22 @@ def _total_kernel(losses, stats, out):
     total = block_sum(buf, acc)
     if cuda.threadIdx.x == 0:
         if stats is not None:
-            d = stats[0]
+            d = denominator(stats)
             total = total / d if d != 0 else math.nan
         out[0] = total
 
 
-def sum_to(partials, stats):
+def sum_to(dev, partials, stats):
     """Launch the single-block float64 sum of ``partials`` into ``stats[0]`` (a device
     array of one float64): what ``finish`` does for a loss, for a denominator."""
-    _total_kernel[1, _blocks.THREADS](partials, None, stats)
+    dev.launch(_total_kernel, 1, _blocks.THREADS, partials, None, stats)
 
 
 def class_denominator(dev, n, labels, weight, sw, ignore_index):
     """Device ``stats`` (float64, 1) holding the "mean" denominator."""
-    stats = dev.cuda.device_array(1, np.float64)
-    _class_denominator_kernel[1, _blocks.THREADS](n, labels, weight, sw, ignore_index, stats)
+    stats = dev.scratch((1,), np.float64)
+    dev.launch(_class_denominator_kernel, 1, _blocks.THREADS, n, labels, weight, sw, ignore_index,
+               stats)
     return stats
 
 
@@ -93,16 +95,9 @@ def finish(dev, losses, stats, reduction, shape, dtype):
     if reduction == "none":
         return dev.give(native, shape)
     out_native, out_view = dev.empty((1,), dtype)
-    _total_kernel[1, _blocks.THREADS](view, stats if reduction == "mean" else None, out_view)
+    dev.launch(_total_kernel, 1, _blocks.THREADS, view, stats if reduction == "mean" else None,
+               out_view)
     return dev.give(out_native, ())
-
-
-def count_denominator(dev, n):
-    """Device ``stats`` (float64, 1) holding ``n``: the "mean" denominator of an
-    unweighted elementwise loss (written by a fill kernel, nothing copied over)."""
-    stats = dev.cuda.device_array(1, np.float64)
-    fill(stats, float(n))
-    return stats
 
 
 def elementwise_outputs(dev, n, shape, reduction, grad, grad_out, dtype):
@@ -131,16 +126,37 @@ def elementwise_loss(dev, kernel, args, n, shape, stats, reduction, grad, grad_o
     losses, partials, g_native, g, blocks, threads = elementwise_outputs(
         dev, n, shape, reduction, grad, grad_out, dtype)
     if n:
-        kernel[blocks, threads](*args, stats, g, losses[1], partials[1])
+        dev.launch(kernel, blocks, threads, *args, stats, g, losses[1], partials[1])
     return finish(dev, losses if reduction == "none" else partials, stats, reduction, shape,
                   dtype), g_native
 
 
+def count_denominator(n):
+    """The "mean" denominator ``n``, a count the host knows, as kernels take it
+    (``stats`` by value)."""
+    return float(n)
+
+
+def denominator(stats):
+    """In a kernel: the "mean" denominator, ``stats[0]`` (computed on the device)
+    or ``stats`` itself (a float64 the host knew).  On the GPU the choice is made
+    by type, at compile time."""
+    return stats if isinstance(stats, float) else stats[0]
+
+
+@overload(denominator, target="cuda")
+def _denominator(stats):
+    if isinstance(stats, types.Float):
+        return lambda stats: stats
+    return lambda stats: stats[0]
+
+
 def gradient_scale(stats, like):
     """In a kernel: the factor of each gradient, in the type of the scalar ``like``:
-    ``grad_scale`` of the "mean" denominator ``stats[0]``, or 1 when ``stats`` is
-    None.  On the GPU the choice is made by type, at compile time."""
-    return cast_like(1, like) if stats is None else cast_like(grad_scale(True, stats[0]), like)
+    ``grad_scale`` of the "mean" denominator (``denominator``), or 1 when ``stats``
+    is None.  On the GPU the choice is made by type, at compile time."""
+    return cast_like(1, like) if stats is None else cast_like(grad_scale(True, denominator(stats)),
+                                                              like)
 
 
 @overload(gradient_scale, target="cuda")
@@ -148,7 +164,7 @@ def _gradient_scale(stats, like):
     T = like
     if isinstance(stats, types.NoneType):
         return lambda stats, like: T(1)
-    return lambda stats, like: T(grad_scale(True, stats[0]))
+    return lambda stats, like: T(grad_scale(True, denominator(stats)))
 
 
 def ptx_signatures():
@@ -160,6 +176,8 @@ def ptx_signatures():
         sigs.append((_total_kernel, (T[::1], f64[::1], T[::1])))
         sigs.append((_total_kernel, (T[::1], types.none, T[::1])))
         sigs.append((_total_kernel, (f64[::1], f64[::1], T[::1])))  # per-block partial sums
+        sigs.append((_total_kernel, (T[::1], f64, T[::1])))  # a count as the denominator
+        sigs.append((_total_kernel, (f64[::1], f64, T[::1])))
         sigs.append((_class_denominator_kernel, (i64, types.int64[:], T[::1], T[:], i64, f64[::1])))
         sigs.append((_class_denominator_kernel, (i64, types.none, types.none, T[:], i64, f64[::1])))
     sigs.append((_class_denominator_kernel,

@@ -1,6 +1,6 @@
 """The launch of a one-block-per-row kernel (cross entropy, focal loss) on checked device views."""
 from fastloss.cuda._arrays import compute_type, rows
-from fastloss.cuda._blocks import row_grid, threads_for
+from fastloss.cuda._blocks import fit, row_grid, threads_for
 from fastloss.cuda._checks import grad_out_apart
 from fastloss.cuda._reduction import finish, per_row_losses
 
@@ -36,8 +36,8 @@ def row_loss(dev, kernel, args, stats, logits, reduction, grad, grad_out, caller
         g_native, g = ((grad_out, grad_out) if grad_out is not None
                        else dev.empty(batch_shape + (C,), dtype))
     if n:
-        threads = threads_for(C)
+        threads = fit(kernel, threads_for(C))
         g = None if g is None else rows(g, C, "grad_out")
-        kernel[row_grid(n, threads), threads](*args, stats, g, losses[1])
+        dev.launch(kernel, row_grid(n, threads), threads, *args, stats, g, losses[1])
     return (finish(dev, losses, stats, reduction, batch_shape, dtype),
             dev.give_grad(g_native, caller_grad_out))

@@ -49,13 +49,13 @@ import numpy as np
 from numba import cuda, float64, int64, types
 
 from fastloss import _validation as check
-from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import Device, compute_type, fill
-from fastloss.cuda._checks import first_bad_label, same_view, shares_memory
-from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, grid_for, threads_for
-from fastloss.cuda._reduction import class_denominator, finish, per_row_losses
+from fastloss.cuda._checks import same_view, shares_memory
+from fastloss.cuda._blocks import (MAX_THREADS, block_sum, cast_like, fit, grid_for, kernel,
+                                   threads_for)
+from fastloss.cuda._reduction import count_denominator, finish, per_row_losses
 
 #: at most this many int64 chunk counters (P x K): 16 MiB
 MAX_COUNTERS = 1 << 21
@@ -69,7 +69,7 @@ MAX_GRID_Y = 65535
 # ----------------------------------------------------------------- loss and gradient
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def center_rows_kernel(x, labels, centers, scale, g, losses):
     """One block per row of ``x`` (n, D): ``losses[row] = 0.5 ||x_row - c_y||^2``
     and, when ``g`` is not None, ``g[row] = scale * (x_row - c_y)``.  ``scale``
@@ -95,7 +95,7 @@ def center_rows_kernel(x, labels, centers, scale, g, losses):
 # ----------------------------------------------------------------- grouping rows by label
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def count_labels_kernel(labels, chunk, counts):
     """counts[p, j] += 1 for every row i of label j in chunk p = i // chunk
     (integer atomics: the totals do not depend on the order)."""
@@ -106,7 +106,7 @@ def count_labels_kernel(labels, chunk, counts):
         i += stride
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def chunk_offsets_kernel(counts, totals):
     """One thread per class j: counts[p, j] <- sum_{q < p} counts[q, j] (in
     place), totals[j] <- the class's row count."""
@@ -123,7 +123,7 @@ def chunk_offsets_kernel(counts, totals):
         j += stride
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def exclusive_scan_kernel(totals, starts):
     """One block: starts[0] = 0, starts[j + 1] = totals[0] + ... + totals[j]."""
     buf = cuda.shared.array(MAX_THREADS, int64)
@@ -155,7 +155,7 @@ def exclusive_scan_kernel(totals, starts):
         cuda.syncthreads()  # buf is rewritten by the next tile
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def scatter_rows_kernel(labels, starts, offsets, chunk, order):
     """One block per chunk p of rows [p * chunk, (p + 1) * chunk), walked in
     tiles of blockDim rows, in order: order[starts[j] + k] = the k-th row of
@@ -196,7 +196,7 @@ def scatter_rows_kernel(labels, starts, offsets, chunk, order):
 # ----------------------------------------------------------------- the update
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def update_classes_kernel(x, order, starts, alpha, centers):
     """Block (j, f): class j, features f * blockDim + t, stepping by
     blockDim * gridDim.y.  Absent classes (starts[j] == starts[j + 1]) return
@@ -220,7 +220,7 @@ def update_classes_kernel(x, order, starts, alpha, centers):
         d += step
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def copy_rows_kernel(src, dst):
     """dst[r, c] = src[r, c] for 2-D arrays of one shape (any strides)."""
     i = int64(cuda.grid(1))
@@ -274,7 +274,7 @@ def checked_call(features, labels, centers, alpha, update):
     else:
         view = _centers_view(centers, dev.view(centers, "centers"), width, update)
     labels = check.row_labels(labels, features.shape[0], "labels", upper=view.shape[0],
-                              first_bad=first_bad_label)
+                              first_bad=dev.first_bad_label)
     alpha = check.unit_interval(alpha, "alpha")
     return Call(dev, features, labels, view, host, alpha)
 
@@ -297,9 +297,10 @@ def checked_grad_out(call, grad_out):
     return g
 
 
-def _copy(src, dst):
+def copy_rows(dev, src, dst):
+    """``dst[...] = src`` for 2-D device views of one shape, on the call's stream."""
     blocks, threads = grid_for(src.shape[0] * src.shape[1])
-    copy_rows_kernel[blocks, threads](src, dst)
+    dev.launch(copy_rows_kernel, blocks, threads, src, dst)
 
 
 def _chunks(n, K):
@@ -318,29 +319,31 @@ def group_rows(dev, labels, K):
     the rows of label ``j`` in ascending order (``labels`` in ``[0, K)``, n > 0)."""
     n = labels.shape[0]
     P, chunk = _chunks(n, K)
-    counts = dev.cuda.device_array((P, K), np.int64)
-    totals = dev.cuda.device_array(K, np.int64)
-    starts = dev.cuda.device_array(K + 1, np.int64)
-    order = dev.cuda.device_array(n, np.int64)
-    fill(counts.reshape(P * K), 0)
+    counts = dev.scratch((P * K,), np.int64)
+    totals = dev.scratch((K,), np.int64)
+    starts = dev.scratch((K + 1,), np.int64)
+    order = dev.scratch((n,), np.int64)
+    fill(dev, counts, 0)
+    counts = counts.reshape((P, K))
     blocks, threads = grid_for(n)
-    count_labels_kernel[blocks, threads](labels, chunk, counts)
+    dev.launch(count_labels_kernel, blocks, threads, labels, chunk, counts)
     blocks, threads = grid_for(K)
-    chunk_offsets_kernel[blocks, threads](counts, totals)
-    exclusive_scan_kernel[1, _blocks.THREADS](totals, starts)
-    scatter_rows_kernel[P, _blocks.THREADS](labels, starts, counts, chunk, order)
+    dev.launch(chunk_offsets_kernel, blocks, threads, counts, totals)
+    dev.launch(exclusive_scan_kernel, 1, _blocks.THREADS, totals, starts)
+    dev.launch(scatter_rows_kernel, P, _blocks.THREADS, labels, starts, counts, chunk, order)
     return order, starts
 
 
 def _apply_update(dev, centers, x, order, starts, alpha):
     K, D = tuple(centers.shape)
     if shares_memory(x, centers):  # the features are read while the centers are written
-        x_copy = dev.cuda.device_array(tuple(x.shape), x.dtype)
-        _copy(x, x_copy)
+        x_copy = dev.scratch(tuple(x.shape), x.dtype)
+        copy_rows(dev, x, x_copy)
         x = x_copy
-    threads = threads_for(D)
+    threads = fit(update_classes_kernel, threads_for(D))
     tiles = max(1, min(-(-D // threads), MAX_GRID_Y))
-    update_classes_kernel[(K, tiles), threads](x, order, starts, np.float64(alpha), centers)
+    dev.launch(update_classes_kernel, (K, tiles), threads, x, order, starts, np.float64(alpha),
+               centers)
 
 
 def center_update(call):
@@ -350,7 +353,7 @@ def center_update(call):
         order, starts = group_rows(call.dev, call.labels, call.centers.shape[0])
         _apply_update(call.dev, call.centers, call.features, order, starts, call.alpha)
     if call.host is not None:
-        np.copyto(call.host, call.centers.copy_to_host())
+        np.copyto(call.host, call.dev.to_host(call.centers))
 
 
 def center_loss(call, update, reduction, grad, grad_out, g_view):
@@ -368,7 +371,7 @@ def center_loss(call, update, reduction, grad, grad_out, g_view):
     n, D = tuple(x.shape)
     dtype = x.dtype
     T = compute_type(dtype)
-    stats = class_denominator(dev, n, None, None, None, 0) if reduction == "mean" else None
+    stats = count_denominator(n) if reduction == "mean" else None
     losses = per_row_losses(dev, n, reduction, dtype, T)
     g_native = g = scratch_for = None
     if grad:
@@ -376,17 +379,17 @@ def center_loss(call, update, reduction, grad, grad_out, g_view):
             g_native, g = dev.empty((n, D), dtype)
         elif (shares_memory(g_view, labels)
               or (shares_memory(g_view, x) and (update or not same_view(g_view, x)))):
-            g = dev.cuda.device_array((n, D), dtype)
+            g = dev.scratch((n, D), dtype)
             g_native = scratch_for = g_view
         else:
             g_native = g = g_view
     if n:
         scale = T(grad_scale(reduction == "mean", n))
-        center_rows_kernel[n, threads_for(D)](x, labels, centers, scale, g, losses[1])
+        dev.launch(center_rows_kernel, n, threads_for(D), x, labels, centers, scale, g, losses[1])
     if update:
         center_update(call)
     if n and scratch_for is not None:
-        _copy(g, scratch_for)
+        copy_rows(dev, g, scratch_for)
     loss = finish(dev, losses, stats, reduction, (n,), dtype)
     return loss, (dev.give_grad(g_native, grad_out) if grad else None)
 

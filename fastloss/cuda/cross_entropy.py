@@ -4,8 +4,9 @@ The loss and gradient of a row are ``fastloss.formulas.softmax``'s; the
 soft-cap's slope is ``1 - tanh(x / cap)^2`` here; the reduction's scale
 (1/denominator for "mean") is read from the device.
 
-Blocks are persistent (``row_grid``): about one 1024-thread block per SM,
-each looping over rows, so that few rows are in flight and a row read by
+Blocks are persistent (``row_grid``): about 1024 threads per SM, in blocks of
+at most 512 (``LARGE_KERNEL_BLOCK``: with every option the kernel needs up to
+106 registers per thread without spilling), each looping over rows, so that few rows are in flight and a row read by
 pass 1 is still in L2 when pass 2 reads it again (the memory traffic is then
 one read of the logits and one write of the gradient).  Each thread issues
 ``UNROLL`` independent loads (``load_group``) before it uses them, to keep
@@ -28,10 +29,10 @@ import math
 
 from numba import cuda, float64, int64
 
-from fastloss._cache import CACHE
 from fastloss.cuda._arrays import compute_type
-from fastloss.cuda._blocks import (MAX_THREADS, UNROLL, block_logsumexp, block_sum, cast_like,
-                                   group_end, ignored_row, load_group, online_add, ptx_dtypes)
+from fastloss.cuda._blocks import (LARGE_KERNEL_BLOCK, MAX_THREADS, UNROLL, block_logsumexp,
+                                   block_sum, cast_like, group_end, ignored_row, kernel,
+                                   load_group, online_add, ptx_dtypes)
 from fastloss.cuda._formulas import softmax
 from fastloss.cuda._reduction import class_denominator, gradient_scale
 from fastloss.cuda._rows import class_rows, row_loss
@@ -260,7 +261,7 @@ def _prob_row(x, probs, row, weight, swi, gscale, eps, zcoef, cap, mbuf, sbuf, g
         _prob_grads(x, probs, row, g, weight, a, gscale * keep, gscale * smooth, m, cap, zero, one)
 
 
-@cuda.jit(cache=CACHE)
+@kernel(LARGE_KERNEL_BLOCK)
 def cross_entropy_kernel(x, labels, probs, weight, sw, ignore_index, eps, zcoef, cap, stats, g,
                          losses):
     """Rows ``blockIdx.x, blockIdx.x + gridDim.x, ...`` of ``x`` (n, C), one

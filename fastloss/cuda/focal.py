@@ -32,11 +32,11 @@ import math
 
 from numba import cuda, float64, int64
 
-from fastloss._cache import CACHE
 from fastloss.cuda._arrays import compute_type, flat
-from fastloss.cuda._blocks import (MAX_THREADS, UNROLL, block_logsumexp, block_sum, cast_like,
-                                   element, grid_stride, group_end, ignored_row, load_group,
-                                   online_add, ptx_dtypes, set_element)
+from fastloss.cuda._blocks import (LARGE_KERNEL_BLOCK, MAX_THREADS, UNROLL, block_logsumexp,
+                                   block_sum, cast_like, element, grid_stride, group_end,
+                                   ignored_row, kernel, load_group, online_add, ptx_dtypes,
+                                   set_element)
 from fastloss.cuda._checks import grad_out_apart
 from fastloss.cuda._formulas import sigmoid_focal, softmax
 from fastloss.cuda._reduction import (class_denominator, count_denominator, elementwise_loss,
@@ -198,7 +198,7 @@ def _prob_row(x, probs, row, alpha, ascale, gamma, swi, gscale, mbuf, sbuf, g, l
                     zero, one)
 
 
-@cuda.jit(cache=CACHE)
+@kernel(LARGE_KERNEL_BLOCK)
 def focal_kernel(x, labels, probs, alpha, ascale, sw, ignore_index, gamma, stats, g, losses):
     """Rows ``blockIdx.x, blockIdx.x + gridDim.x, ...`` of ``x`` (n, C), one
     block per row.  ``labels`` (n,) or ``probs`` (n, C) (the other None);
@@ -237,7 +237,7 @@ def focal_loss(dev, logits, labels, probs, alpha, ascale, sw, ignore_index, gamm
 # ---------------------------------------------------------------- sigmoid focal
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def sigmoid_focal_kernel(x, t, n, alpha, gamma, stats, g, losses, partials):
     """Elements ``0 <= i < n`` of ``x`` and ``t`` (1-D, or 2-D strided: see
     ``_blocks.element``).  ``losses`` (n,) gets every element's loss ("none"),
@@ -280,7 +280,7 @@ def sigmoid_focal_loss(dev, logits, targets, alpha, gamma, reduction, grad, grad
     shape = tuple(logits.shape)
     n = math.prod(shape)
     T = compute_type(logits.dtype)
-    stats = count_denominator(dev, n) if reduction == "mean" else None
+    stats = count_denominator(n) if reduction == "mean" else None
     args = (flat(logits, "logits"), flat(targets, "targets"), n, T(alpha), T(gamma))
     loss, g = elementwise_loss(dev, sigmoid_focal_kernel, args, n, shape, stats, reduction, grad,
                                grad_out, logits.dtype)
@@ -305,12 +305,12 @@ def ptx_signatures():
             sigs.append((focal_kernel, (X[:, :], labels, probs, alpha, T, sw, i64, T, stats, g,
                                         losses)))
         # x, t, g, stats, losses, partials
-        for case in ((X[::1], X[::1], X[::1], f64[::1], N, f64[::1]),  # "mean"
+        for case in ((X[::1], X[::1], X[::1], f64, N, f64[::1]),  # "mean", a count
                      (X[::1], X[::1], X[::1], N, X[::1], N),  # "none"
                      (X[:, :], X[:], X[:, :], N, N, f64[::1]),  # strided, "sum"
                      (X[::1], types.boolean[::1], N, f64[::1], N, f64[::1]),
                      (X[::1], i64[::1], X[::1], N, X[::1], N),
-                     (X[::1], f64[::1], X[::1], f64[::1], N, f64[::1])):
+                     (X[::1], f64[::1], X[::1], f64, N, f64[::1])):
             x, t, g, stats, losses, partials = case
             sigs.append((sigmoid_focal_kernel, (x, t, i64, T, T, stats, g, losses, partials)))
     return sigs

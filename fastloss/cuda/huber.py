@@ -25,16 +25,16 @@ import math
 import numpy as np
 from numba import cuda, float64, int64
 
-from fastloss._cache import CACHE
 from fastloss.cpu._storage import compact_weights as compact_on_host
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import compute_type, flat
-from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, element, set_element
+from fastloss.cuda._blocks import (MAX_THREADS, block_sum, cast_like, element, kernel,
+                                   set_element)
 from fastloss.cuda._formulas import huber
 from fastloss.cuda._reduction import count_denominator, elementwise_loss, gradient_scale, sum_to
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def huber_elements_kernel(x, t, n, sw, inner, period, delta, stats, g, losses, partials):
     """Elements ``0 <= i < n`` of ``x`` and ``t`` (1-D, or 2-D strided).
     ``sw`` (None: weight 1) gives element i the weight
@@ -70,7 +70,7 @@ def huber_elements_kernel(x, t, n, sw, inner, period, delta, stats, g, losses, p
             partials[cuda.blockIdx.x] = total
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def weight_partials_kernel(w, period, reps, partials):
     """partials[b] = reps * (float64 sum of block b's share of w[0:period])."""
     buf = cuda.shared.array(MAX_THREADS, float64)
@@ -109,18 +109,18 @@ def compact_weights(dev, sw, shape, T):
         if v.ndim <= 2:
             return v, inner, period
     # several groups of varying axes (or a strided view of more than 2 axes)
-    w, inner, period = compact_on_host(sw.copy_to_host(), shape, T)
-    return dev.cuda.to_device(w), inner, period
+    w, inner, period = compact_on_host(dev.to_host(sw), shape, T)
+    return dev.view(w, "sample_weight"), inner, period
 
 
 def weight_denominator(dev, w, period, n):
     """Device ``stats`` (float64, 1): the sum of the weights broadcast to ``n``
     elements, each of the ``period`` weights ``w`` repeating ``n / period`` times."""
     blocks, threads = _blocks.grid_for(period)
-    partials = dev.cuda.device_array(blocks, np.float64)
-    weight_partials_kernel[blocks, threads](w, period, float(n // period), partials)
-    stats = dev.cuda.device_array(1, np.float64)
-    sum_to(partials, stats)
+    partials = dev.scratch((blocks,), np.float64)
+    dev.launch(weight_partials_kernel, blocks, threads, w, period, float(n // period), partials)
+    stats = dev.scratch((1,), np.float64)
+    sum_to(dev, partials, stats)
     return stats
 
 
@@ -139,8 +139,7 @@ def huber_loss(dev, input, target, sample_weight, delta, reduction, grad, grad_o
         sw, inner, period = compact_weights(dev, sample_weight, shape, T)
     stats = None
     if reduction == "mean":
-        stats = weight_denominator(dev, sw, period, n) if sw is not None else count_denominator(
-            dev, n)
+        stats = weight_denominator(dev, sw, period, n) if sw is not None else count_denominator(n)
     loss, g = elementwise_loss(dev, huber_elements_kernel, (x, t, n, sw, inner, period, T(delta)),
                                n, shape, stats, reduction, grad, grad_out, input.dtype)
     return loss, dev.give_grad(g, caller_grad_out)
@@ -154,7 +153,7 @@ def ptx_signatures():
     for X, T in ((types.float16, types.float32), (types.float32, types.float32),
                  (types.float64, types.float64)):
         # x, t, sw, stats, g, losses, partials
-        for case in ((X[::1], X[::1], N, f64[::1], X[::1], N, f64[::1]),  # "mean"
+        for case in ((X[::1], X[::1], N, f64, X[::1], N, f64[::1]),  # "mean", a count
                      (X[::1], X[::1], X[::1], f64[::1], X[::1], N, f64[::1]),
                      (X[::1], X[::1], X[:], N, X[::1], X[::1], N),  # "none"
                      (X[:, :], X[:], X[:, :], N, X[:, :], N, f64[::1]),  # strided, "sum"

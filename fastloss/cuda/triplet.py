@@ -45,15 +45,14 @@ import os
 import numpy as np
 from numba import cuda, float64, int64
 
-from fastloss._cache import CACHE
 from fastloss._reduction import grad_scale
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import compute_type
-from fastloss.cuda._blocks import (MAX_THREADS, block_max, block_sum, cast_like, grid_for, row_grid,
-                                   threads_for)
+from fastloss.cuda._blocks import (LARGE_KERNEL_BLOCK, MAX_THREADS, block_max, block_sum, cast_like,
+                                   fit, grid_for, kernel, row_grid, threads_for)
 from fastloss.cuda._checks import same_view, shares_memory
 from fastloss.cuda._formulas import triplet
-from fastloss.cuda._reduction import class_denominator, finish, gradient_scale, per_row_losses
+from fastloss.cuda._reduction import count_denominator, finish, gradient_scale, per_row_losses
 from fastloss.cuda.center import copy_rows_kernel
 from fastloss.formulas.triplet import COSINE, COSINE_NORM_EPS, DISTANCES, EUCLIDEAN
 
@@ -68,7 +67,7 @@ TILE_PAD = TILE + 1  # a tile's row length in shared memory (no bank conflicts d
 # ================================================================ copies
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def copy_flat_kernel(src, dst):
     """dst[i] = src[i] (1-D views, any strides)."""
     i = int64(cuda.grid(1))
@@ -78,12 +77,12 @@ def copy_flat_kernel(src, dst):
         i += stride
 
 
-def _copy(src, dst):
+def _copy(dev, src, dst):
     n = int(np.prod(tuple(src.shape)))
     if n == 0:
         return
     blocks, threads = grid_for(n)
-    (copy_rows_kernel if src.ndim == 2 else copy_flat_kernel)[blocks, threads](src, dst)
+    dev.launch(copy_rows_kernel if src.ndim == 2 else copy_flat_kernel, blocks, threads, src, dst)
 
 
 def _matrix(dev, v, D, keep):
@@ -95,7 +94,7 @@ def _matrix(dev, v, D, keep):
         return v.reshape((1, D))
     native, tmp = dev.empty((D,), v.dtype)
     keep.append(native)
-    _copy(v, tmp)
+    _copy(dev, v, tmp)
     return tmp.reshape((1, D))
 
 
@@ -179,7 +178,7 @@ def _linear_rows(xa, xp, xn, row, m, ga, gp, gn, zero):
         ga[row, j], gp[row, j], gn[row, j] = triplet.linear_gradients(a, p, n, m)
 
 
-@cuda.jit(cache=CACHE)
+@kernel(LARGE_KERNEL_BLOCK)
 def triplet_rows_kernel(xa, xp, xn, dist, swap, margin, eps, scale, ga, gp, gn, losses):
     """Rows ``blockIdx.x, blockIdx.x + gridDim.x, ...`` of ``xa, xp, xn`` (n, D), one
     block each: ``losses[row]`` and, when the gradients ``ga, gp, gn`` are given (else
@@ -248,7 +247,7 @@ def triplet_margin_loss(dev, xa, xp, xn, distance, swap, margin, eps, reduction,
     inputs = [_matrix(dev, x, D, keep) for x in (xa, xp, xn)]
     n = inputs[0].shape[0]
     T = compute_type(dtype)
-    stats = class_denominator(dev, n, None, None, None, 0) if reduction == "mean" else None
+    stats = count_denominator(n) if reduction == "mean" else None
     losses = per_row_losses(dev, n, reduction, dtype, T)
     views = (None, None, None)
     copies = ()
@@ -256,12 +255,12 @@ def triplet_margin_loss(dev, xa, xp, xn, distance, swap, margin, eps, reduction,
         device_out = grad_out if dev.kind != "numpy" else None  # host ones: copied at the end
         natives, views, copies = _gradient_views(dev, (xa, xp, xn), device_out, D, keep)
     if n:
-        threads = threads_for(D)
-        triplet_rows_kernel[row_grid(n, threads), threads](
-            *inputs, DISTANCES[distance], bool(swap), T(margin), T(eps),
-            T(grad_scale(reduction == "mean", n)), *views, losses[1])
+        threads = fit(triplet_rows_kernel, threads_for(D))
+        dev.launch(triplet_rows_kernel, row_grid(n, threads), threads, *inputs,
+                   DISTANCES[distance], bool(swap), T(margin), T(eps),
+                   T(grad_scale(reduction == "mean", n)), *views, losses[1])
     for tmp, out in copies:
-        _copy(tmp, out)
+        _copy(dev, tmp, out)
     loss = finish(dev, losses, stats, reduction, shape[:-1], dtype)
     if not grad:
         return loss, None
@@ -271,7 +270,7 @@ def triplet_margin_loss(dev, xa, xp, xn, distance, swap, margin, eps, reduction,
 # ================================================================ batch_triplet_loss
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def pairwise_kernel(E, dot, zero, M):
     """M[i, j] = e_i . e_j (``dot``) or ||e_i - e_j||^2, in the type of ``zero``;
     blocks of TILE x TILE threads, one entry each, ``E`` read in TILE x TILE tiles."""
@@ -310,7 +309,7 @@ def pairwise_kernel(E, dot, zero, M):
         M[ra, j] = acc
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def inverse_norms_kernel(M, floor, inv):
     """inv[i] = 1 / max(sqrt(M[i, i]), floor) (NaN passes), from the Gram matrix's diagonal."""
     i = int64(cuda.grid(1))
@@ -396,7 +395,7 @@ def _hard_candidates(M, inv, labels, i, euclid, raw, zero):
     return bp, kp, bn, kn
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def mine_hard_kernel(M, inv, labels, euclid, margin, soft, S, pick, losses, counts):
     """Hermans et al.: anchor i (one block) against its farthest positive and nearest negative.
     ``S``, ``pick`` are None without a gradient."""
@@ -486,7 +485,7 @@ def _gather_negatives(labels, i, S, pick, zero):
             pick[i, n] = hit
 
 
-@cuda.jit(cache=CACHE)
+@kernel(LARGE_KERNEL_BLOCK)
 def mine_semihard_kernel(M, inv, labels, euclid, margin, soft, S, pick, losses, counts):
     """FaceNet: for each positive p of anchor i (one block, a thread per positive), the
     nearest negative with d(i, n) > d(i, p), else the farthest (``_semihard_choice``).
@@ -551,7 +550,7 @@ def _all_column(M, inv, labels, i, j, euclid, margin, soft, npos, nneg, zero):
     return part, s, cnt
 
 
-@cuda.jit(cache=CACHE)
+@kernel(LARGE_KERNEL_BLOCK)
 def mine_all_kernel(M, inv, labels, euclid, margin, soft, S, losses, counts):
     """Every valid (i, p, n) of anchor i (one block): a thread per column j; a positive's
     S[i, j] = sum over negatives of f'(z), a negative's -sum over positives.  counts[i]:
@@ -580,7 +579,7 @@ def mine_all_kernel(M, inv, labels, euclid, margin, soft, S, losses, counts):
     _anchor_totals(sbuf, i, loss, cnt, losses, counts)
 
 
-@cuda.jit(cache=CACHE)
+@kernel()
 def batch_total_kernel(losses, counts, mean, empty_zero, stats, out):
     """One block: out[0] = the sum of the per-anchor losses (float64, fixed order), divided
     by the sum of the counts for ``mean`` (an empty mean: 0 when ``empty_zero``, else NaN);
@@ -606,7 +605,7 @@ def batch_total_kernel(losses, counts, mean, empty_zero, stats, out):
         out[0] = total
 
 
-@cuda.jit(cache=CACHE)
+@kernel(LARGE_KERNEL_BLOCK)
 def backward_kernel(E, M, inv, euclid, S, pick, stats, big, g):
     """One block per embedding row r, a thread per column k: g[r, k] = scale * sum over the
     selected pairs (r, o) (``pick`` None: every o) of c dd(r, o)/de_r[k], c = S[r, o] + S[o, r].
@@ -642,16 +641,18 @@ def backward_kernel(E, M, inv, euclid, S, pick, stats, big, g):
         g[r, k] = scale * (acc + beta * er)
 
 
-def _mine(mining, N, M, inv, labels, euclid, margin, soft, S, pick, losses, counts):
+def _mine(dev, mining, N, M, inv, labels, euclid, margin, soft, S, pick, losses, counts):
     """Launch the mining kernel of ``mining``, one block per anchor."""
     threads = threads_for(N)
     if mining == "hard":
-        mine_hard_kernel[N, threads](M, inv, labels, euclid, margin, soft, S, pick, losses, counts)
+        dev.launch(mine_hard_kernel, N, threads, M, inv, labels, euclid, margin, soft, S, pick,
+                   losses, counts)
     elif mining == "semihard":
-        mine_semihard_kernel[N, threads](M, inv, labels, euclid, margin, soft, S, pick, losses,
-                                         counts)
+        dev.launch(mine_semihard_kernel, N, threads, M, inv, labels, euclid, margin, soft, S, pick,
+                   losses, counts)
     else:
-        mine_all_kernel[N, threads](M, inv, labels, euclid, margin, soft, S, losses, counts)
+        dev.launch(mine_all_kernel, N, threads, M, inv, labels, euclid, margin, soft, S, losses,
+                   counts)
 
 
 def batch_triplet_loss(dev, E, labels, mining, distance, margin, soft, reduction, grad, grad_out):
@@ -675,24 +676,24 @@ def batch_triplet_loss(dev, E, labels, mining, distance, margin, soft, reduction
         if mining != "all":
             p_native, pick = dev.empty((N, N), np.int32)
     l_native, losses = dev.empty((N,), dtype if reduction == "none" else np.float64)
-    counts = dev.cuda.device_array(N, np.int64)
+    counts = dev.scratch((N,), np.int64)
     if N:
         tiles = -(-N // TILE)
-        pairwise_kernel[(tiles, tiles), (TILE, TILE)](E, cosine, zero, M)
+        dev.launch(pairwise_kernel, (tiles, tiles), (TILE, TILE), E, cosine, zero, M)
         if cosine:
             blocks, threads = grid_for(N)
-            inverse_norms_kernel[blocks, threads](M, T(COSINE_NORM_EPS), inv)
-        _mine(mining, N, M, inv, labels, code == EUCLIDEAN, T(margin), bool(soft), S, pick,
+            dev.launch(inverse_norms_kernel, blocks, threads, M, T(COSINE_NORM_EPS), inv)
+        _mine(dev, mining, N, M, inv, labels, code == EUCLIDEAN, T(margin), bool(soft), S, pick,
               losses, counts)
     stats = None
     if reduction == "none":
         loss = dev.give(l_native, (N,))
     else:
         if reduction == "mean":
-            stats = dev.cuda.device_array(1, np.float64)
+            stats = dev.scratch((1,), np.float64)
         out_native, out = dev.empty((1,), dtype)
-        batch_total_kernel[1, _blocks.THREADS](losses, counts, reduction == "mean",
-                                               mining == "all", stats, out)
+        dev.launch(batch_total_kernel, 1, _blocks.THREADS, losses, counts, reduction == "mean",
+                   mining == "all", stats, out)
         loss = dev.give(out_native, ())
     if not grad:
         return loss, None
@@ -702,10 +703,10 @@ def batch_triplet_loss(dev, E, labels, mining, distance, margin, soft, reduction
     else:  # the backward reads every row of E: an aliased gradient goes through a temporary
         g_native, g = dev.empty((N, D), dtype)
     if N and D:
-        backward_kernel[N, threads_for(D)](E, M, inv, code == EUCLIDEAN, S, pick, stats,
-                                           T(1 / COSINE_NORM_EPS), g)
+        dev.launch(backward_kernel, N, threads_for(D), E, M, inv, code == EUCLIDEAN, S, pick, stats,
+                   T(1 / COSINE_NORM_EPS), g)
     if device_out is not None and g is not device_out:
-        _copy(g, device_out)
+        _copy(dev, g, device_out)
     return loss, dev.give_grad(g_native, grad_out)
 
 
@@ -730,8 +731,8 @@ def ptx_signatures():
         for inv, labels, losses, grad in ((types.none, i64[:], f64[::1], True),
                                           (T[::1], types.uint8[:], X[::1], False)):
             s_, p_ = (S, P) if grad else (types.none, types.none)
-            for kernel in (mine_hard_kernel, mine_semihard_kernel):
-                sigs.append((kernel, (M, inv, labels, b1, T, b1, s_, p_, losses, C)))
+            for mine in (mine_hard_kernel, mine_semihard_kernel):
+                sigs.append((mine, (M, inv, labels, b1, T, b1, s_, p_, losses, C)))
             sigs.append((mine_all_kernel, (M, inv, labels, b1, T, b1, s_, losses, C)))
         for inv, pick, stats, g in ((types.none, P, f64[::1], X[:, ::1]),
                                     (T[::1], types.none, types.none, X[:, :])):
