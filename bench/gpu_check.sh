@@ -5,7 +5,9 @@
 #   2. run the CUDA side of the tests (marker cuda: tests/cuda and every test
 #      parametrized by the backend fixture) on the real chip,
 #   3. time every loss against PyTorch CUDA and a device-to-device copy,
-#      writing gpu.md / gpu.json (bench/gpu_bench.py).
+#      writing gpu.md / gpu.json (bench/gpu_bench.py);
+#   4. time the fused linear cross-entropy against PyTorch's unfused path, with
+#      the peak memory of each (bench/gpu_linear_ce.py: gpu_linear_ce.md / .json).
 # Usage: bash bench/gpu_check.sh [OUT_DIR]  (default: $OUT, else bench/results)
 # QUICK=1 for small sizes; TEST_TIMEOUT / BENCH_TIMEOUT in seconds.
 set -uo pipefail
@@ -39,3 +41,8 @@ echo "== GPU timings"
 timeout "${BENCH_TIMEOUT:-300}" python bench/gpu_bench.py --out "$out/gpu" ${QUICK:+--quick} \
   2>&1 | tee "$out/gpu_bench.txt" | tail -40
 echo "bench exit: ${PIPESTATUS[0]}"
+
+echo "== linear cross-entropy on the GPU"
+timeout "${LCE_TIMEOUT:-180}" python bench/gpu_linear_ce.py --out "$out/gpu_linear_ce" ${QUICK:+--quick} \
+  2>&1 | tee "$out/gpu_linear_ce.txt" | tail -12
+echo "linear cross-entropy exit: ${PIPESTATUS[0]}"

@@ -35,6 +35,9 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
     straight into the three products. Beyond the inputs and the returned gradients the
     memory is one ``(N, block_size)`` block, an ``(N, H)`` accumulator and a few vectors
     of N, whatever V is. ``grad=False`` is the first pass alone (one product per block).
+    On the GPU the products are CuPy's (cuBLAS) on the caller's stream, for CuPy, PyTorch
+    and Numba inputs alike where CuPy is installed, and a plain product kernel otherwise
+    (the CUDA simulator).
     The second pass recomputes the block logits (four products per block in all, where
     the unfused path has three) because ``d_classifier``'s block needs each row's final
     log-sum-exp (the Cut Cross-Entropy recipe; Liger-Kernel instead chunks rows, which
@@ -61,9 +64,14 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
       grad_out: ``None`` (default: new arrays) or a tuple ``(d_embeddings, d_classifier)``,
         plus ``d_bias`` when a bias is given, of the inputs' shapes and dtype, written in
         place; they may not share memory with any input or with each other.
-      block_size: classes per block; ``None`` (default) picks about 8 MiB of logits
-        (``fastloss.cpu.linear_cross_entropy.block_size``), between 128 and 8192 classes.
+      block_size: classes per block; ``None`` (default) picks about 8 MiB of logits on the CPU
+        (``fastloss.cpu.linear_cross_entropy.block_size``, between 128 and 8192 classes) and
+        256 MiB on the GPU (``fastloss.cuda.linear_cross_entropy.block_size``).
       backend: ``"auto"`` (default), ``"cpu"`` or ``"cuda"``.
+
+    Dask arrays (``embeddings``, ``target``, ``sample_weight`` chunked along the rows;
+    ``classifier``, ``bias``, ``weight`` in memory) give a lazy ``LossGrad`` whose classifier
+    and bias gradients are sums over the chunks, added in a fixed order.
 
     Returns:
       ``LossGrad(loss, grad)``: ``loss`` in the embeddings' dtype (``()`` or ``(...)``);
@@ -90,13 +98,27 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
       >>> dE.tolist()  # G W with W = 0
       [[0.0, 0.0], [0.0, 0.0]]
     """
-    if select_backend(backend, embeddings=embeddings, classifier=classifier, target=target,
-                      bias=bias, weight=weight, sample_weight=sample_weight) == "cuda":
-        raise NotImplementedError("linear_cross_entropy runs on the CPU only in this version")
+    where = select_backend(backend, embeddings=embeddings, classifier=classifier, target=target,
+                           bias=bias, weight=weight, sample_weight=sample_weight)
+    if where == "dask":
+        from fastloss import _dask
+        return _dask.call(linear_cross_entropy, locals())
+    dev = caller_grad_out = first_bad = None
+    if where == "cuda":
+        from fastloss.cuda._arrays import Device
+        dev = Device(embeddings)
+        first_bad = dev.first_bad_label
+        embeddings, classifier, target, bias, weight, sample_weight = dev.views(
+            embeddings=embeddings, classifier=classifier, target=target, bias=bias, weight=weight,
+            sample_weight=sample_weight)
+        if grad and isinstance(grad_out, (tuple, list)):
+            caller_grad_out = tuple(grad_out)
+            grad_out = tuple(dev.view(g, f"grad_out[{k}]") for k, g in enumerate(grad_out))
     E = check.float_array(embeddings, "embeddings")
     if E.ndim < 1:
         raise ValueError(f"embeddings must have shape (..., H), got {E.shape}")
-    H = E.shape[-1]
+    shape = tuple(E.shape)  # the simulator's shapes refuse negative indices
+    H = shape[-1]
     W = check.float_array(classifier, "classifier")
     if W.ndim != 2 or W.shape[1] != H or W.shape[0] == 0:
         raise ValueError(f"classifier must have shape (V, {H}) with V >= 1 (H = embeddings.shape[-1]),"
@@ -119,20 +141,33 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
     if labels.dtype.kind not in "iu":
         raise TypeError(f"target must hold integer class indices, got dtype {labels.dtype}")
     labels = check.label_array(labels, "target")
-    check.shape_equal(labels, E.shape[:-1], "target", "one class index per row of embeddings")
-    check.labels_in_range(labels, V, "target", ignore_index)
-    sw = check.sample_weights(sample_weight, E.shape[:-1], "sample_weight", T)
+    check.shape_equal(labels, shape[:-1], "target", "one class index per row of embeddings")
+    check.labels_in_range(labels, V, "target", ignore_index, first_bad)
+    sw = check.sample_weights(sample_weight, shape[:-1], "sample_weight", T)
     n = labels.size
-    width = cpu.block_size(n, V, np.dtype(T).itemsize) if block_size is None \
-        else min(V, _block_size(block_size))
-    grads_out = _grads_out(grad_out, E, W, bias, labels, weight, sw) if grad else None
+    if block_size is not None:
+        width = min(V, _block_size(block_size))
+    else:
+        sizes = cpu.block_size if dev is None else _gpu().block_size
+        width = sizes(n, V, np.dtype(T).itemsize)
+    grads_out = _grads_out(grad_out, E, W, bias, dev is not None, labels, weight, sw) if grad else None
+
+    if dev is not None:
+        return LossGrad(*_gpu().linear_cross_entropy(
+            dev, E, W, labels, bias, weight, sw, ignore_index, eps, zcoef, cap, reduction, grad,
+            grads_out, caller_grad_out, width))
     losses, total, denom, grads = cpu.linear_cross_entropy(
-        E.reshape(n, H), W, np.ascontiguousarray(labels).reshape(n), bias, weight, sw, ignore_index, eps, zcoef, cap,
-        reduction, grad, grads_out, width)
-    loss = reduce(losses, total, reduction, denom, E.shape[:-1], E.dtype)
+        E.reshape(n, H), W, np.ascontiguousarray(labels).reshape(n), bias, weight, sw, ignore_index,
+        eps, zcoef, cap, reduction, grad, grads_out, width)
+    loss = reduce(losses, total, reduction, denom, shape[:-1], E.dtype)
     if grads is not None and grads_out is None:
-        grads = (grads[0].reshape(E.shape),) + grads[1:]
+        grads = (grads[0].reshape(shape),) + grads[1:]
     return LossGrad(loss, grads)
+
+
+def _gpu():
+    from fastloss.cuda import linear_cross_entropy
+    return linear_cross_entropy
 
 
 def _same_dtype(a, E, name):
@@ -147,8 +182,9 @@ def _block_size(value):
     return size
 
 
-def _grads_out(grad_out, E, W, bias, *reads):
-    """The caller's ``(d_embeddings, d_classifier[, d_bias])``, checked; None when not given."""
+def _grads_out(grad_out, E, W, bias, device, *reads):
+    """The caller's ``(d_embeddings, d_classifier[, d_bias])``, checked (device views on the
+    GPU); None when not given."""
     if grad_out is None:
         return None
     inputs = {"embeddings": E, "classifier": W, "bias": bias}
@@ -157,13 +193,17 @@ def _grads_out(grad_out, E, W, bias, *reads):
         what = "(d_embeddings, d_classifier, d_bias)" if bias is not None else "(d_embeddings, d_classifier)"
         raise TypeError(f"grad_out must be a tuple {what}, got {type(grad_out).__name__}"
                         + (f" of length {len(grad_out)}" if isinstance(grad_out, (tuple, list)) else ""))
-    outs = tuple(check.grad_buffer(out, like.shape, like.dtype, name=name)
+    outs = tuple(check.grad_buffer(out, tuple(like.shape), like.dtype, device, name=name)
                  for out, (name, like) in zip(grad_out, expected))
+    if device:
+        from fastloss.cuda._checks import shares_memory
+    else:
+        shares_memory = np.may_share_memory
     for k, out in enumerate(outs):
         others = list(inputs.items()) + [(f"grad_out[{j}]", o) for j, o in enumerate(outs) if j != k]
         others += [("target, weight or sample_weight", r) for r in reads]
         for name, a in others:
-            if a is not None and np.may_share_memory(out, a):
+            if a is not None and shares_memory(out, a):
                 raise ValueError(f"grad_out[{k}] shares memory with {name}: "
                                  "linear_cross_entropy writes its gradients apart from its inputs")
     return outs

@@ -506,6 +506,11 @@ LABEL_DTYPES_OK = [np.int8, np.uint8, np.int16, np.int32, np.uint32, np.uint64]
 LABEL_DTYPES_BAD = [np.float64, np.float32, np.bool_, np.complex128, object, "U3"]
 
 
+def _class_count(kw):
+    """The classes a call's target indexes: the logits' last axis, or the classifier's rows."""
+    return tuple(kw["logits"].shape)[-1] if "logits" in kw else tuple(kw["classifier"].shape)[0]
+
+
 @pytest.mark.cpu
 @pytest.mark.parametrize("arg", [(n, a) for n in NAMES for a in CASES[n].labels],
                          ids=lambda p: f"{p[0]}-{p[1]}")
@@ -639,10 +644,7 @@ def test_labels_out_of_range(arg, data, how):
     case, kw = data.draw(calls(name))
     labels = np.asarray(kw[a]).copy()
     i = data.draw(st.integers(0, labels.size - 1))
-    if a != "target":
-        upper = np.asarray(kw.get("centers", np.zeros((3, 1)))).shape[0]
-    else:  # the classes: the logits' last axis, or the classifier's rows
-        upper = np.shape(kw["logits"])[-1] if "logits" in kw else np.shape(kw["classifier"])[0]
+    upper = _class_count(kw) if a == "target" else np.asarray(kw.get("centers", np.zeros((3, 1)))).shape[0]
     value = {"upper": upper, "negative": -1, "huge": 2**40, "int64_min": np.iinfo(np.int64).min,
              "uint64_huge": 2**63 + 5, "ignore_minus_one": -1}[how]
     if how == "uint64_huge":
@@ -1484,7 +1486,7 @@ def test_device_labels_out_of_range(arg, data, how):
     name, a = arg
     case, kw = data.draw(tiny(name))
     labels = kw[a].copy()
-    upper = kw["logits"].shape[-1] if a == "target" else kw["centers"].shape[0]
+    upper = _class_count(kw) if a == "target" else kw["centers"].shape[0]
     if how == "uint64_huge":
         labels = np.where(labels < 0, 0, labels).astype(np.uint64)
         labels[-1] = 2**63 + 5

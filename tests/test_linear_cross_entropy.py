@@ -4,6 +4,9 @@
 reference, gradients by the chain rule; fastloss never forms them, walking the classes in
 blocks (``block_size``), so every test here also crosses block sizes: one class per block,
 ragged blocks that cut a row's target from its max, one block for everything, the default.
+
+The tests marked ``cuda`` (at the end) take the GPU path, under the simulator in CI: there
+the products are the plain kernel's, the matrix smaller.
 """
 import tracemalloc
 
@@ -12,6 +15,7 @@ import pytest
 
 import fastloss as fl
 import naive
+import sides
 from fastloss.cpu import linear_cross_entropy as cpu_linear
 from fastloss.cpu._rows import use_threads
 from naive import assert_close, finite_difference
@@ -356,11 +360,6 @@ def test_bad_grad_out_is_refused_and_nothing_changes(case):
         np.testing.assert_array_equal(args[k], v, err_msg=k)
 
 
-def test_the_gpu_is_not_offered_yet():
-    with pytest.raises(NotImplementedError, match="CPU"):
-        fl.linear_cross_entropy(np.ones((2, 2)), np.ones((3, 2)), np.array([0, 1]), backend="cuda")
-
-
 # ----------------------------------------------------------------- memory
 
 
@@ -384,3 +383,74 @@ def test_memory_beyond_the_gradients_is_a_tenth_of_the_logits_at_most():
     logits = n * V * 4
     assert beyond <= 0.10 * logits, f"{beyond / 2**20:.1f} MiB beyond the gradients"
     assert cpu_linear.block_size(n, V, 4) * n * 4 <= beyond  # the instrument sees the block
+
+
+# ----------------------------------------------------------------- the GPU path
+
+
+def _on_gpu(dev, e, w, y, **kw):
+    """The call on device arrays; its answer on the host."""
+    res = fl.linear_cross_entropy(dev.put(e), dev.put(w), dev.put(y), **sides.on_side(dev, kw))
+    grads = None if res.grad is None else tuple(dev.get(g) for g in res.grad)
+    return fl.LossGrad(dev.get(res.loss), grads)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("option", ["plain", "every option"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_matches_the_reference(dev, dtype, reduction, option):
+    rng = np.random.default_rng([DTYPES.index(dtype), len(option)])
+    e, w, y, kw = make(rng, (2, 3), 4, 11, dtype, OPTIONS[option])
+    got = _on_gpu(dev, e, w, y, reduction=reduction, block_size=4, **kw)
+    check(got, naive.linear_cross_entropy(e, w, y, reduction=reduction, **kw), np.dtype(dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("option", ["label_smoothing", "softcap", "bias"])
+def test_gpu_options_match_the_reference(dev, option):
+    rng = np.random.default_rng(13)
+    e, w, y, kw = make(rng, (5,), 3, 9, np.float64, OPTIONS[option])
+    got = _on_gpu(dev, e, w, y, block_size=4, **kw)
+    check(got, naive.linear_cross_entropy(e, w, y, **kw), np.dtype(np.float64))
+
+
+@pytest.mark.cuda
+def test_gpu_grad_false_grad_out_and_host_inputs(dev):
+    rng = np.random.default_rng(14)
+    e, w, y, kw = make(rng, (4,), 3, 7, np.float32, {"bias": True})
+    want = naive.linear_cross_entropy(e, w, y, **kw)
+    alone = _on_gpu(dev, e, w, y, grad=False, block_size=3, **kw)
+    assert alone.grad is None
+    assert_close(alone.loss, want[0], np.float32)
+    outs = tuple(dev.put(np.full(a.shape, 7, np.float32)) for a in (e, w, kw["bias"]))
+    res = fl.linear_cross_entropy(dev.put(e), dev.put(w), dev.put(y), bias=dev.put(kw["bias"]),
+                                  grad_out=outs, block_size=3)
+    assert all(g is o for g, o in zip(res.grad, outs))
+    check(fl.LossGrad(dev.get(res.loss), tuple(dev.get(g) for g in res.grad)), want,
+          np.dtype(np.float32))
+    host = fl.linear_cross_entropy(e, w, y, backend="cuda", block_size=3, **kw)  # copied over and back
+    assert isinstance(host.grad[1], np.ndarray)
+    check(host, want, np.dtype(np.float32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("level", [1e4, -1e4])
+def test_gpu_rows_of_equal_large_logits_keep_their_digits(dev, level):
+    V = 7
+    res = _on_gpu(dev, np.ones((2, 2), np.float32), np.zeros((V, 2), np.float32), np.array([0, 6]),
+                  bias=np.full(V, level, np.float32), block_size=3)
+    np.testing.assert_allclose(float(res.loss), np.log(V), rtol=1e-6)
+
+
+@pytest.mark.cuda
+def test_gpu_empty_batch_and_bad_labels(dev):
+    res = _on_gpu(dev, np.zeros((0, 2), np.float32), np.ones((3, 2), np.float32),
+                  np.zeros(0, np.int64), reduction="sum")
+    assert float(res.loss) == 0 and not res.grad[1].any()
+    with pytest.raises(ValueError, match="target"):
+        _on_gpu(dev, np.ones((2, 2), np.float32), np.ones((3, 2), np.float32), np.array([0, 3]))
+    with pytest.raises(ValueError, match="grad_out"):
+        w = dev.put(np.ones((3, 2), np.float32))
+        fl.linear_cross_entropy(dev.put(np.ones((2, 2), np.float32)), w, dev.put(np.array([0, 1])),
+                                grad_out=(dev.put(np.ones((2, 2), np.float32)), w))
