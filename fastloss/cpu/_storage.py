@@ -112,15 +112,23 @@ def gradient_buffer(grad_out, shape, dtype, inplace_ok, reads):
     if grad_out is None:
         g = np.empty(shape, dtype)
         return g, g
-    if grad_out.flags.c_contiguous:
-        if grad_out is inplace_ok:
-            return grad_out, grad_out
-        for r in (inplace_ok,) + reads:
-            if r is not None and may_overlap(grad_out, r):
-                break
-        else:
-            return grad_out, grad_out
+    if grad_out.flags.c_contiguous and (grad_out is inplace_ok or (
+            (inplace_ok is None or not may_overlap(grad_out, inplace_ok))
+            and _apart_all(grad_out, reads))):
+        return grad_out, grad_out
     return np.empty(shape, dtype), grad_out
+
+
+def _apart_all(a, arrays):
+    """No array of ``arrays`` (None among them) overlaps ``a``: ``may_overlap`` inline, for a
+    small call's several buffers."""
+    own = a.base is None  # an array owning its memory overlaps only itself and its views
+    for b in arrays:
+        if b is None or (own and b is not a and b.base is None):
+            continue
+        if np.may_share_memory(a, b):
+            return False
+    return True
 
 
 def gradient_arrays(grad, grad_out, like, kernel_shape, reads=()):
