@@ -21,7 +21,12 @@ How a call becomes a graph (the choices, stated once):
   in memory) inside the task that computes it.  The predictions are therefore read
   once and each gradient chunk is final as soon as it is computed (nothing waits for
   the whole array).  The rounding differs from one in-memory call by round-off: the
-  sum's gradient is rounded to the input's dtype before the scaling.
+  sum's gradient is rounded to the input's dtype before the scaling.  A chunk's loss is
+  the float64 sum of its rows' losses (asked with ``"none"``), so that a float16
+  chunk does not overflow; the summed gradients of ``linear_cross_entropy``
+  (classifier, bias) are the chunk's sums in the input's dtype, so in float16 a chunk
+  whose unscaled sum passes 65504 overflows where one in-memory "mean" would not:
+  give float16 embeddings in chunks small enough, or float32.
 * The loss of ``"mean"``/``"sum"``: the float64 sum of the chunks' sums, in a fixed
   tree (Dask's ``sum``), divided by the denominator for ``"mean"`` (NaN when it is
   0), in the input's dtype, of the chunks' array kind.  ``"none"``: the chunks' own
@@ -73,10 +78,12 @@ def _class_weights(target, sample_weight, weight, ignore_index):
     the chunk's own call rejects them with the in-memory message."""
     valid = target != ignore_index
     w = valid.astype(np.float64)
-    if weight is not None:
+    if weight is not None:  # in the chunk's array kind (a NumPy weight for CuPy chunks)
+        weight = asarray_safe(weight, like=target)
         w *= weight[target.clip(0, weight.shape[0] - 1)].astype(np.float64)
     if sample_weight is not None:
         w *= sample_weight.astype(np.float64)
+    w[~valid] = 0.0  # an ignored row brings nothing, even a NaN sample weight (as in memory)
     return w
 
 
@@ -264,8 +271,13 @@ def _run_chunk(*args, fn, names, options, reduction, grad):
     argument; None: unscaled, 0: zero gradient, as an in-memory mean over zero weight).
     Returns ``(loss, grad)``: the loss a float for "sum", the chunk's array for "none"."""
     *values, divisor = args
-    loss, g = fn(**options, **dict(zip(names, values)), reduction=reduction, grad=grad)
-    if reduction != "none":
+    # "sum" is asked as "none" (the same gradient) and the rows' losses summed here in
+    # float64: a float16 chunk's own sum would overflow at 65504 long before the mean
+    asked = "none" if reduction == "sum" else reduction
+    loss, g = fn(**options, **dict(zip(names, values)), reduction=asked, grad=grad)
+    if reduction == "sum":
+        loss = float(loss.astype(np.float64).sum())
+    elif reduction != "none":
         loss = float(loss)
     if g is not None and divisor is not None:
         divisor = float(divisor)
@@ -338,7 +350,11 @@ def call(fn, arguments):
     rows, first_name = _per_row(entry, arguments)
     options = {k: v for k, v in arguments.items() if k not in entry.rows}
     reduction, grad = options.pop("reduction"), bool(options.pop("grad"))
-    probe = _probe(fn, rows, first_name, entry, options, reduction=reduction, grad=grad)
+    # the summed gradients' arguments (a classifier of a whole vocabulary) probed at one row:
+    # the probe checks kinds and dtypes, and need not allocate a full gradient on the client
+    probe_options = {k: (v[:1] if entry.summed and k in entry.memory and v is not None else v)
+                     for k, v in options.items()}
+    probe = _probe(fn, rows, first_name, entry, probe_options, reduction=reduction, grad=grad)
     _check_row_counts(rows, first_name, entry)
     first = rows[first_name]
 
@@ -370,8 +386,11 @@ def call(fn, arguments):
     if not grad:
         return LossGrad(loss, None)
     if entry.summed:
+        # gradients of the in-memory arguments, in the order of ``memory``, of their shapes
+        shapes = [options[k].shape for k in entry.memory if options.get(k) is not None]
         return LossGrad(loss, (parts.map_blocks(_grad_part, 0, meta=probe.grad[0]),
-                               *(_summed(parts, k, probe.grad[k]) for k in range(1, len(probe.grad)))))
+                               *(_summed(parts, k, probe.grad[k], shapes[k - 1])
+                                 for k in range(1, len(probe.grad)))))
     if entry.n_grad == 1:
         return LossGrad(loss, parts.map_blocks(_grad_part, None, meta=probe.grad))
     return LossGrad(loss, tuple(parts.map_blocks(_grad_part, k, meta=probe.grad[k])
@@ -395,11 +414,11 @@ def _merge_tree(level, merge):
     return level[0]
 
 
-def _summed(parts, k, like):
-    """The ``k``-th gradient of every chunk, added over the chunks: one Dask array of ``like``'s
-    shape, dtype and kind."""
+def _summed(parts, k, like, shape):
+    """The ``k``-th gradient of every chunk, added over the chunks: one Dask array of ``shape``,
+    of ``like``'s dtype and kind."""
     grads = [dask.delayed(_grad_part)(part, k) for part in parts.to_delayed().ravel()]
-    return da.from_delayed(_merge_tree(grads, _add), shape=like.shape, dtype=like.dtype, meta=like)
+    return da.from_delayed(_merge_tree(grads, _add), shape=shape, dtype=like.dtype, meta=like)
 
 
 # ------------------------------------------------------------ the center update

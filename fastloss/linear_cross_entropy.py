@@ -98,8 +98,10 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
       >>> dE.tolist()  # G W with W = 0
       [[0.0, 0.0], [0.0, 0.0]]
     """
+    outs = dict(enumerate(grad_out)) if grad and isinstance(grad_out, (tuple, list)) else {}
     where = select_backend(backend, embeddings=embeddings, classifier=classifier, target=target,
-                           bias=bias, weight=weight, sample_weight=sample_weight)
+                           bias=bias, weight=weight, sample_weight=sample_weight,
+                           **{f"grad_out[{k}]": g for k, g in outs.items()})
     if where == "dask":
         from fastloss import _dask
         return _dask.call(linear_cross_entropy, locals())
@@ -108,12 +110,15 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
         from fastloss.cuda._arrays import Device
         dev = Device(embeddings)
         first_bad = dev.first_bad_label
+        if outs and dev.kind == "numpy":  # host buffers, copied back at the end: apart on the host
+            _apart(outs.values(), {"embeddings": embeddings, "classifier": classifier, "bias": bias},
+                   np.may_share_memory)
         embeddings, classifier, target, bias, weight, sample_weight = dev.views(
             embeddings=embeddings, classifier=classifier, target=target, bias=bias, weight=weight,
             sample_weight=sample_weight)
-        if grad and isinstance(grad_out, (tuple, list)):
+        if outs:
             caller_grad_out = tuple(grad_out)
-            grad_out = tuple(dev.view(g, f"grad_out[{k}]") for k, g in enumerate(grad_out))
+            grad_out = tuple(dev.view(g, f"grad_out[{k}]") for k, g in outs.items())
     E = check.float_array(embeddings, "embeddings")
     if E.ndim < 1:
         raise ValueError(f"embeddings must have shape (..., H), got {E.shape}")
@@ -182,12 +187,13 @@ def _block_size(value):
     return size
 
 
-def _grads_out(grad_out, E, W, bias, device, *reads):
+def _grads_out(grad_out, E, W, bias, device, labels, weight, sw):
     """The caller's ``(d_embeddings, d_classifier[, d_bias])``, checked (device views on the
     GPU); None when not given."""
     if grad_out is None:
         return None
-    inputs = {"embeddings": E, "classifier": W, "bias": bias}
+    inputs = {"embeddings": E, "classifier": W, "bias": bias, "target": labels, "weight": weight,
+              "sample_weight": sw}
     expected = [("grad_out[0]", E), ("grad_out[1]", W)] + ([("grad_out[2]", bias)] if bias is not None else [])
     if not isinstance(grad_out, (tuple, list)) or len(grad_out) != len(expected):
         what = "(d_embeddings, d_classifier, d_bias)" if bias is not None else "(d_embeddings, d_classifier)"
@@ -196,14 +202,21 @@ def _grads_out(grad_out, E, W, bias, device, *reads):
     outs = tuple(check.grad_buffer(out, tuple(like.shape), like.dtype, device, name=name)
                  for out, (name, like) in zip(grad_out, expected))
     if device:
+        from fastloss.cuda._arrays import rows
         from fastloss.cuda._checks import shares_memory
+        rows(outs[0], tuple(E.shape)[-1], "grad_out[0]")  # refused before anything is written
     else:
         shares_memory = np.may_share_memory
+    _apart(outs, inputs, shares_memory)
+    return outs
+
+
+def _apart(outs, inputs, shares_memory):
+    """ValueError naming ``grad_out[k]`` when one shares memory with an input or another output."""
+    outs = list(outs)
     for k, out in enumerate(outs):
         others = list(inputs.items()) + [(f"grad_out[{j}]", o) for j, o in enumerate(outs) if j != k]
-        others += [("target, weight or sample_weight", r) for r in reads]
         for name, a in others:
-            if a is not None and shares_memory(out, a):
+            if a is not None and isinstance(out, type(a)) and shares_memory(out, a):
                 raise ValueError(f"grad_out[{k}] shares memory with {name}: "
                                  "linear_cross_entropy writes its gradients apart from its inputs")
-    return outs

@@ -212,6 +212,20 @@ def test_bad_layouts_and_mixed_inputs_raise_at_once_naming_the_argument(case):
         call()
 
 
+def test_a_float16_chunk_sums_its_losses_in_float64_and_ignored_rows_leave_the_mean(client):
+    """A float16 chunk whose loss sum passes 65504 (in memory the mean is 20); a NaN sample
+    weight on an ignored row stays out of the denominator, as in memory."""
+    x = np.tile(np.array([[10.0, -10.0]], np.float16), (8000, 1))
+    y = np.ones(8000, np.int64)
+    res = fl.softmax_cross_entropy(da.from_array(x, chunks=(8000, 2)), da.from_array(y, chunks=8000))
+    assert computed(client, res.loss)[0] == float(fl.softmax_cross_entropy(x, y).loss)
+    t, sw = np.array([0, 1, -100, 2]), np.array([1.0, 1.0, np.nan, 1.0])
+    lg = np.zeros((4, 3))
+    res = fl.softmax_cross_entropy(da.from_array(lg, chunks=(2, 3)), da.from_array(t, chunks=2),
+                                   sample_weight=da.from_array(sw, chunks=2))
+    np.testing.assert_allclose(computed(client, res.loss)[0], np.log(3))
+
+
 def test_importing_fastloss_or_a_numpy_call_loads_no_dask():
     code = ("import sys, numpy as np, fastloss as fl\n"
             "fl.huber_loss(np.zeros(3), np.ones(3))\n"

@@ -95,6 +95,13 @@ def test_eval_refuses_what_it_cannot_print(small_files, argv, message):
         main(["eval", loss, str(p["logits"]), str(p["labels"]), *options])
 
 
+def test_eval_names_a_file_whose_rows_do_not_match(small_files, tmp_path):
+    short = tmp_path / "short.npy"
+    np.save(short, np.load(small_files["labels"])[:49])
+    with pytest.raises(SystemExit, match="short.npy: 49 rows, but the predictions have 50"):
+        main(["eval", "ce", str(small_files["logits"]), str(short)])
+
+
 def test_eval_reads_zarr(tmp_path, capsys):
     zarr = pytest.importorskip("zarr")
     rng = np.random.default_rng(3)

@@ -211,6 +211,23 @@ def test_a_dominant_logit_in_another_block(dtype):
     assert_close(grads[2], want_grads[2], dtype)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_a_first_block_of_masked_classes(smoothing):
+    """Classes masked by a -inf bias fill the first blocks: the loss stays finite (inf with
+    smoothing, whose sum takes every class, as in the whole row) and matches the reference."""
+    rng = np.random.default_rng(15)
+    e, w, y, _ = make(rng, (6,), 4, 40, np.float64, ignore=False)
+    bias = np.zeros(40)
+    bias[:16] = -np.inf
+    y[:] = rng.integers(16, 40, size=6)
+    res = fl.linear_cross_entropy(e, w, y, bias=bias, block_size=8, label_smoothing=smoothing)
+    want = naive.linear_cross_entropy(e, w, y, bias=bias, label_smoothing=smoothing)
+    if smoothing:
+        assert np.isposinf(res.loss)
+        return
+    check(res, want, np.dtype(np.float64))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_logits_of_1e4_match_the_reference(dtype):
     rng = np.random.default_rng(8)
@@ -432,6 +449,19 @@ def test_gpu_grad_false_grad_out_and_host_inputs(dev):
     host = fl.linear_cross_entropy(e, w, y, backend="cuda", block_size=3, **kw)  # copied over and back
     assert isinstance(host.grad[1], np.ndarray)
     check(host, want, np.dtype(np.float32))
+
+
+@pytest.mark.cuda
+def test_gpu_refuses_host_grad_out_and_one_aliasing_a_host_input(dev):
+    rng = np.random.default_rng(16)
+    e, w, y, _ = make(rng, (4,), 3, 7, np.float32)
+    with pytest.raises(TypeError, match=r"grad_out\[0\]"):
+        fl.linear_cross_entropy(dev.put(e), dev.put(w), dev.put(y),
+                                grad_out=(np.zeros_like(e), dev.put(np.zeros_like(w))))
+    before = e.copy()
+    with pytest.raises(ValueError, match=r"grad_out\[0\] shares memory with embeddings"):
+        fl.linear_cross_entropy(e, w, y, backend="cuda", grad_out=(e, np.zeros_like(w)))
+    np.testing.assert_array_equal(e, before)
 
 
 @pytest.mark.cuda

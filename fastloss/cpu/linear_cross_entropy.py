@@ -96,6 +96,12 @@ def _stats_rows(first, last, x, c0, labels, bias, weight, cap, ignore_index, smo
             skip = -1
         old = m[i]
         new = max(old, row_max(z, T(-np.inf)))
+        if new == T(-np.inf):
+            # every logit so far -inf (masked classes): no exp to add (exp(-inf - -inf) is NaN);
+            # with smoothing their -inf logits make the smoothing sum -inf, as in a whole row
+            if smoothing is not None:
+                szm[i] = szm[i] + row_dot(z, wblk, T(0.0), T(0.0))
+            continue
         if smoothing is not None:
             # sum_c w_c (z_c - m) re-based on the new max: W_seen (old - new) where it moved
             # (nothing before the first finite max: no class seen, or szm already NaN)

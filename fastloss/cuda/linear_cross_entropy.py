@@ -21,6 +21,7 @@ one-thread-per-output product used only there (``_PlainProducts``).  Then:
 Class weights enter ``szm``'s re-basing through their prefix sums per block
 (``_weight_prefix_kernel``, one thread, on the device: nothing is read back).
 """
+import contextlib
 import math
 
 import numpy as np
@@ -228,46 +229,60 @@ class _PlainProducts:
 
 
 class _LibraryProducts(_PlainProducts):
-    """The block products by CuPy (cuBLAS) on the call's stream, the Numba views wrapped
-    without a copy (``cupy.asarray`` reads ``__cuda_array_interface__``); float16 blocks
-    are widened to float32 first."""
+    """The block products by CuPy (cuBLAS) on the call's stream and device, the Numba views
+    wrapped without a copy; float16 blocks are widened to float32 first.  A view is wrapped
+    unbound (``bind(0)``): its interface then names no stream, so CuPy does not synchronise
+    with it on every import (the call's own stream orders everything anyway)."""
 
     def __init__(self, dev, T):
         super().__init__(dev, T)
         import cupy
         self.cupy, self.T = cupy, T
+        with dev.current():
+            self.device = dev.cuda.get_current_device().id
         handle = dev.handle
-        self.stream = (cupy.cuda.Stream.null if handle in (None, 0, 1)
-                       else cupy.cuda.Stream.ptds if handle == 2
-                       else cupy.cuda.ExternalStream(int(handle)))
+        with cupy.cuda.Device(self.device):
+            self.stream = (cupy.cuda.Stream.null if handle in (None, 0, 1)
+                           else cupy.cuda.Stream.ptds if handle == 2
+                           else cupy.cuda.ExternalStream(int(handle), self.device))
+
+    def _on_call(self):
+        """The call's device and stream, current for CuPy."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.cupy.cuda.Device(self.device))
+        stack.enter_context(self.stream)
+        return stack
+
+    def _cp(self, v):
+        return v if isinstance(v, self.cupy.ndarray) else self.cupy.asarray(v.bind(0))
 
     def _wide(self, v):
-        a = self.cupy.asarray(v)
+        a = self._cp(v)
         return a if a.dtype == self.T else a.astype(self.T)
 
     def embeddings(self, e):
         """``e`` widened once per call (float16), as a CuPy array."""
-        with self.stream:
+        with self._on_call():
             return self._wide(e)
 
     def logits(self, e, w, x):
-        with self.stream:
-            self.cupy.matmul(self._wide(e), self._wide(w).T, out=self.cupy.asarray(x))
+        with self._on_call():
+            self.cupy.matmul(self._wide(e), self._wide(w).T, out=self._cp(x))
 
     def add_to_embeddings(self, g, w, de):
-        with self.stream:
-            out = self.cupy.asarray(de)
-            out += self.cupy.matmul(self.cupy.asarray(g), self._wide(w))
+        with self._on_call():
+            out = self._cp(de)
+            out += self.cupy.matmul(self._cp(g), self._wide(w))
 
     def classifier(self, g, e, dw):
-        with self.stream:
-            out = self.cupy.asarray(dw)
-            out[...] = self.cupy.matmul(self.cupy.asarray(g).T, self._wide(e))
+        with self._on_call():
+            out = self._cp(dw)
+            out[...] = self.cupy.matmul(self._cp(g).T, self._wide(e))
 
     def bias(self, g, db):
-        with self.stream:
-            out = self.cupy.asarray(db)
-            out[...] = self.cupy.asarray(g).sum(axis=0)
+        with self._on_call():
+            out = self._cp(db)
+            out[...] = self._cp(g).sum(axis=0)
 
 
 def _products(dev, T):

@@ -83,6 +83,9 @@ def open_rows(path, chunk_rows=None, rows_like=None):
     if len(source.shape) == 0:
         raise SystemExit(f"{path}: expected an array of rows, got a 0-d array")
     if rows_like is not None:
+        if source.shape[0] != rows_like.shape[0]:
+            raise SystemExit(f"{path}: {source.shape[0]} rows, but the predictions have "
+                             f"{rows_like.shape[0]}")
         rows = rows_like.chunks[0]
     else:
         row_bytes = max(int(np.prod(source.shape[1:])) * source.dtype.itemsize, 1)
