@@ -25,6 +25,8 @@ is not collected).
 import functools
 import os
 import sys
+import threading
+import traceback
 import zlib
 from pathlib import Path
 
@@ -49,6 +51,39 @@ SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 SIDES = ("cpu", "cuda")
 CUDA_FOLDER = Path(__file__).resolve().parent / "cuda"
 SIMULATOR_THREADS = 16  # threads per block under the simulator (a block runs as Python threads)
+
+
+def _serialize_simulator_shared_arrays():
+    """Work around a race in numba-cuda's simulator: a block's ``cuda.shared.array`` is made
+    at the first call on its line by a check-then-set that is not atomic, so two threads of
+    one block racing there can each get an array of their own, and the block's reduction then
+    mixes two buffers (an intermittent wrong answer or index error, more likely under load
+    and with the short switch interval below).  The same lookup, keyed as numba-cuda keys it
+    (the caller's file and line), under a lock."""
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    original = kernelapi.FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if alignment is not None or shape == 0:  # refused, or dynamic: no per-line lookup
+            return original(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[0])[0:2]
+        with lock:
+            found = self._allocations.get(caller)
+            if found is None:
+                found = self._allocations[caller] = np.empty(shape, dtype)
+        return found
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+if SIMULATOR:
+    _serialize_simulator_shared_arrays()
 
 
 @functools.cache
