@@ -6,6 +6,7 @@ each get an array of their own (reproduced: 3 of 200 trials below with the unpat
 method), and a block reduction then mixes two buffers.  This checks that every thread of
 a block gets the one array, with thread switches forced as often as Python allows.
 """
+import os
 import sys
 import threading
 
@@ -34,8 +35,7 @@ def _arrays_seen(threads=16):
 
 
 def test_every_thread_of_a_block_gets_the_same_shared_array():
-    from conftest import SIMULATOR
-    if not SIMULATOR:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         pytest.skip("the simulator's shared arrays (a GPU has real ones)")
     saved = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
