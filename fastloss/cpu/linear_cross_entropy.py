@@ -33,6 +33,7 @@ import numpy as np
 from numba import njit, prange
 
 from fastloss._reduction import grad_scale
+from fastloss.cpu import _storage
 from fastloss.cpu._formulas import softmax
 from fastloss.cpu._jit import KERNEL_OPTIONS, jit
 from fastloss.cpu._math import vexp_nonpos
@@ -161,7 +162,6 @@ def _finish_rows(labels, weight, wsum, sw, ignore_index, eps, zcoef, mean, V, m,
 
 @jit
 def _grad_rows(first, last, x, c0, labels, bias, weight, cap, ignore_index, m, a, b, gy):
-    T = x.dtype.type
     B = x.shape[1]
     e, capped, slope = _scratch_rows(x, cap)
     wblk = None if weight is None else weight[c0:c0 + B]
@@ -197,8 +197,8 @@ def _grad_serial(x, c0, labels, bias, weight, cap, ignore_index, m, a, b, gy):
 
 
 class _Blocks:
-    """The vocabulary's blocks and their logits: ``logits(k)`` is block k's
-    ``E W[c0:c1]^T`` in a buffer reused by every block."""
+    """The vocabulary's blocks and their logits: ``logits(w, c0, c1)`` is the block's
+    ``E W[c0:c1]^T`` (``w = weights(c0, c1)``) in a buffer reused by every block."""
 
     def __init__(self, E, W, width, T):
         self.E, self.W, self.T = E, W, T
@@ -216,8 +216,12 @@ class _Blocks:
         w[...] = self.W[c0:c1]
         return w
 
+    def logits_buffer(self, width):
+        """The reused buffer as ``(N, width)`` logits."""
+        return self._x[:self.n * width].reshape(self.n, width)
+
     def logits(self, w, c0, c1):
-        x = self._x[:self.n * (c1 - c0)].reshape(self.n, c1 - c0)
+        x = self.logits_buffer(c1 - c0)
         np.matmul(self.E, w.T, out=x)
         return x
 
@@ -231,11 +235,11 @@ def linear_cross_entropy(E, W, labels, bias, weight, sw, ignore_index, eps, zcoe
     ``grads`` is None unless ``grad``: ``(dE, dW[, db])`` in the inputs' dtype."""
     n, H = E.shape
     V = W.shape[0]
-    T = np.float64 if E.dtype == np.float64 else np.float32
+    T = _storage.compute_type(E.dtype)
     Ec = np.ascontiguousarray(E, dtype=T)
     blocks = _Blocks(Ec, W, width, T)
     biasc = None if bias is None else np.ascontiguousarray(bias, dtype=T)
-    threaded = use_threads(np.empty((n, min(width, V)), np.bool_))
+    threaded = use_threads(blocks.logits_buffer(min(width, V)))
     m = np.full(n, -np.inf, T)
     rest, zy, szm = np.zeros(n, T), np.zeros(n, T), np.zeros(n, T)
     smoothing = True if eps > 0 else None

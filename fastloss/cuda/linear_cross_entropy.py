@@ -22,6 +22,7 @@ Class weights enter ``szm``'s re-basing through their prefix sums per block
 (``_weight_prefix_kernel``, one thread, on the device: nothing is read back).
 """
 import contextlib
+import importlib.util
 import math
 
 import numpy as np
@@ -289,9 +290,7 @@ def _products(dev, T):
     """CuPy's products where CuPy is there (never under the simulator), else the plain kernel."""
     if config.ENABLE_CUDASIM:
         return _PlainProducts(dev, T)
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("cupy") is None:
         return _PlainProducts(dev, T)
     return _LibraryProducts(dev, T)
 
