@@ -29,19 +29,22 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
     With ``G = dL/dz`` (``softmax_cross_entropy``'s gradient, times the cap's slope), the
     gradients are ``d_embeddings = G W``, ``d_classifier = G^T E`` and ``d_bias = sum_rows G``.
 
-    The vocabulary is walked in blocks of ``block_size`` classes: NumPy's BLAS forms one
-    block of logits at a time into a reused buffer, a first pass keeps an online
-    log-sum-exp per row, and a second pass forms each block's ``G`` in place and sends it
-    straight into the three products. Beyond the inputs and the returned gradients the
-    memory is one ``(N, block_size)`` block, an ``(N, H)`` accumulator and a few vectors
-    of N, whatever V is. ``grad=False`` is the first pass alone (one product per block).
-    On the GPU the products are CuPy's (cuBLAS) on the caller's stream, for CuPy, PyTorch
-    and Numba inputs alike where CuPy is installed, and a plain product kernel otherwise
-    (the CUDA simulator).
-    The second pass recomputes the block logits (four products per block in all, where
-    the unfused path has three) because ``d_classifier``'s block needs each row's final
-    log-sum-exp (the Cut Cross-Entropy recipe; Liger-Kernel instead chunks rows, which
-    keeps whole ``(rows, V)`` chunks).
+    The ``(N, V)`` logits are never held.  On the CPU, by default, the rows go in chunks
+    that hold every class (at most ``fastloss.cpu.linear_cross_entropy.CHUNK_BYTES``, 16 MiB,
+    of logits, and at least 128 rows): one product forms a chunk's logits, the cross-entropy
+    kernel turns them into ``G`` in place, then ``d_embeddings = G W`` and ``d_classifier +=
+    G^T E``: three products, as the unfused path (Liger-Kernel's recipe).  Where chunks
+    would be shorter (a wide vocabulary), for float16, on the GPU, or when ``block_size`` is
+    given, the vocabulary is walked in blocks of ``block_size`` classes instead: a first
+    pass keeps an online log-sum-exp per row, and a second forms each block's ``G`` in
+    place and sends it straight into the products.  That second pass recomputes the block
+    logits (four products in all) because ``d_classifier``'s block needs each row's final
+    log-sum-exp (the Cut Cross-Entropy recipe).  Beyond the inputs and the returned
+    gradients the memory is one chunk or block, a 2 MiB slice of ``d_classifier`` (chunks)
+    or an ``(N, H)`` accumulator (blocks), and vectors of N, whatever V is.
+    ``grad=False`` runs one product per chunk or block.  On the GPU the products are
+    CuPy's (cuBLAS) on the caller's stream, for CuPy, PyTorch and Numba inputs alike where
+    CuPy is installed, and a plain product kernel otherwise (the CUDA simulator).
 
     Args:
       embeddings: float16/32/64 array ``E`` of shape ``(..., H)``.  float16 computes in
@@ -64,9 +67,10 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
       grad_out: ``None`` (default: new arrays) or a tuple ``(d_embeddings, d_classifier)``,
         plus ``d_bias`` when a bias is given, of the inputs' shapes and dtype, written in
         place; they may not share memory with any input or with each other.
-      block_size: classes per block; ``None`` (default) picks about 8 MiB of logits on the CPU
-        (``fastloss.cpu.linear_cross_entropy.block_size``, between 128 and 8192 classes) and
-        256 MiB on the GPU (``fastloss.cuda.linear_cross_entropy.block_size``).
+      block_size: classes per block of the vocabulary walk; ``None`` (default): chunks of
+        rows on the CPU where they fit, else blocks of about 8 MiB of logits
+        (``fastloss.cpu.linear_cross_entropy.block_size``, between 128 and 8192 classes), and
+        blocks of 256 MiB on the GPU (``fastloss.cuda.linear_cross_entropy.block_size``).
       backend: ``"auto"`` (default), ``"cpu"`` or ``"cuda"``.
 
     Dask arrays (``embeddings``, ``target``, ``sample_weight`` chunked along the rows;
@@ -150,11 +154,9 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
     check.labels_in_range(labels, V, "target", ignore_index, first_bad)
     sw = check.sample_weights(sample_weight, shape[:-1], "sample_weight", T)
     n = labels.size
-    if block_size is not None:
-        width = min(V, _block_size(block_size))
-    else:
-        sizes = cpu.block_size if dev is None else _gpu().block_size
-        width = sizes(n, V, np.dtype(T).itemsize)
+    width = None if block_size is None else min(V, _block_size(block_size))
+    if width is None and dev is not None:
+        width = _gpu().block_size(n, V, np.dtype(T).itemsize)
     grads_out = _grads_out(grad_out, E, W, bias, dev is not None, labels, weight, sw) if grad else None
 
     if dev is not None:

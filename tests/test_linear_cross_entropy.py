@@ -2,8 +2,9 @@
 
 ``naive.linear_cross_entropy`` forms the ``(N, V)`` logits whole and applies the cross-entropy
 reference, gradients by the chain rule; fastloss never forms them, walking the classes in
-blocks (``block_size``), so every test here also crosses block sizes: one class per block,
-ragged blocks that cut a row's target from its max, one block for everything, the default.
+blocks (``block_size``) or, by default on the CPU, in chunks of whole rows, so the tests here
+cross both: one class per block, ragged blocks that cut a row's target from its max, one block
+for everything, chunks of two rows (``CHUNKS``), the default.
 
 The tests marked ``cuda`` (at the end) take the GPU path, under the simulator in CI: there
 the products are the plain kernel's, the matrix smaller.
@@ -33,7 +34,18 @@ OPTIONS = {
     "every option": {"bias": True, "weight": True, "sample_weight": True, "label_smoothing": 0.2,
                      "z_loss": 0.01, "softcap": 3.0},
 }
-BLOCKS = [None, 1, 7, 10_000]
+CHUNKS = "chunks of 2 rows"
+BLOCKS = [None, CHUNKS, 1, 7, 10_000]
+
+
+def walk(block, w, monkeypatch):
+    """The ``block_size`` argument of a ``BLOCKS`` entry: ``CHUNKS`` is the default (None)
+    with the CPU's chunks of whole rows set to two rows."""
+    if block != CHUNKS:
+        return block
+    monkeypatch.setattr(cpu_linear, "CHUNK_BYTES", 2 * w.shape[0] * w.itemsize)
+    monkeypatch.setattr(cpu_linear, "MIN_CHUNK_ROWS", 1)
+    return None
 
 
 def make(rng, batch, H, V, dtype, options=(), *, scale=1.0, ignore=True):
@@ -80,22 +92,66 @@ def check(res, want, dtype, what=""):
 @pytest.mark.parametrize("option", OPTIONS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_the_reference(dtype, reduction, option, block):
-    rng = np.random.default_rng([DTYPES.index(dtype), len(option), 0 if block is None else block])
+def test_matches_the_reference(dtype, reduction, option, block, monkeypatch):
+    rng = np.random.default_rng([DTYPES.index(dtype), len(option), BLOCKS.index(block)])
     e, w, y, kw = make(rng, (3, 5), 6, 23, dtype, OPTIONS[option])
-    res = fl.linear_cross_entropy(e, w, y, reduction=reduction, block_size=block, **kw)
+    res = fl.linear_cross_entropy(e, w, y, reduction=reduction,
+                                  block_size=walk(block, w, monkeypatch), **kw)
     check(res, naive.linear_cross_entropy(e, w, y, reduction=reduction, **kw), np.dtype(dtype),
           f"{option} block={block}")
 
 
+@pytest.mark.parametrize("block", [1024, None])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_parallel_path_matches_the_reference(dtype):
-    """Blocks of 96 x 1024 logits take the threaded kernels."""
-    assert use_threads(np.empty((96, 1024)))
+def test_the_parallel_path_matches_the_reference(dtype, block, monkeypatch):
+    """Blocks of 96 x 1024 logits, or chunks of 40 rows x 2500 classes, take the threaded
+    kernels."""
+    assert use_threads(np.empty((96, 1024))) and use_threads(np.empty((40, 2500)))
+    monkeypatch.setattr(cpu_linear, "CHUNK_BYTES", 40 * 2500 * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(cpu_linear, "MIN_CHUNK_ROWS", 40)
     rng = np.random.default_rng(5)
     e, w, y, kw = make(rng, (96,), 16, 2500, dtype, OPTIONS["every option"], scale=3.0)
-    res = fl.linear_cross_entropy(e, w, y, block_size=1024, **kw)
+    res = fl.linear_cross_entropy(e, w, y, block_size=block, **kw)
     check(res, naive.linear_cross_entropy(e, w, y, **kw), np.dtype(dtype))
+
+
+def test_chunks_of_rows_where_they_pay():
+    """The default walk: chunks of whole rows within ``CHUNK_BYTES`` while they are tall,
+    else blocks of classes (None): a wide vocabulary, float16 (W would be widened whole), a
+    block size the caller set."""
+    f32, f16 = np.dtype(np.float32), np.dtype(np.float16)
+    fit = cpu_linear.CHUNK_BYTES // (32768 * 4)
+    assert fit >= cpu_linear.MIN_CHUNK_ROWS
+    assert cpu_linear.chunk_rows(2048, 32768, f32, None) == fit
+    assert cpu_linear.chunk_rows(10, 32768, f32, None) == 10
+    wide = cpu_linear.CHUNK_BYTES // (4 * (cpu_linear.MIN_CHUNK_ROWS - 1))
+    assert cpu_linear.chunk_rows(2048, wide, f32, None) is None
+    assert cpu_linear.chunk_rows(2048, 32768, f16, None) is None
+    assert cpu_linear.chunk_rows(2048, 32768, f32, 512) is None
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, 1000])
+@pytest.mark.parametrize("option", ["plain", "bias", "every option"])
+def test_chunks_of_rows_change_only_round_off(option, rows, monkeypatch):
+    """Chunks of 1, 3 (ragged), 7 rows and one chunk against one block of every class;
+    ``grad_out`` written directly, or through the strided and transposed buffers a chunk
+    cannot write in place."""
+    rng = np.random.default_rng(13)
+    e, w, y, kw = make(rng, (20,), 8, 45, np.float64, OPTIONS[option], scale=3.0)
+    whole = fl.linear_cross_entropy(e, w, y, block_size=45, **kw)
+    monkeypatch.setattr(cpu_linear, "CHUNK_BYTES", rows * 45 * 8)
+    monkeypatch.setattr(cpu_linear, "MIN_CHUNK_ROWS", 1)
+    assert cpu_linear.chunk_rows(20, 45, e.dtype, None) == min(20, rows)
+    shapes = [e.shape, w.shape] + ([(45,)] if "bias" in kw else [])
+    direct = tuple(np.full(s, 7.0) for s in shapes)
+    strided = (np.full(e.shape[::-1], 7.0).T, np.full((45, 16), 7.0)[:, ::2],
+               np.full(90, 7.0)[::2])[:len(shapes)]
+    for outs in (None, direct, strided):
+        part = fl.linear_cross_entropy(e, w, y, grad_out=outs, **kw)
+        np.testing.assert_allclose(part.loss, whole.loss, rtol=1e-13)
+        for k, (g, f) in enumerate(zip(part.grad, whole.grad)):
+            assert outs is None or g is outs[k]
+            np.testing.assert_allclose(g, f, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("option", OPTIONS)
@@ -380,26 +436,29 @@ def test_bad_grad_out_is_refused_and_nothing_changes(case):
 # ----------------------------------------------------------------- memory
 
 
-def test_memory_beyond_the_gradients_is_a_tenth_of_the_logits_at_most():
-    """The issue's size: N = 2048, H = 256, V = 32768 float32, default blocks; the traced
-    peak above the returned gradients is at most 10% of the (N, V) logits."""
+@pytest.mark.parametrize("block", [None, 1024])
+def test_memory_beyond_the_gradients_is_a_tenth_of_the_logits_at_most(block):
+    """The issue's size: N = 2048, H = 256, V = 32768 float32, the default chunks of rows and
+    blocks of 1024 classes; the traced peak above the returned gradients is at most 10% of
+    the (N, V) logits."""
     rng = np.random.default_rng(12)
     n, H, V = 2048, 256, 32768
     e = rng.standard_normal((n, H), dtype=np.float32)
     w = rng.standard_normal((V, H), dtype=np.float32) * np.float32(1 / 16)
     y = rng.integers(0, V, n)
-    fl.linear_cross_entropy(e[:64], w[:512], y[:64] % 512)  # compiled beforehand
+    fl.linear_cross_entropy(e[:64], w[:512], y[:64] % 512, block_size=block)  # compiled beforehand
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        res = fl.linear_cross_entropy(e, w, y)
+        res = fl.linear_cross_entropy(e, w, y, block_size=block)
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
     beyond = peak - sum(g.nbytes for g in res.grad)
     logits = n * V * 4
     assert beyond <= 0.10 * logits, f"{beyond / 2**20:.1f} MiB beyond the gradients"
-    assert cpu_linear.block_size(n, V, 4) * n * 4 <= beyond  # the instrument sees the block
+    held = n * block if block else cpu_linear.chunk_rows(n, V, e.dtype, None) * V
+    assert held * 4 <= beyond  # the instrument sees the block
 
 
 # ----------------------------------------------------------------- the GPU path

@@ -124,12 +124,14 @@ def _prob_row(src, t, weight, keep, smooth, zcoef, slope, gscale, e, g, i):
 
 
 @jit
-def _rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef, cap, narrow,
-          wide, scale, g, losses):
+def rows(first, last, x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef, cap, narrow,
+         wide, scale, g, losses):
     """Rows [first, last): integer ``labels`` or ``probs`` (the other is None);
     the options in the compute type T but ``cap`` (float64 or None).  One of
     ``narrow`` and ``wide`` is True, the other None: the path, chosen by the
-    caller, the other pruned at compile time."""
+    caller, the other pruned at compile time.  ``scale`` multiplies the gradient
+    (the "mean" reduction's 1/denominator; the linear cross-entropy's chunks of
+    rows pass their whole call's)."""
     T = losses.dtype.type
     keep = T(1.0) - eps
     smooth = eps / T(x.shape[1])
@@ -183,7 +185,7 @@ def _rows_parallel(x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef,
     scale = T(grad_scale(mean, denom))
     block = max(1, ROW_BLOCK_ELEMENTS // C)
     for b in prange((n + block - 1) // block):
-        _rows(b * block, min(n, (b + 1) * block), x, labels, probs, weight, T(wsum), sw,
+        rows(b * block, min(n, (b + 1) * block), x, labels, probs, weight, T(wsum), sw,
               ignore_index, T(eps), T(zcoef), cap, narrow, wide, scale, g, losses)
     return loss_total(losses), denom
 
@@ -193,7 +195,7 @@ def _rows_serial(x, labels, probs, weight, wsum, sw, ignore_index, eps, zcoef, c
                  mean, g, losses):
     T = losses.dtype.type
     denom = mean_denominator(labels, probs, ignore_index, weight, sw)
-    _rows(0, x.shape[0], x, labels, probs, weight, T(wsum), sw, ignore_index, T(eps), T(zcoef),
+    rows(0, x.shape[0], x, labels, probs, weight, T(wsum), sw, ignore_index, T(eps), T(zcoef),
           cap, narrow, wide, T(grad_scale(mean, denom)), g, losses)
     return loss_total(losses), denom
 

@@ -1,7 +1,18 @@
-r"""Fused linear + softmax cross-entropy (CPU): the vocabulary walked in blocks.
+r"""Fused linear + softmax cross-entropy (CPU): chunks of rows, or the vocabulary in blocks.
 
-The logits ``z = cap(E W^T + b)`` of all N rows and V classes are never held:
-for one block of classes ``[c0, c1)`` NumPy's BLAS forms ``X = E W[c0:c1]^T``
+Two ways to never hold the ``(N, V)`` logits, chosen per call by ``plan``:
+
+chunks of rows (the default where it fits): ``R`` rows with every class, ``X = E[r] W^T``
+    (``R x V`` in a reused buffer, at most ``CHUNK_BYTES``), ``fastloss.cpu.cross_entropy``'s
+    row kernel in place (each row has its whole vocabulary: its loss and ``G`` at once, the
+    "mean" scale known beforehand), then ``dE[r] = G W`` and ``dW += G^T E[r]`` (in blocks
+    of classes through a small buffer: NumPy's products do not accumulate).  Three
+    products, as the unfused path, at the price of reading and writing ``dW`` once per
+    chunk; worth it while chunks are tall (``MIN_CHUNK_ROWS``), i.e. V is not too large.
+    (Liger-Kernel's recipe.)  float32/float64 only: float16 needs the whole ``W`` widened.
+the vocabulary in blocks, otherwise or when the caller sets ``block_size``, below.
+
+The vocabulary in blocks: for one block of classes ``[c0, c1)`` NumPy's BLAS forms ``X = E W[c0:c1]^T``
 into a reused ``(N, c1 - c0)`` buffer, and Numba kernels over its rows do the
 rest, in place.  With ``fastloss.formulas.softmax``'s notation:
 
@@ -26,8 +37,8 @@ pass of statistics.
 
 Rows run in parallel over tasks of whole rows (each task owns its rows of
 the block and of the per-row statistics: no races); the kernels trust their
-inputs: ``x`` the block ``(N, B)`` in the compute type, ``labels`` int64,
-``bias``/``weight`` the block's slices or None.
+inputs: ``x`` the block ``(N, B)`` (or chunk ``(R, V)``) in the compute type,
+``labels`` int64, ``bias``/``weight`` the block's slices or None.
 """
 import numpy as np
 from numba import njit, prange
@@ -35,6 +46,7 @@ from numba import njit, prange
 from fastloss._reduction import grad_scale
 from fastloss.cpu import _storage
 from fastloss.cpu._formulas import softmax
+from fastloss.cpu.cross_entropy import rows as softmax_rows
 from fastloss.cpu._jit import KERNEL_OPTIONS, jit
 from fastloss.cpu._math import vexp_nonpos
 from fastloss.cpu._rows import (ROW_BLOCK_ELEMENTS, exp_shifted, loss_total, mean_denominator,
@@ -43,6 +55,19 @@ from fastloss.cpu._threads import launch
 
 BLOCK_BYTES = 1 << 23  # the block of logits a default block size aims at
 MIN_BLOCK, MAX_BLOCK = 128, 8192  # classes per block: BLAS wants width, memory wants it small
+CHUNK_BYTES = 16 << 20  # the largest chunk of whole rows of logits
+MIN_CHUNK_ROWS = 128  # shorter chunks re-read dW too often: the blocks of classes win
+DW_BLOCK_BYTES = 1 << 21  # dW's block summed through a buffer: few products per chunk
+
+
+def chunk_rows(n, V, dtype, width):
+    """Rows per chunk of whole rows (``R``, the rows that fit ``CHUNK_BYTES``, at least
+    ``MIN_CHUNK_ROWS`` or all of them), or None when the vocabulary goes in blocks: the
+    caller set a block ``width``, float16 inputs, or too wide a vocabulary."""
+    if width is not None or dtype == np.float16:
+        return None
+    rows = CHUNK_BYTES // max(1, V * dtype.itemsize)
+    return min(n, rows) if rows >= min(n, MIN_CHUNK_ROWS) and n > 0 else None
 
 
 def block_size(n, V, itemsize):
@@ -196,6 +221,83 @@ def _grad_serial(x, c0, labels, bias, weight, cap, ignore_index, m, a, b, gy):
     _grad_rows(0, x.shape[0], x, c0, labels, bias, weight, cap, ignore_index, m, a, b, gy)
 
 
+@njit(parallel=True, **KERNEL_OPTIONS)
+def _chunk_parallel(x, labels, weight, wsum, sw, ignore_index, eps, zcoef, cap, scale, g, losses):
+    T = losses.dtype.type
+    n, V = x.shape
+    per_task = max(1, ROW_BLOCK_ELEMENTS // V)
+    for t in prange((n + per_task - 1) // per_task):
+        softmax_rows(t * per_task, min(n, (t + 1) * per_task), x, labels, None, weight, T(wsum),
+                     sw, ignore_index, T(eps), T(zcoef), cap, None, True, T(scale), g, losses)
+
+
+@jit
+def _chunk_serial(x, labels, weight, wsum, sw, ignore_index, eps, zcoef, cap, scale, g, losses):
+    T = losses.dtype.type
+    softmax_rows(0, x.shape[0], x, labels, None, weight, T(wsum), sw, ignore_index, T(eps),
+                 T(zcoef), cap, None, True, T(scale), g, losses)
+
+
+def _by_rows(E, W, labels, bias, weight, sw, ignore_index, eps, zcoef, cap, reduction, grad,
+             grads_out, R):
+    """``linear_cross_entropy`` in chunks of ``R`` whole rows (float32/float64 inputs)."""
+    n, H = E.shape
+    V = W.shape[0]
+    T = E.dtype.type
+    wsum = float(V if weight is None else np.sum(weight, dtype=np.float64))
+    denom = mean_denominator(labels, None, ignore_index, weight, sw)
+    scale = grad_scale(reduction == "mean", denom)
+    buffer = np.empty(R * V, T)
+    losses = np.empty(n, T)
+    threaded = use_threads(buffer.reshape(R, V))
+    dE = dW = db = dW_part = None
+    if grad:
+        direct = grads_out is not None and grads_out[0].flags.c_contiguous
+        dE = grads_out[0].reshape(n, H) if direct else np.empty((n, H), T)
+        dW = np.empty((V, H), T) if grads_out is None else grads_out[1]
+        if bias is not None:
+            db = np.empty(V, T) if grads_out is None else grads_out[2]
+        span = max(1, min(V, DW_BLOCK_BYTES // max(1, H * E.itemsize)))
+        dW_part = np.empty((span, H), T)
+    for r0 in range(0, n, R):
+        r1 = min(n, r0 + R)
+        x = buffer[:(r1 - r0) * V].reshape(r1 - r0, V)
+        Ec = E[r0:r1]
+        np.matmul(Ec, W.T, out=x)
+        if bias is not None:
+            x += bias
+        launch(_chunk_parallel, _chunk_serial, threaded, x, labels[r0:r1], weight, wsum,
+               None if sw is None else sw[r0:r1], ignore_index, eps, zcoef, cap, scale,
+               x if grad else None, losses[r0:r1])
+        if not grad:
+            continue
+        np.matmul(x, W, out=dE[r0:r1])
+        if bias is not None:
+            if r0 == 0:
+                np.sum(x, axis=0, out=db)
+            else:
+                db += x.sum(axis=0)
+        if r0 == 0 and dW.flags.c_contiguous:
+            np.matmul(x.T, Ec, out=dW)
+            continue
+        for c0 in range(0, V, dW_part.shape[0]):
+            c1 = min(V, c0 + dW_part.shape[0])
+            part = dW_part[:c1 - c0]
+            np.matmul(x[:, c0:c1].T, Ec, out=part)
+            if r0 == 0:
+                dW[c0:c1] = part
+            else:
+                dW[c0:c1] += part
+    total = loss_total(losses)
+    if not grad:
+        return losses, total, denom, None
+    if grads_out is not None:
+        if not direct:
+            grads_out[0][...] = dE.reshape(grads_out[0].shape)
+        dE = grads_out[0]
+    return losses, total, denom, (dE, dW) if db is None else (dE, dW, db)
+
+
 class _Blocks:
     """The vocabulary's blocks and their logits: ``logits(w, c0, c1)`` is the block's
     ``E W[c0:c1]^T`` (``w = weights(c0, c1)``) in a buffer reused by every block."""
@@ -231,12 +333,22 @@ def linear_cross_entropy(E, W, labels, bias, weight, sw, ignore_index, eps, zcoe
     """``(per-row losses, loss sum, "mean" denominator, grads)`` of checked NumPy
     inputs: ``E (N, H)``, ``W (V, H)``, int64 ``labels (N,)``, the optional
     ``bias (V,)``, ``weight (V,)`` (compute type) and ``sw (N,)``; ``grads_out``
-    the caller's ``(dE, dW[, db])`` or None; ``width`` classes per block.
-    ``grads`` is None unless ``grad``: ``(dE, dW[, db])`` in the inputs' dtype."""
+    the caller's ``(dE, dW[, db])`` or None; ``width`` the caller's classes per
+    block or None (``chunk_rows`` chooses).  ``grads`` is None unless ``grad``:
+    ``(dE, dW[, db])`` in the inputs' dtype."""
     n, H = E.shape
     V = W.shape[0]
     T = _storage.compute_type(E.dtype)
     Ec = np.ascontiguousarray(E, dtype=T)
+    R = chunk_rows(n, V, E.dtype, width)
+    if R is not None:
+        # a classifier in neither order is copied once: NumPy's products would otherwise
+        # leave BLAS for a slow loop of other round-off
+        W = W if W.flags.c_contiguous or W.flags.f_contiguous else np.ascontiguousarray(W)
+        return _by_rows(Ec, W, labels, bias, weight, sw, ignore_index, eps, zcoef, cap, reduction,
+                        grad, grads_out, R)
+    if width is None:
+        width = block_size(n, V, E.itemsize)
     blocks = _Blocks(Ec, W, width, T)
     biasc = None if bias is None else np.ascontiguousarray(bias, dtype=T)
     threaded = use_threads(blocks.logits_buffer(min(width, V)))
