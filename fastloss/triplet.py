@@ -1,4 +1,6 @@
 """Triplet losses: the public wrappers (``triplet_margin_loss``, ``batch_triplet_loss``)."""
+import numpy as np
+
 from fastloss import _validation as check
 from fastloss._dispatch import select_backend
 from fastloss._result import LossGrad
@@ -15,6 +17,25 @@ def _choice(value, allowed, name):
 _GRAD_OUT_NAMES = ("grad_out[0]", "grad_out[1]", "grad_out[2]")
 
 
+def _host_only(grad_out):
+    """Whether ``grad_out`` is three NumPy arrays (they cannot move the call off the host)."""
+    return (type(grad_out) is tuple and len(grad_out) == 3 and type(grad_out[0]) is np.ndarray
+            and type(grad_out[1]) is np.ndarray and type(grad_out[2]) is np.ndarray)
+
+
+def _fresh_host_buffers(grad_out, shape, dtype):
+    """The common reuse, answered inline (a reused buffer must cost no more than a new
+    one): three distinct writable NumPy arrays of ``shape`` and ``dtype`` that own their
+    memory, hence apart."""
+    a, b, c = grad_out
+    return (type(a) is np.ndarray and type(b) is np.ndarray and type(c) is np.ndarray
+            and a.shape == shape and b.shape == shape and c.shape == shape
+            and a.dtype is dtype and b.dtype is dtype and c.dtype is dtype
+            and a.base is None and b.base is None and c.base is None
+            and a is not b and b is not c and a is not c
+            and a.flags.writeable and b.flags.writeable and c.flags.writeable)
+
+
 def _grad_outs(grad_out, shape, dtype, dev=None):
     """``grad_out`` of triplet_margin_loss: a tuple of three writable arrays of the inputs'
     shape and dtype that do not overlap one another; on the GPU (``dev`` given, device
@@ -22,6 +43,8 @@ def _grad_outs(grad_out, shape, dtype, dev=None):
     if not isinstance(grad_out, (tuple, list)) or len(grad_out) != 3:
         raise TypeError("grad_out must be a tuple of three arrays (d_anchor, d_positive, "
                         f"d_negative), got {type(grad_out).__name__}")
+    if dev is None and _fresh_host_buffers(grad_out, shape, dtype):
+        return tuple(grad_out)
     for k, (g, name) in enumerate(zip(grad_out, ("anchor", "positive", "negative"))):
         try:
             check.grad_buffer(g, shape, dtype, dev is not None)
@@ -124,7 +147,8 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
     """
     dev = caller_grad_out = None
     where = select_backend(backend, anchor=anchor, positive=positive, negative=negative,
-                           **({} if grad_out is None or not isinstance(grad_out, (tuple, list))
+                           **({} if grad_out is None or _host_only(grad_out)
+                              or not isinstance(grad_out, (tuple, list))
                               else dict(zip(_GRAD_OUT_NAMES, grad_out))))
     if where == "dask":
         from fastloss import _dask

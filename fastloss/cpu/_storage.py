@@ -112,9 +112,20 @@ def gradient_buffer(grad_out, shape, dtype, inplace_ok, reads):
     if grad_out is None:
         g = np.empty(shape, dtype)
         return g, g
-    if grad_out.flags.c_contiguous and (grad_out is inplace_ok or (
+    if not grad_out.flags.c_contiguous:
+        return np.empty(shape, dtype), grad_out
+    if grad_out.base is None:
+        # the common case, inline (a reused buffer must cost no more than np.empty): an
+        # array owning its memory overlaps only itself and its views
+        for b in reads:
+            if b is not None and (b is grad_out or b.base is not None):
+                break
+        else:
+            if inplace_ok is None or inplace_ok is grad_out or inplace_ok.base is None:
+                return grad_out, grad_out
+    if grad_out is inplace_ok or (
             (inplace_ok is None or not may_overlap(grad_out, inplace_ok))
-            and _apart_all(grad_out, reads))):
+            and _apart_all(grad_out, reads)):
         return grad_out, grad_out
     return np.empty(shape, dtype), grad_out
 

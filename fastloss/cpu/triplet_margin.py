@@ -140,12 +140,14 @@ def triplet_margin_loss(anchor, positive, negative, distance, swap, margin, eps,
     x = Triplets(*(_storage.kernel_view(v, (n, D)) for v in inputs))
     g = None
     if grad:
-        buffers = []
-        for k, v in enumerate(inputs):
-            # the three grad_out are apart: each is checked against the inputs
-            others = tuple(y for m, y in enumerate(inputs) if m != k)
-            out = None if grad_out is None else grad_out[k]
-            buffers.append(_storage.gradient_buffer(out, v.shape, v.dtype, v, others))
+        # the three grad_out are apart: each is checked against the inputs
+        outs = (None, None, None) if grad_out is None else grad_out
+        buffers = [_storage.gradient_buffer(outs[0], anchor.shape, anchor.dtype, anchor,
+                                            (positive, negative)),
+                   _storage.gradient_buffer(outs[1], anchor.shape, anchor.dtype, positive,
+                                            (anchor, negative)),
+                   _storage.gradient_buffer(outs[2], anchor.shape, anchor.dtype, negative,
+                                            (anchor, positive))]
         g = Triplets(*(_storage.kernel_view(w, (n, D)) for w, _ in buffers))
     losses = np.empty(n, _storage.compute_type(anchor.dtype))
     opt = MarginOptions(DISTANCES[distance], bool(swap), float(margin), float(eps),
