@@ -17,17 +17,27 @@ more than 64 registers without spilling (``tests/test_cuda_compile.py`` runs
 ptxas on each) take ``LARGE_KERNEL_BLOCK``; the others a block of up to
 ``MAX_THREADS``.
 
-Block reductions go through a shared float64 buffer of ``MAX_THREADS``
-entries with a tree of barriers (``syncthreads`` reached by every thread of
-the block).  They use no warp shuffles, which the simulator lacks; on the GPU
-the reductions are a sliver of each row's work, the memory traffic is the rest.
+Block reductions (float64) shuffle down within each warp, pass the warps'
+results through a shared buffer of ``MAX_THREADS`` entries, shuffle again,
+and hand thread 0's result to every thread through the buffer: a fixed tree,
+the same bits on every run.  The simulator has no shuffles: there each one is
+emulated through the same buffer with barriers, so the simulator runs the
+reductions' own code.
+
+The fast row loops' exp is ``fast_exp``: for float32, ``ex2.approx`` after an
+FMA range reduction (``exp32``; tests/test_cuda_fast_exp.py measures it
+against float64), ``math.exp`` for float64.
 """
 import math
 import os
 
-from numba import cuda, int64
+import numpy as np
+from llvmlite import ir
+from numba import cuda, float64, int64, types, uint64
 from numba.core import config
-from numba.cuda.extending import overload
+from numba.core.extending import register_jitable
+from numba.cuda import libdevice
+from numba.cuda.extending import intrinsic, overload
 
 from fastloss._cache import CACHE
 
@@ -108,10 +118,10 @@ def set_threads_per_block(n, rows=None):
     ROW_THREADS = _check_threads(n if rows is None else rows, "threads per block")
 
 
-def threads_for(width):
-    """Threads for a one-block-per-row kernel: about one per ``UNROLL``
+def threads_for(width, per_thread=UNROLL):
+    """Threads for a one-block-per-row kernel: about one per ``per_thread``
     elements of the row (a power of two, at least 1), at most ``ROW_THREADS``."""
-    need = max(1, -(-width // UNROLL))
+    need = max(1, -(-width // per_thread))
     if need >= ROW_THREADS:
         return ROW_THREADS
     return 1 << math.ceil(math.log2(need))
@@ -219,24 +229,68 @@ def _set_element(a, i, value):
     return impl
 
 
+FULL_MASK = 0xFFFFFFFF  # every lane of a warp
+WARP = 32
+
+if config.ENABLE_CUDASIM:
+    # The simulator has no warp shuffles: each is emulated through the block's
+    # shared buffer (every thread of the block calls it, as every thread calls a
+    # block reduction), so that the simulator runs the shuffle reductions below.
+    @cuda.jit(device=True)
+    def _shfl_down(buf, value, delta, width):
+        t = cuda.threadIdx.x
+        cuda.syncthreads()  # earlier reads of buf are done
+        buf[t] = value
+        cuda.syncthreads()
+        lane = t % WARP
+        other = buf[t + delta] if lane + delta < width else value
+        cuda.syncthreads()
+        return other
+else:
+    @cuda.jit(device=True)
+    def _shfl_down(buf, value, delta, width):
+        mask = FULL_MASK if width >= WARP else (1 << width) - 1
+        return cuda.shfl_down_sync(mask, value, delta)
+
+
+@cuda.jit(device=True)
+def _combine(a, b, largest):
+    """a + b, or the larger (a NaN wins) when ``largest`` (a constant)."""
+    if largest:
+        return a if (a >= b or a != a) else b
+    return a + b
+
+
 @cuda.jit(device=True)
 def _block_reduce(buf, value, largest):
-    """The sum of ``value`` over the block, or its maximum when ``largest`` (a
-    constant), returned to every thread: a tree of barriers over ``buf``."""
+    """The sum of ``value`` (float64) over the block, or its maximum when
+    ``largest`` (a constant), returned to every thread: a fixed tree of shuffles
+    down within each warp, the warps' results through ``buf``, the same shuffles
+    over them in each warp, and thread 0's result through ``buf`` (every thread
+    gets the same bits).  One loop nest, so that the combining code is inlined
+    once.  Block sizes are powers of two."""
     t = cuda.threadIdx.x
-    buf[t] = value
+    nt = cuda.blockDim.x
+    width = min(nt, WARP)
+    stage = 0
+    while stage < 2:
+        delta = width // 2
+        while delta > 0:
+            value = _combine(value, _shfl_down(buf, value, delta, width), largest)
+            delta //= 2
+        stage += 1
+        if stage == 1 and nt > WARP:
+            if t % WARP == 0:
+                buf[t // WARP] = value
+            cuda.syncthreads()
+            width = nt // WARP
+            value = buf[t % width]
+            cuda.syncthreads()  # buf is written next
+        else:
+            stage = 2
+    if t == 0:
+        buf[0] = value
     cuda.syncthreads()
-    half = cuda.blockDim.x // 2
-    while half > 0:
-        if t < half:
-            a = buf[t]
-            b = buf[t + half]
-            if largest:
-                buf[t] = a if (a >= b or a != a) else b
-            else:
-                buf[t] = a + b
-        cuda.syncthreads()
-        half //= 2
     total = buf[0]
     cuda.syncthreads()  # buf is reused by the next reduction
     return total
@@ -245,36 +299,185 @@ def _block_reduce(buf, value, largest):
 @cuda.jit(device=True)
 def block_sum(buf, value):
     """Sum of ``value`` over the block (float64), returned to every thread."""
-    return _block_reduce(buf, value, False)
+    return _block_reduce(buf, float64(value), False)
 
 
 @cuda.jit(device=True)
 def block_max(buf, value):
     """Maximum of ``value`` over the block, returned to every thread; a NaN
     anywhere gives NaN (as max(x) in PyTorch)."""
-    return _block_reduce(buf, value, True)
+    return _block_reduce(buf, float64(value), True)
 
 
 @cuda.jit(device=True)
 def block_logsumexp(mbuf, sbuf, m, s):
     """Merge every thread's online-softmax pair ``(m, s)``, ``s = sum exp(z - m)``
-    over its share of the row, into the row's ``(max, sum exp(z - max))``."""
+    over its share of the row, into the row's ``(max, sum exp(z - max))``, in
+    float64, returned to every thread (``_block_reduce``'s scheme)."""
     t = cuda.threadIdx.x
-    mbuf[t] = m
-    sbuf[t] = s
+    nt = cuda.blockDim.x
+    m = float64(m)
+    s = float64(s)
+    width = min(nt, WARP)
+    stage = 0
+    while stage < 2:
+        delta = width // 2
+        while delta > 0:
+            m2 = _shfl_down(mbuf, m, delta, width)
+            s2 = _shfl_down(sbuf, s, delta, width)
+            m, s = merge_online(m, s, m2, s2)
+            delta //= 2
+        stage += 1
+        if stage == 1 and nt > WARP:
+            if t % WARP == 0:
+                mbuf[t // WARP] = m
+                sbuf[t // WARP] = s
+            cuda.syncthreads()
+            width = nt // WARP
+            m = mbuf[t % width]
+            s = sbuf[t % width]
+            cuda.syncthreads()
+        else:
+            stage = 2
+    if t == 0:
+        mbuf[0] = m
+        sbuf[0] = s
     cuda.syncthreads()
-    half = cuda.blockDim.x // 2
-    while half > 0:
-        if t < half:
-            m1, s1 = mbuf[t], sbuf[t]
-            m2, s2 = mbuf[t + half], sbuf[t + half]
-            mbuf[t], sbuf[t] = merge_online(m1, s1, m2, s2)
-        cuda.syncthreads()
-        half //= 2
     m = mbuf[0]
     s = sbuf[0]
     cuda.syncthreads()
     return m, s
+
+
+def fmax(a, b):
+    """The larger of two floats, a NaN ignored (IEEE maxNum, the GPU's FMNMX)."""
+    if a != a:
+        return b
+    return a if (a >= b or b != b) else b
+
+
+@overload(fmax, target="cuda")
+def _fmax(a, b):
+    if a == types.float32:
+        return lambda a, b: libdevice.fmaxf(a, b)
+    return lambda a, b: libdevice.fmax(a, b)
+
+
+# ---------------------------------------------------------------- fast exp
+#
+# exp(x) = 2**n * 2**f with n = rint(x log2 e) and f = x log2 e - n, |f| <= 1/2:
+# n from one FMA against a shift constant (its low bits are then n + 127, the
+# exponent field of 2**n), f from two FMAs against log2 e split in two floats
+# (exact but for the last rounding), 2**f from the hardware's ex2.approx, and
+# the product.  n is clamped at -126 (2**n stays normal): below, f carries the
+# rest, so results down to the denormals come out right, and -inf gives 0.
+# Valid for x <= 88.37 (n <= 127) and NaN: the softmax's exp(z - max z) <= 1.
+
+LOG2E_HI = np.float32(1.4426950216293334961)  # float32(log2 e)
+LOG2E_LO = np.float32(1.925963033500011079e-08)  # log2 e - LOG2E_HI
+EXP_SHIFT = np.float32(1.5 * 2 ** 23 + 127)  # j = x log2 e + EXP_SHIFT holds n + 127 in its low bits
+EXP_LOWEST = np.float32(1.5 * 2 ** 23 + 1)  # j at n = -126
+
+
+def fma32(a, b, c):
+    """``a * b + c`` rounded once to float32 (the GPU's FFMA).  Python: the product
+    of two float32 is exact in float64, the sum's float64 rounding error is found
+    (two-sum) and breaks the tie where the float64 sum lands on a float32 midpoint."""
+    p, c = float(a) * float(b), float(c)
+    s = p + c
+    r = np.float32(s) if abs(s) <= 3.4028235677973366e38 else np.float32(math.copysign(math.inf, s))
+    if math.isfinite(s) and float(r) != s:
+        bb = s - p
+        err = (p - (s - bb)) + (c - bb)
+        toward = np.nextafter(r, np.float32(math.copysign(math.inf, s - float(r))))
+        if err != 0 and s == (float(r) + float(toward)) / 2 and (err > 0) == (float(toward) > float(r)):
+            r = toward
+    return np.float32(r)
+
+
+@overload(fma32, target="cuda")
+def _fma32(a, b, c):
+    return lambda a, b, c: cuda.fma(a, b, c)
+
+
+def ex2_approx(f):
+    """2**f by the GPU's ``ex2.approx.ftz.f32`` (denormal inputs and results
+    flushed to 0).  Python: 2**f correctly rounded to float32, then flushed, as a
+    Python float: its product with ``pow2_from_shifted`` is then exact, and
+    ``fast_exp`` rounds it to float32 once, as the GPU's multiply does (without
+    NumPy's warnings about NaN)."""
+    f = np.float32(f)
+    if f != 0 and abs(f) < np.float32(2.0 ** -126):
+        f = np.float32(0)
+    with np.errstate(over="ignore"):
+        r = np.float32(np.exp2(np.float64(f)))
+    return 0.0 if r < np.float32(2.0 ** -126) else float(r)
+
+
+@intrinsic
+def _ex2_approx_ftz(typingctx, f):
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType()])
+        return builder.call(ir.InlineAsm(fnty, "ex2.approx.ftz.f32 $0, $1;", "=f,f"), args)
+    return types.float32(types.float32), codegen
+
+
+@overload(ex2_approx, target="cuda")
+def _ex2_approx(f):
+    return lambda f: _ex2_approx_ftz(f)
+
+
+def pow2_from_shifted(j):
+    """2**n from ``j = n + EXP_SHIFT`` (a float32 holding an integer, -126 <= n <=
+    127): the low 9 bits of its bit pattern, n + 127, moved into the exponent field.
+    Python: as a Python float (see ``ex2_approx``)."""
+    bits = np.array([j], np.float32).view(np.uint32)[0]
+    return float(np.array([(int(bits) << 23) & 0xFFFFFFFF], np.uint32).view(np.float32)[0])
+
+
+@intrinsic
+def _pow2_from_shifted(typingctx, j):
+    if j != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        bits = builder.shl(builder.bitcast(args[0], i32), ir.Constant(i32, 23))
+        return builder.bitcast(bits, ir.FloatType())
+    return types.float32(types.float32), codegen
+
+
+@overload(pow2_from_shifted, target="cuda")
+def _pow2_from_shifted_cuda(j):
+    return lambda j: _pow2_from_shifted(j)
+
+
+@register_jitable
+def exp32(x):
+    """exp(x) of a float32 ``x <= 88.37`` (or NaN, or -inf): the range reduction
+    above, then ``ex2.approx``; within 2 ulp plus ex2.approx's own error
+    (tests/test_cuda_fast_exp.py measures it, ex2 modelled as correctly rounded)."""
+    j = fma32(x, LOG2E_HI, EXP_SHIFT)
+    j = j if j > EXP_LOWEST else EXP_LOWEST  # n >= -126; a NaN x takes n = -126 (f is NaN)
+    n = j - EXP_SHIFT
+    f = fma32(x, LOG2E_HI, -n)
+    f = fma32(x, LOG2E_LO, f)
+    return ex2_approx(f) * pow2_from_shifted(j)
+
+
+def fast_exp(x):
+    """exp(x) for ``x <= 88.37``: ``exp32`` for float32, ``math.exp`` for float64."""
+    return np.float32(exp32(x)) if isinstance(x, np.float32) else math.exp(x)
+
+
+@overload(fast_exp, target="cuda")
+def _fast_exp(x):
+    if x == types.float32:
+        return lambda x: exp32(x)
+    return lambda x: math.exp(x)
 
 
 @cuda.jit(device=True)
@@ -299,6 +502,64 @@ def load_group(a, row, c):
     ``UNROLL`` values, and tests/test_cross_entropy.py checks the count."""
     nt = cuda.blockDim.x
     return a[row, c], a[row, c + nt], a[row, c + 2 * nt], a[row, c + 3 * nt]
+
+
+GROUP = 8  # fast row loops: loads per thread per step (two steps' worth for 2-byte data)
+
+
+def per_thread(a):
+    """Elements of ``a`` that a thread of a fast row loop loads per step: 16 for
+    2-byte data (float16), else ``GROUP``: 32 bytes in flight either way."""
+    return 2 * GROUP if a.dtype.itemsize == 2 else GROUP
+
+
+@overload(per_thread, target="cuda")
+def _per_thread(a):
+    k = uint64(2 * GROUP if a.dtype.bitwidth == 16 else GROUP)
+    return lambda a: k
+
+
+def fast_rows(a):
+    """Whether the row kernels take the fast row loops for ``a``'s dtype: float16 and
+    float32 (float64 keeps the loops of ``load_group`` and ``math.exp``, whose
+    eight-wide steps would spill registers)."""
+    return a.dtype.itemsize != 8
+
+
+@overload(fast_rows, target="cuda")
+def _fast_rows(a):
+    fast = a.dtype.bitwidth != 64
+    return lambda a: fast
+
+
+@cuda.jit(device=True)
+def load8(a, c, nt):
+    """``a[c + k nt]``, ``k < 8``, of a 1-D ``a`` with unsigned ``c`` and ``nt``
+    (no negative-index wrap-around): eight independent loads."""
+    c1 = c + nt
+    c2 = c1 + nt
+    c3 = c2 + nt
+    c4 = c3 + nt
+    c5 = c4 + nt
+    c6 = c5 + nt
+    c7 = c6 + nt
+    return a[c], a[c1], a[c2], a[c3], a[c4], a[c5], a[c6], a[c7]
+
+
+def load_step(a, c, nt):
+    """One step of a fast row loop: ``(lo, hi)``, the 8-tuples ``a[c + k nt]`` for
+    ``k < 8`` and ``8 <= k < 16``; ``hi`` is None unless ``per_thread(a)`` is 16."""
+    if per_thread(a) == 2 * GROUP:
+        return load8(a, c, nt), load8(a, c + GROUP * nt, nt)
+    return load8(a, c, nt), None
+
+
+@overload(load_step, target="cuda")
+def _load_step(a, c, nt):
+    if a.dtype.bitwidth == 16:
+        shift = uint64(GROUP)
+        return lambda a, c, nt: (load8(a, c, nt), load8(a, c + shift * nt, nt))
+    return lambda a, c, nt: (load8(a, c, nt), None)
 
 
 @cuda.jit(device=True)

@@ -1,6 +1,211 @@
-"""The launch of a one-block-per-row kernel (cross entropy, focal loss) on checked device views."""
+"""One-block-per-row kernels (cross entropy, focal loss): their fast row loops, and
+their launch on checked device views.
+
+The fast loops (``label_sums``, ``exp_grads``) walk a row as a 1-D view with
+unsigned column indices (no negative-index wrap-around per element) in steps
+of ``per_thread`` loads per thread (8 float32, 16 float16), each step's loads
+issued before any is used.  Pass 1 takes the step's maximum first, then
+rescales the running sum once (not once per element); pass 2 walks the steps
+in reverse, so that it first reads the columns that pass 1 read last, which
+are still in L2.  The exponentials are ``_blocks.fast_exp``.
+"""
+import math
+
+from numba import cuda, uint64
+
 from fastloss.cuda._arrays import compute_type, rows
-from fastloss.cuda._blocks import fit, row_grid, threads_for
+from fastloss.cuda._blocks import (GROUP, UNROLL, cast_like, fast_exp, fast_rows, fit, fmax, load_step,
+                                   online_add, per_thread, row_grid, threads_for)
+
+_FLOAT32_LOWEST = -3.4028234663852886e38
+
+
+@cuda.jit(device=True)
+def _widen(v, zero):
+    """An 8-tuple of stored values in the compute type (that of ``zero``)."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = v
+    return (cast_like(v0, zero), cast_like(v1, zero), cast_like(v2, zero), cast_like(v3, zero),
+            cast_like(v4, zero), cast_like(v5, zero), cast_like(v6, zero), cast_like(v7, zero))
+
+
+@cuda.jit(device=True)
+def _max8(v):
+    v0, v1, v2, v3, v4, v5, v6, v7 = v
+    return fmax(fmax(fmax(v0, v1), fmax(v2, v3)), fmax(fmax(v4, v5), fmax(v6, v7)))
+
+
+@cuda.jit(device=True)
+def _exp_term(v, m, k, skip, zero):
+    """exp(v - m), or 0 for the column ``skip`` (None: none) of the step."""
+    if skip is None:
+        return fast_exp(v - m)
+    return zero if k == skip else fast_exp(v - m)
+
+
+@cuda.jit(device=True)
+def _sumexp8(v, m, first, skip, zero):
+    """sum_k exp(v_k - m) over an 8-tuple (its columns numbered from ``first``
+    within the step), leaving out the column ``skip`` (None: none)."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = v
+    return ((_exp_term(v0, m, first, skip, zero) + _exp_term(v1, m, first + 1, skip, zero))
+            + (_exp_term(v2, m, first + 2, skip, zero) + _exp_term(v3, m, first + 3, skip, zero))
+            + ((_exp_term(v4, m, first + 4, skip, zero) + _exp_term(v5, m, first + 5, skip, zero))
+               + (_exp_term(v6, m, first + 6, skip, zero)
+                  + _exp_term(v7, m, first + 7, skip, zero))))
+
+
+@cuda.jit(device=True)
+def _shifted8(v, m, zero):
+    """sum_k (v_k - m) over an 8-tuple, a term 0 where v_k == m (no inf - inf)."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = v
+    return (((zero if v0 == m else v0 - m) + (zero if v1 == m else v1 - m))
+            + ((zero if v2 == m else v2 - m) + (zero if v3 == m else v3 - m))
+            + (((zero if v4 == m else v4 - m) + (zero if v5 == m else v5 - m))
+               + ((zero if v6 == m else v6 - m) + (zero if v7 == m else v7 - m))))
+
+
+@cuda.jit(device=True)
+def _sum_step(lo, hi, m, s, szm, cnt, skip, smooth, zero, one):
+    """The online state ``(max, sum of exp, sum of (z - max), count)`` after one
+    step's values (``hi`` None: 8 of them), the column ``skip`` of the step left
+    out of the sum of exp (None: none), the last two only when ``smooth``."""
+    a = _widen(lo, zero)
+    gm = _max8(a)
+    if hi is not None:
+        b = _widen(hi, zero)
+        gm = fmax(gm, _max8(b))
+    m_new = fmax(m, gm)
+    lowest = cast_like(_FLOAT32_LOWEST, zero)
+    ms = fmax(m_new, lowest)  # a row of -inf so far: every term exp(-inf - lowest) = 0
+    # one rescale per step, exactly 1 when the maximum stays
+    rescale = fast_exp(fmax(m, lowest) - ms) if m_new > m else one
+    terms = _sumexp8(a, ms, 0, skip, zero)
+    if hi is not None:
+        terms += _sumexp8(b, ms, GROUP, skip, zero)
+    s = s * rescale + terms
+    if smooth is not None:
+        if m_new != m and cnt != zero:
+            szm -= cnt * (m_new - m)
+        szm += _shifted8(a, m_new, zero)
+        cnt += cast_like(GROUP, zero)
+        if hi is not None:
+            szm += _shifted8(b, m_new, zero)
+            cnt += cast_like(GROUP, zero)
+    return m_new, s, szm, cnt
+
+
+@cuda.jit(device=True)
+def _sum_steps(xr, first, last, m, s, szm, cnt, smooth, zero, one):
+    """``_sum_step`` over the steps ``first <= i < last`` of this thread."""
+    nt = uint64(cuda.blockDim.x)
+    width = per_thread(xr) * nt
+    c = first * width + uint64(cuda.threadIdx.x)
+    end = last * width
+    while c < end:
+        lo, hi = load_step(xr, c, nt)
+        m, s, szm, cnt = _sum_step(lo, hi, m, s, szm, cnt, None, smooth, zero, one)
+        c += width
+    return m, s, szm, cnt
+
+
+@cuda.jit(device=True)
+def label_sums(xr, y, zy, smooth, zero):
+    """Pass 1 of an integer-target row ``xr`` (1-D) over this thread's columns:
+    ``(max, sum of exp(z - max) over the columns but y, sum of (z - max), count of
+    columns)``, the last two over every column (y too), only when ``smooth`` (else
+    0).  Every thread starts
+    from ``(zy, 0)``, which holds z_y in the maximum and out of the sum; the step
+    holding column y (``y // width``) leaves it out, the others run unchecked."""
+    one = cast_like(1, zero)
+    nt = uint64(cuda.blockDim.x)
+    t = uint64(cuda.threadIdx.x)
+    C = uint64(xr.shape[0])
+    y = uint64(y)
+    width = per_thread(xr) * nt
+    steps = C // width
+    ystep = y // width
+    m, s, szm, cnt = zy, zero, zero, zero
+    m, s, szm, cnt = _sum_steps(xr, uint64(0), min(ystep, steps), m, s, szm, cnt, smooth, zero,
+                                one)
+    if ystep < steps:
+        c = ystep * width + t
+        lo, hi = load_step(xr, c, nt)
+        # this thread's k-th value is column c + k nt: y is the k-th when it is its own
+        skip = (y - c) // nt if (y >= c and (y - c) % nt == 0) else per_thread(xr)
+        m, s, szm, cnt = _sum_step(lo, hi, m, s, szm, cnt, skip, smooth, zero, one)
+        m, s, szm, cnt = _sum_steps(xr, ystep + uint64(1), steps, m, s, szm, cnt, smooth, zero, one)
+    c = steps * width + t
+    while c < C:
+        v = cast_like(xr[c], zero)
+        m_new, s = online_add(m, s, v, c != y, cast_like(-math.inf, zero))
+        if smooth is not None:
+            if m_new != m and cnt != zero:
+                szm -= cnt * (m_new - m)
+            szm += zero if v == m_new else v - m_new
+            cnt += one
+        m = m_new
+        c += nt
+    return m, s, szm, cnt
+
+
+@cuda.jit(device=True)
+def _grad8(v, m, a, b, zero):
+    v0, v1, v2, v3, v4, v5, v6, v7 = v
+    return (fast_exp(cast_like(v0, zero) - m) * a - b, fast_exp(cast_like(v1, zero) - m) * a - b,
+            fast_exp(cast_like(v2, zero) - m) * a - b, fast_exp(cast_like(v3, zero) - m) * a - b,
+            fast_exp(cast_like(v4, zero) - m) * a - b, fast_exp(cast_like(v5, zero) - m) * a - b,
+            fast_exp(cast_like(v6, zero) - m) * a - b, fast_exp(cast_like(v7, zero) - m) * a - b)
+
+
+@cuda.jit(device=True)
+def _store8(g, c, nt, v):
+    """``g[c + k nt] = v_k``, ``k < 8`` (unsigned indices, converted to g's dtype)."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = v
+    g[c] = v0
+    c += nt
+    g[c] = v1
+    c += nt
+    g[c] = v2
+    c += nt
+    g[c] = v3
+    c += nt
+    g[c] = v4
+    c += nt
+    g[c] = v5
+    c += nt
+    g[c] = v6
+    c += nt
+    g[c] = v7
+
+
+@cuda.jit(device=True)
+def _grad_step(gr, c, nt, lo, hi, m, a, b, zero):
+    """One step of ``exp_grads`` from its loaded values (``hi`` None: 8 of them)."""
+    _store8(gr, c, nt, _grad8(lo, m, a, b, zero))
+    if hi is not None:
+        _store8(gr, c + uint64(GROUP) * nt, nt, _grad8(hi, m, a, b, zero))
+
+
+@cuda.jit(device=True)
+def exp_grads(xr, gr, m, a, b, zero):
+    """Pass 2 of a row: ``gr[c] = exp(xr[c] - m) a - b`` at this thread's columns
+    (1-D rows), the last columns first: the tail, then the steps in reverse.  Each
+    element is written after its own read by the same thread (``gr`` may be ``xr``)."""
+    nt = uint64(cuda.blockDim.x)
+    t = uint64(cuda.threadIdx.x)
+    C = uint64(xr.shape[0])
+    width = per_thread(xr) * nt
+    steps = C // width
+    c = steps * width + t
+    while c < C:
+        gr[c] = fast_exp(cast_like(xr[c], zero) - m) * a - b
+        c += nt
+    i = steps
+    while i > 0:
+        i -= uint64(1)
+        c = i * width + t
+        lo, hi = load_step(xr, c, nt)
+        _grad_step(gr, c, nt, lo, hi, m, a, b, zero)
 from fastloss.cuda._checks import grad_out_apart
 from fastloss.cuda._reduction import finish, per_row_losses
 
@@ -36,7 +241,8 @@ def row_loss(dev, kernel, args, stats, logits, reduction, grad, grad_out, caller
         g_native, g = ((grad_out, grad_out) if grad_out is not None
                        else dev.empty(batch_shape + (C,), dtype))
     if n:
-        threads = fit(kernel, threads_for(C))
+        x = args[0]
+        threads = fit(kernel, threads_for(C, per_thread(x) if fast_rows(x) else UNROLL))
         g = None if g is None else rows(g, C, "grad_out")
         dev.launch(kernel, row_grid(n, threads), threads, *args, stats, g, losses[1])
     return (finish(dev, losses, stats, reduction, batch_shape, dtype),

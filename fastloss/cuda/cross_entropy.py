@@ -6,11 +6,19 @@ soft-cap's slope is ``1 - tanh(x / cap)^2`` here; the reduction's scale
 
 Blocks are persistent (``row_grid``): about 1024 threads per SM, in blocks of
 at most 512 (``LARGE_KERNEL_BLOCK``: with every option the kernel needs up to
-106 registers per thread without spilling), each looping over rows, so that few rows are in flight and a row read by
-pass 1 is still in L2 when pass 2 reads it again (the memory traffic is then
-one read of the logits and one write of the gradient).  Each thread issues
-``UNROLL`` independent loads (``load_group``) before it uses them, to keep
-enough bytes in flight.
+128 registers per thread without spilling), each looping over rows, so that
+few rows are in flight and a row read by pass 1 is still in L2 when pass 2
+reads it again (the memory traffic is then one read of the logits and one
+write of the gradient).
+
+Integer targets without class weights or soft-cap, float16 and float32, take
+the fast row loops of ``cuda/_rows`` (``label_sums``, ``exp_grads``): a 1-D
+view of the row with unsigned column indices, 8 float32 or 16 float16 loads in
+flight per thread, one rescale of the running sum per step of loads, pass 2
+walking the row in reverse (the columns pass 1 read last, still in L2, first),
+and ``_blocks.fast_exp``.  Other rows (class weights, soft-cap, probability
+targets, float64) take the loops here, ``UNROLL`` loads per thread
+(``load_group``) and libdevice's exp.
 
 Pass 1: each thread walks its strided share of the row keeping an online
 ``(max, sum exp)`` pair, which one block reduction merges.  For an integer
@@ -20,22 +28,22 @@ writes the gradient; the target's entry is rewritten afterwards by the thread
 that owns it.  Each element of the gradient is written by the thread that
 reads the same element of the logits, after its read, and every other read of
 the row happens before pass 2's barrier: the gradient may alias the logits.
-Row offsets are 64-bit (Numba indexes with intp), so B*T*V may exceed 2**31.
+Row offsets are 64-bit (a row's base is computed once), so B*T*V may exceed 2**31.
 
 Absent options are ``None`` arguments: Numba compiles a specialization per
 combination, with the unused branches removed (compile-time switches).
 """
 import math
 
-from numba import cuda, float64, int64
+from numba import cuda, float64, int64, uint64
 
 from fastloss.cuda._arrays import compute_type
 from fastloss.cuda._blocks import (LARGE_KERNEL_BLOCK, MAX_THREADS, UNROLL, block_logsumexp,
-                                   block_sum, cast_like, group_end, ignored_row, kernel,
+                                   block_sum, cast_like, fast_rows, group_end, ignored_row, kernel,
                                    load_group, online_add, ptx_dtypes)
 from fastloss.cuda._formulas import softmax
 from fastloss.cuda._reduction import class_denominator, gradient_scale
-from fastloss.cuda._rows import class_rows, row_loss
+from fastloss.cuda._rows import class_rows, exp_grads, label_sums, row_loss
 
 
 @cuda.jit(device=True)
@@ -152,10 +160,20 @@ def _label_row(x, labels, row, ignore_index, weight, swi, gscale, eps, zcoef, ca
     if y == ignore_index:
         ignored_row(row, losses, g, zero)
         return
-    m, rest, szm, wsum = _label_sums(x, row, y, weight, eps, cap, zero, one,
-                                    cast_like(-math.inf, zero))
-    # read before the barriers below: the gradient may overwrite the logits
-    zy, slope_y = _capped(cast_like(x[row, y], zero), cap, one)
+    # the main path (no class weights, no soft-cap) takes the fast row loops
+    fast = weight is None and cap is None and fast_rows(x)
+    xr = x[row]
+    # z_y is read before the barriers below: the gradient may overwrite the logits
+    if fast:
+        zy, slope_y = cast_like(xr[uint64(y)], zero), one
+        if eps > 0:
+            m, rest, szm, wsum = label_sums(xr, y, zy, True, zero)
+        else:
+            m, rest, szm, wsum = label_sums(xr, y, zy, None, zero)
+    else:
+        m, rest, szm, wsum = _label_sums(x, row, y, weight, eps, cap, zero, one,
+                                        cast_like(-math.inf, zero))
+        zy, slope_y = _capped(cast_like(x[row, y], zero), cap, one)
     mrow, rest64 = block_logsumexp(mbuf, sbuf, m, rest)
     if eps > 0:
         szm = cast_like(block_sum(mbuf, _shift(szm, wsum, m, cast_like(mrow, zero), zero)), zero)
@@ -170,8 +188,11 @@ def _label_row(x, labels, row, ignore_index, weight, swi, gscale, eps, zcoef, ca
         losses[row] = swi * loss
     if g is not None:
         a, b, gy = softmax.label_gradient(lse, s, rest, ey, wy, wsum, keep, smooth, zcoef, gscale,
-                                  cast_like(2, zero))
-        _label_grads(x, row, g, weight, a, b, m, cap, zero, one)
+                                          cast_like(2, zero))
+        if fast:
+            exp_grads(xr, g[row], m, a, b, zero)
+        else:
+            _label_grads(x, row, g, weight, a, b, m, cap, zero, one)
         if cuda.threadIdx.x == y % cuda.blockDim.x:
             # the owner of column y rewrites it after its own pass: (p_y - 1)
             # as -rest/s, no cancellation as p_y -> 1

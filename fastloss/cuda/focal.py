@@ -9,8 +9,11 @@ Softmax focal: for an integer target, pass 1 keeps ``rest = sum_{k != y}
 exp(z_k - m)`` apart from the target's own term ``e_y``.  Blocks are
 persistent (``row_grid``), each looping over rows, one row at a time, as in
 ``cuda/cross_entropy``: few rows in flight, so that the passes after the first
-find the row in L2; each thread issues ``UNROLL`` loads (``load_group``)
-before it uses them.  Passes over a row: 1. online ``(max, sum exp)``, merged
+find the row in L2.  Integer targets in float16 and float32 take the fast row
+loops of ``cuda/_rows`` (``label_sums``, ``exp_grads``: 8 float32 or 16 float16
+loads in flight per thread, one rescale per step, pass 2 in reverse,
+``_blocks.fast_exp``); float64 rows and probability targets issue ``UNROLL``
+loads per thread (``load_group``) before using them.  Passes over a row: 1. online ``(max, sum exp)``, merged
 by one block reduction; for probability targets 2. the per-class terms,
 summed by block reductions (the loss and ``q = sum_c t_c alpha_c F_c``);
 last, the gradient (for probability targets ``F_c`` is computed again rather
@@ -30,24 +33,25 @@ arguments (compile-time switches).
 """
 import math
 
-from numba import cuda, float64, int64
+from numba import cuda, float64, int64, uint64
 
 from fastloss.cuda._arrays import compute_type, flat
 from fastloss.cuda._blocks import (LARGE_KERNEL_BLOCK, MAX_THREADS, UNROLL, block_logsumexp,
-                                   block_sum, cast_like, element, grid_stride, group_end,
+                                   block_sum, cast_like, element, fast_rows, grid_stride, group_end,
                                    ignored_row, kernel, load_group, online_add, ptx_dtypes,
                                    set_element)
 from fastloss.cuda._checks import grad_out_apart
 from fastloss.cuda._formulas import sigmoid_focal, softmax
 from fastloss.cuda._reduction import (class_denominator, count_denominator, elementwise_loss,
                                       gradient_scale)
-from fastloss.cuda._rows import class_rows, row_loss
+from fastloss.cuda._rows import class_rows, exp_grads, label_sums, row_loss
 
 
 @cuda.jit(device=True)
 def _online_sums(x, row, skip, zero, ninf):
-    """Pass 1 over this thread's columns of the row: the online ``(max, sum of
-    exp)``, column ``skip`` left out of the sum (None: none)."""
+    """Pass 1 over this thread's columns of the row (float64 rows, and probability
+    targets): the online ``(max, sum of exp)``, column ``skip`` left out of the sum
+    (None: none)."""
     nt = cuda.blockDim.x
     C = x.shape[1]
     m, s = ninf, zero
@@ -71,7 +75,7 @@ def _online_sums(x, row, skip, zero, ninf):
 
 @cuda.jit(device=True)
 def _exp_grads(x, row, g, a, m, zero):
-    """g_c = exp(z_c - m) a at this thread's columns (an integer-target row)."""
+    """g_c = exp(z_c - m) a at this thread's columns (a float64 integer-target row)."""
     nt = cuda.blockDim.x
     C = x.shape[1]
     c = cuda.threadIdx.x
@@ -98,9 +102,14 @@ def _label_row(x, labels, row, ignore_index, alpha, ascale, gamma, swi, gscale, 
         return
     one = cast_like(1, zero)
     ninf = cast_like(-math.inf, zero)
-    # pass 1: max over the row, sum of exp over the row but the target
-    m, rest = _online_sums(x, row, y, zero, ninf)
-    zy = cast_like(x[row, y], zero)  # before the barriers: g may overwrite x
+    # pass 1: max over the row, sum of exp over the row but the target (z_y read
+    # before the barriers: g may overwrite x)
+    xr = x[row]
+    zy = cast_like(xr[uint64(y)], zero)
+    if fast_rows(x):
+        m, rest, _, _ = label_sums(xr, y, zy, None, zero)
+    else:
+        m, rest = _online_sums(x, row, y, zero, ninf)
     mrow, rest64 = block_logsumexp(mbuf, sbuf, m, rest)
     m = cast_like(mrow, zero)
     rest = cast_like(rest64, zero)
@@ -112,7 +121,10 @@ def _label_row(x, labels, row, ignore_index, alpha, ascale, gamma, swi, gscale, 
         losses[row] = swi * (ay * pw * nlp)
     if g is not None:
         a, gy = softmax.focal_label_gradient(nlp, l1mp, pw, s, rest, ey, ay, gamma, gscale, zero, one)
-        _exp_grads(x, row, g, a, m, zero)
+        if fast_rows(x):
+            exp_grads(xr, g[row], m, a, zero, zero)
+        else:
+            _exp_grads(x, row, g, a, m, zero)
         if cuda.threadIdx.x == y % cuda.blockDim.x:
             g[row, y] = gy  # the owner of column y rewrites it after its own pass
 
