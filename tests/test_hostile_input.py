@@ -445,9 +445,10 @@ def _tol_dtype(kw):
     return min(found, key=lambda d: d.itemsize) if found else np.dtype(np.float64)
 
 
-def close(got, want, dtype, what="", rows=None):
-    """Outputs within round-off of the float64 reference; ``rows``: only those entries
-    (a boolean mask per output name, or None for all)."""
+def close(got, want, dtype, what="", rows=None, slack=1):
+    """Outputs within round-off of the float64 reference (``slack`` times the dtype's
+    tolerances); ``rows``: only those entries (a boolean mask per output name, or None
+    for all)."""
     for k, w in want.items():
         if k not in got:
             continue
@@ -464,7 +465,9 @@ def close(got, want, dtype, what="", rows=None):
         if k == "loss":
             finite = np.abs(w[np.isfinite(w)])
             scale = max(1.0, float(finite.max())) if finite.size else 1.0
-        naive.assert_close(g, w, dtype, scale=scale, what=f"{what} {k}")
+        r, a = naive.tol(dtype)
+        naive.assert_close(g, w, dtype, scale=scale, what=f"{what} {k}", rtol=r * slack,
+                           atol=a * slack)
 
 
 # ====================================================================== wrong kinds of array
@@ -924,7 +927,11 @@ def test_nan_and_inf_stay_in_their_sample(arg, data, bad):
         if k == "loss" and kw.get("reduction", "mean") != "none":
             continue
         if keep.get(k) is not None and got[k] is not None:
-            close({k: got[k]}, {k: clean[k]}, dtype, f"{bad} at {a}{index}", rows=keep)
+            # containment, not precision (the losses' own tests hold that): a leaked NaN
+            # or inf shows as such; twice the round-off bound leaves room for float32
+            # triplet gradients of nearly coincident points, which cancellation costs digits
+            close({k: got[k]}, {k: clean[k]}, dtype, f"{bad} at {a}{index}", rows=keep,
+                  slack=2)
     if np.isnan(bad) and _counts(case, kw, a, index) and "loss" in got:
         loss = got["loss"]
         assert np.isnan(loss[touched["loss"]]).all() if kw["reduction"] == "none" else np.isnan(loss)
