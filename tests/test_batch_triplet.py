@@ -669,3 +669,71 @@ def test_bad_input_raises_and_changes_nothing(rng, backend, dev, change, name):
         fl.batch_triplet_loss(**kw)
     for x, before in zip(passed, befores):
         np.testing.assert_array_equal(dev.get(x), before)
+
+
+# ---------------------------------------------------------------- the GPU's tiles and pair lists
+
+
+def _pairwise_sizes():
+    """(N, D) around the pairwise kernel's edges: one row, fewer rows than a tile, a tile,
+    one past it, two tiles and a part; D below, at and past one staged step."""
+    from fastloss.cuda import triplet as kernels
+    t, k = kernels.PAIR_TILE, kernels.PAIR_K
+    return [(1, 1), (1, k + 1), (t - 1, k - 1), (t, k), (t + 1, 1), (2 * t + 1, k + 1),
+            (3 * t - 1, 2 * k + 3)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16], ids=dtype_id)
+def test_pairwise_kernel_at_tile_edges(rng, dtype):
+    """The upper-triangle kernel against float64: every entry, both triangles exactly
+    equal, 0 on the diagonal and between duplicate rows, equal rows giving equal entries."""
+    from numba import cuda
+    from fastloss.cuda import triplet as kernels
+    compute = np.float64 if dtype == np.float64 else np.float32
+    for n, d in _pairwise_sizes():
+        e = rng.normal(size=(n, d)).astype(dtype)
+        if n > 3:
+            e[n - 1] = e[1]  # a duplicate in another tile (or another part of one)
+        ref = e.astype(np.float64)
+        for dot in (False, True):
+            m = cuda.to_device(np.full((n, n), np.nan, compute))
+            kernels.pairwise_kernel[kernels.pair_tiles(n), (kernels.PAIR_SIDE, kernels.PAIR_SIDE)](
+                cuda.to_device(e), dot, compute(0), m)
+            got = m.copy_to_host()
+            want = ref @ ref.T if dot else ((ref[:, None] - ref[None]) ** 2).sum(-1)
+            tol = 1e-12 if compute == np.float64 else 1e-5
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1, d))
+            assert (got == got.T).all()
+            if not dot:
+                assert (np.diag(got) == 0).all()
+            if n > 3:
+                assert (got[1] == got[n - 1]).all()
+                if not dot:
+                    assert got[1, n - 1] == 0
+
+
+@pytest.mark.parametrize("backend, mining, distance", sides.per_side(
+    lambda side: [(m, dist) for m in MININGS for dist in DISTANCES]))
+def test_batch_sizes_at_tile_edges(rng, backend, dev, mining, distance):
+    """Whole calls at batch sizes around the simulator's pairwise tiles (4 rows): one row
+    (no triplet), a partial tile, one past it, two and a part."""
+    for n, d in ((1, 3), (3, 2), (5, 5), (9, 4)):
+        e, labels = make_batch(rng, n, d, classes=min(n, 3))
+        check(backend, dev, e, labels, mining=mining, distance=distance, margin=MARGIN[distance],
+              reduction="mean")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_with_few_threads(rng, threads):
+    """The backward's pair lists built a block of candidates at a time and its column
+    groups walked several times per thread: 1 or 2 threads for 11 columns and 9 rows."""
+    from fastloss.cuda import _blocks
+    _blocks.set_threads_per_block(threads)
+    e, labels = make_batch(rng, n=9, d=11, classes=3)
+    for mining, distance in (("hard", "euclidean"), ("semihard", "cosine"),
+                             ("all", "squared_euclidean")):
+        kw = dict(mining=mining, distance=distance, margin=MARGIN[distance], reduction="sum")
+        res = fl.batch_triplet_loss(e, labels, backend="cuda", **kw)
+        check_result(res, *naive.batch_triplet_loss(e, labels, **kw), np.float64)

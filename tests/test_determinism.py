@@ -385,10 +385,10 @@ def test_same_bits_at_one_and_two_threads(dev, family, dtype, reduction, paralle
 
 #: per loss, which results are the same bits for any threads per block (see the module
 #: docstring): index 0 is the loss, then the gradient(s), then the updated argument.
-#: Batch mining: the pairwise matrix is tiled by TILE (not by the threads per block), each
-#: pair coefficient is summed serially by one thread, the "mean" denominator is a count,
-#: and the backward has one thread per column summing the pairs in order.  A loss not
-#: listed agrees to round-off.
+#: Batch mining: the pairwise matrix is tiled by ``PAIR_TILE`` (``fastloss/cuda/triplet.py``,
+#: not by the threads per block), each pair coefficient is summed serially by one thread,
+#: the "mean" denominator is a count, and the backward sums each column over its compacted
+#: list of selected pairs in increasing order.  A loss not listed agrees to round-off.
 THREAD_INVARIANT = {
     "sigmoid_focal_loss": [1],  # elementwise gradients
     "huber_loss": [1],

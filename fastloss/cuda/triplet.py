@@ -12,12 +12,18 @@ gradient may be any one of the inputs itself.
 ``batch_triplet_loss``, in four kernels (``fastloss.triplet.batch_triplet_loss`` has the
 semantics):
 
-1. ``pairwise_kernel``: the ``N x N`` matrix ``M`` by ``TILE x TILE`` blocks of threads,
-   ``TILE x TILE`` shared tiles of the embeddings walking D: ``M[i, j] = ||e_i - e_j||^2``
-   from the differences themselves (euclidean, squared; exactly 0 on the diagonal, no
-   cancellation) or ``e_i . e_j`` (cosine, with ``inv_i = 1 / max(sqrt(M[i, i]), 1e-8)`` by
-   ``inverse_norms_kernel``).  Every entry sums its terms in the same order, so ``M`` is
-   exactly symmetric and equal rows give equal entries (exact ties).
+1. ``pairwise_kernel``: the ``N x N`` matrix ``M`` over the tiles on or above the diagonal
+   only (one block per tile ``(bi, bj)``, bi <= bj; an off-diagonal tile writes ``M[i, j]``
+   and ``M[j, i]``): ``M[i, j] = ||e_i - e_j||^2`` from the differences themselves
+   (euclidean, squared; exactly 0 on the diagonal and between duplicates, no cancellation)
+   or ``e_i . e_j`` (cosine, with ``inv_i = 1 / max(sqrt(M[i, i]), 1e-8)`` by
+   ``inverse_norms_kernel``).  Register tiles (on a GPU; the simulator's are smaller): a
+   block of 16 x 16 threads owns a 64 x 64 tile, each thread 4 x 4 entries in registers; the
+   tile's 64 + 64 rows of E are staged in shared memory 16 columns at a time, transposed,
+   and each step loads 4 + 4 values for 16 terms (half a shared load per term, against two
+   when each thread computed one entry).  Every entry sums its terms in the same order
+   (k = 0, 1, ...) and (e_i - e_j)^2 = (e_j - e_i)^2, so ``M`` is exactly symmetric and
+   equal rows give equal entries (exact ties), at any tile size.
 2. mining, one block per anchor ``i`` (``mine_hard_kernel``, ``mine_semihard_kernel``,
    ``mine_all_kernel``), threads over the columns ``j``: the per-anchor loss (a float64 block
    sum), the count that enters the "mean" denominator, and the anchor's row of two ``N x N``
@@ -31,25 +37,33 @@ semantics):
    per positive (its slopes over every negative) or per negative (over every positive).
 3. ``batch_total_kernel``: one block sums the per-anchor losses and counts (float64, fixed
    order) into the loss and the "mean" denominator ``stats[0]``.
-4. ``backward_kernel``: one block per embedding row ``r``, one thread per column:
+4. ``backward_kernel``: one block per embedding row ``r``:
    ``g[r] = scale * sum over the selected pairs (r, o) of (S[r, o] + S[o, r]) dd(r, o)/de_r``
-   (``r`` as anchor, then as the other end), reading only its own gradient row's inputs and
-   writing it: no atomics, the same bits on every run.  Euclidean uses ``sqrt(M[r, o])``,
-   exact differences, and 0 at distance 0.
+   (``r`` as anchor, then as the other end).  Phase 1 walks the candidates ``o`` once per
+   row, a thread each, a block of them at a time: the pair is selected when
+   ``pick[r, o] >= 0`` or ``pick[o, r] >= 0`` (hard, semihard; "all": every o), and a block
+   prefix count (a fixed scan) places its weight (euclidean ``c / d``, 0 at d = 0; squared
+   ``2 c``; cosine ``c / (n_r n_o)``) and its ``o`` at the next place of row ``r`` of ``W``
+   and ``partners``: a compact list in increasing ``o``, written by this block alone.
+   Phase 2, 4 columns per thread, walks that list only (hard mining: the anchor's two
+   choices and the anchors that chose ``r``, instead of all N rows), each column summing
+   its pairs in increasing ``o`` (the order does not depend on the block size).  No
+   atomics: the same bits on every run.
 
-Memory: ``M``, ``S`` (compute type) and ``pick`` (int32), ``O(N^2)``.
+Memory: ``M``, ``S`` (compute type) and ``pick`` (int32), ``O(N^2)``; with the gradient
+the backward's lists add ``W`` (compute type) and, except for "all", ``partners`` (int32).
 """
 import math
 import os
 
 import numpy as np
-from numba import cuda, float64, int64
+from numba import cuda, float64, int64, uint64
 
 from fastloss._reduction import grad_scale
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import compute_type
-from fastloss.cuda._blocks import (LARGE_KERNEL_BLOCK, MAX_THREADS, block_max, block_sum, cast_like,
-                                   fit, grid_for, kernel, row_grid, threads_for)
+from fastloss.cuda._blocks import (LARGE_KERNEL_BLOCK, MAX_THREADS, block_max, block_sum,
+                                   cast_like, fit, grid_for, kernel, row_grid, threads_for)
 from fastloss.cuda._checks import same_view, shares_memory
 from fastloss.cuda._formulas import triplet
 from fastloss.cuda._reduction import count_denominator, finish, gradient_scale, per_row_losses
@@ -57,11 +71,25 @@ from fastloss.cuda.center import copy_rows_kernel
 from fastloss.formulas.triplet import COSINE, COSINE_NORM_EPS, DISTANCES, EUCLIDEAN
 
 
-# pairwise distances: TILE x TILE threads per block, shared tiles of TILE x TILE.  The simulator
-# (one Python thread per GPU thread) gets 4 x 4: cheaper, and tiny test batches (N <= 12,
-# D <= 8) then span several tiles and several steps along D.
-TILE = 4 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else 16
-TILE_PAD = TILE + 1  # a tile's row length in shared memory (no bank conflicts down a column)
+# pairwise distances: blocks of PAIR_SIDE x PAIR_SIDE threads, each thread REG x REG entries
+# of a PAIR_TILE x PAIR_TILE tile, E staged PAIR_K columns at a time.  The simulator (one
+# Python thread per GPU thread) gets 2 x 2 threads of 2 x 2 entries: tiny test batches
+# (N <= 14, D <= 9) then span several tiles, partial ones, and several steps along D.
+_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+REG = 2 if _SIM else 4
+PAIR_SIDE = 2 if _SIM else 16
+PAIR_K = 4 if _SIM else 16  # a multiple of 4 (the unrolled steps)
+PAIR_THREADS = PAIR_SIDE * PAIR_SIDE
+PAIR_TILE = PAIR_SIDE * REG
+PAIR_TILE_PAD = PAIR_TILE + 1  # spreads the transposed stores (a column of As) over the banks
+PAIR_ROWS_PER_LOAD = PAIR_THREADS // PAIR_K  # rows of the tile one load of every thread covers
+PAIR_LOADS = PAIR_TILE // PAIR_ROWS_PER_LOAD  # loads per thread per side per step
+
+
+def pair_tiles(N):
+    """Blocks of ``pairwise_kernel`` for N embeddings: the tiles on or above the diagonal."""
+    t = -(-N // PAIR_TILE)
+    return t * (t + 1) // 2
 
 
 # ================================================================ copies
@@ -270,43 +298,89 @@ def triplet_margin_loss(dev, xa, xp, xn, distance, swap, margin, eps, reduction,
 # ================================================================ batch_triplet_loss
 
 
-@kernel()
+@cuda.jit(device=True)
+def _pair_step(As, Bs, k, tx, ty, dot, a, acc):
+    """Step k of the staged columns: REG values of each side, REG^2 terms into ``acc``.
+    Unsigned indices: no wrap-around of negative ones to compute."""
+    k = uint64(k)
+    for u in range(REG):
+        a[u] = As[k, ty + uint64(u * PAIR_SIDE)]
+    for v in range(REG):
+        bv = Bs[k, tx + uint64(v * PAIR_SIDE)]
+        for u in range(REG):
+            if dot:
+                acc[u, v] += a[u] * bv
+            else:
+                w = a[u] - bv
+                acc[u, v] += w * w
+
+
+@kernel(PAIR_THREADS)
 def pairwise_kernel(E, dot, zero, M):
-    """M[i, j] = e_i . e_j (``dot``) or ||e_i - e_j||^2, in the type of ``zero``;
-    blocks of TILE x TILE threads, one entry each, ``E`` read in TILE x TILE tiles."""
-    As = cuda.shared.array((TILE, TILE_PAD), M.dtype)
-    Bs = cuda.shared.array((TILE, TILE_PAD), M.dtype)
+    """M[i, j] = e_i . e_j (``dot``) or ||e_i - e_j||^2, in the type of ``zero``, for the
+    block tiles ``(bi, bj)`` with bi <= bj (``blockIdx.x`` counts them column by column),
+    each entry written at (i, j) and, off the diagonal tiles, at (j, i).  A block of
+    PAIR_SIDE x PAIR_SIDE threads owns a PAIR_TILE x PAIR_TILE tile; thread (tx, ty) the
+    REG x REG entries (row0 + ty + PAIR_SIDE u, col0 + tx + PAIR_SIDE v), summed in
+    registers.  The tile's rows of E are staged by PAIR_K columns, transposed (a column of
+    shared memory per embedding), and each step k loads REG values of each side for REG^2
+    terms."""
+    As = cuda.shared.array((PAIR_K, PAIR_TILE_PAD), M.dtype)
+    Bs = cuda.shared.array((PAIR_K, PAIR_TILE_PAD), M.dtype)
+    acc = cuda.local.array((REG, REG), M.dtype)
+    a = cuda.local.array(REG, M.dtype)
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
-    row0 = int64(cuda.blockIdx.y) * TILE
-    col0 = int64(cuda.blockIdx.x) * TILE
+    t = ty * PAIR_SIDE + tx
+    ux = uint64(tx)
+    uy = uint64(ty)
+    # tile column bj holds bj + 1 tiles: blockIdx.x = bj (bj + 1) / 2 + bi
+    b = int64(cuda.blockIdx.x)
+    bj = int64((math.sqrt(8.0 * b + 1.0) - 1.0) * 0.5)
+    while bj * (bj + 1) // 2 > b:
+        bj -= 1
+    while (bj + 1) * (bj + 2) // 2 <= b:
+        bj += 1
+    bi = b - bj * (bj + 1) // 2
+    row0 = bi * PAIR_TILE
+    col0 = bj * PAIR_TILE
     N = E.shape[0]
     D = E.shape[1]
-    ra = row0 + ty  # the row of E this thread loads into As (and its entry's row)
-    rb = col0 + ty  # the row of E it loads into Bs
-    acc = zero
-    for k0 in range(0, D, TILE):
-        c = k0 + tx
-        if ra < N and c < D:
-            As[ty, tx] = E[ra, c]
-        else:
-            As[ty, tx] = zero
-        if rb < N and c < D:
-            Bs[ty, tx] = E[rb, c]
-        else:
-            Bs[ty, tx] = zero
+    for u in range(REG):
+        for v in range(REG):
+            acc[u, v] = zero
+    lc = t % PAIR_K  # the column of the staged step this thread loads
+    lr = t // PAIR_K  # its first row (then every PAIR_ROWS_PER_LOAD)
+    for k0 in range(0, D, PAIR_K):
+        c = k0 + lc
+        for s in range(PAIR_LOADS):
+            r = lr + s * PAIR_ROWS_PER_LOAD
+            ra = row0 + r
+            rb = col0 + r
+            As[lc, r] = cast_like(E[ra, c], zero) if ra < N and c < D else zero
+            Bs[lc, r] = cast_like(E[rb, c], zero) if rb < N and c < D else zero
         cuda.syncthreads()
         if dot:
-            for k in range(TILE):
-                acc += As[ty, k] * Bs[tx, k]
+            for k in range(0, PAIR_K, 4):  # 4 steps per iteration: the loop's own cost shared
+                _pair_step(As, Bs, k, ux, uy, True, a, acc)
+                _pair_step(As, Bs, k + 1, ux, uy, True, a, acc)
+                _pair_step(As, Bs, k + 2, ux, uy, True, a, acc)
+                _pair_step(As, Bs, k + 3, ux, uy, True, a, acc)
         else:
-            for k in range(TILE):
-                u = As[ty, k] - Bs[tx, k]
-                acc += u * u
+            for k in range(0, PAIR_K, 4):
+                _pair_step(As, Bs, k, ux, uy, False, a, acc)
+                _pair_step(As, Bs, k + 1, ux, uy, False, a, acc)
+                _pair_step(As, Bs, k + 2, ux, uy, False, a, acc)
+                _pair_step(As, Bs, k + 3, ux, uy, False, a, acc)
         cuda.syncthreads()
-    j = col0 + tx
-    if ra < N and j < N:
-        M[ra, j] = acc
+    for u in range(REG):
+        i = row0 + ty + u * PAIR_SIDE
+        for v in range(REG):
+            j = col0 + tx + v * PAIR_SIDE
+            if i < N and j < N:
+                M[i, j] = acc[u, v]
+                if bi != bj:  # a strided store: N^2 of them against N^2 D terms
+                    M[j, i] = acc[u, v]
 
 
 @kernel()
@@ -605,40 +679,121 @@ def batch_total_kernel(losses, counts, mean, empty_zero, stats, out):
         out[0] = total
 
 
+@cuda.jit(device=True)
+def _block_prefix(buf, flag):
+    """(the count of threads below this one with ``flag``, the block's count): a
+    Hillis-Steele scan through ``buf`` (MAX_THREADS float64), the same at any block size."""
+    t = cuda.threadIdx.x
+    buf[t] = 1.0 if flag else 0.0
+    cuda.syncthreads()
+    step = 1
+    while step < cuda.blockDim.x:
+        v = buf[t - step] if t >= step else 0.0
+        cuda.syncthreads()
+        buf[t] += v
+        cuda.syncthreads()
+        step *= 2
+    below = uint64(buf[t]) - uint64(1 if flag else 0)
+    total = uint64(buf[cuda.blockDim.x - 1])
+    cuda.syncthreads()  # buf is reused by the next scan
+    return below, total
+
+
 @kernel(LARGE_KERNEL_BLOCK)
-def backward_kernel(E, M, inv, euclid, S, pick, stats, big, g):
-    """One block per embedding row r, a thread per column k: g[r, k] = scale * sum over the
-    selected pairs (r, o) (``pick`` None: every o) of c dd(r, o)/de_r[k], c = S[r, o] + S[o, r].
-    euclidean: c (e_r - e_o) / d (0 at d = 0); squared: 2 c (e_r - e_o); cosine:
-    -c (e_o / (n_r n_o) - [n_r unclamped] cos e_r / n_r^2), n_r unclamped where
-    inv_r < ``big`` = 1 / 1e-8.  ``stats`` (the "mean" denominator) or None (scale 1)."""
+def backward_kernel(E, M, inv, euclid, S, pick, partners, W, stats, big, g):
+    """One block per embedding row r: g[r] = scale * sum over the selected pairs (r, o)
+    (``pick`` None: every o) of c dd(r, o)/de_r, c = S[r, o] + S[o, r].
+    Phase 1, a thread per candidate o (blocks of them in order): whether the pair is
+    selected (pick[r, o] or pick[o, r] >= 0), its weight W[r, q] (euclidean: c / d, 0 at
+    d = 0; squared: 2 c; cosine: c / (n_r n_o)) and, with ``pick``, partners[r, q] = o, at
+    q = its rank among the selected: a compact list in increasing o, written by this block
+    alone.  Phase 2, a thread per column k, over the list only:
+    euclidean, squared: sum W (e_r - e_o); cosine: -sum W e_o + [n_r unclamped] e_r
+    (sum W e_r.e_o) / n_r^2, n_r unclamped where inv_r < ``big`` = 1 / 1e-8.
+    ``stats`` (the "mean" denominator) or None (scale 1)."""
+    buf = cuda.shared.array(MAX_THREADS, float64)
     r = int64(cuda.blockIdx.x)
+    N = E.shape[0]
     zero = big - big
     scale = gradient_scale(stats, zero)
     inv_r = zero
     if inv is not None:
         inv_r = inv[r]
-    for k in range(cuda.threadIdx.x, E.shape[1], cuda.blockDim.x):
-        er = cast_like(E[r, k], zero)
-        acc = zero
-        beta = zero
-        for o in range(E.shape[0]):
-            selected = True
-            if pick is not None:
-                selected = pick[r, o] >= 0 or pick[o, r] >= 0
-            if selected:
-                c = S[r, o] + S[o, r]
-                eo = cast_like(E[o, k], zero)
-                if inv is not None:
-                    cw = triplet.cosine_weight(c, inv_r, inv[o])
-                    acc -= cw * eo
-                    beta += cw * M[r, o]
-                else:
-                    d = math.sqrt(M[r, o]) if euclid else zero
-                    acc += triplet.difference_weight(euclid, c, d, zero) * (er - eo)
-        if inv is not None:
-            beta = triplet.cosine_self_weight(beta, inv_r, big, zero)
-        g[r, k] = scale * (acc + beta * er)
+    count = uint64(0)
+    for base in range(0, N, cuda.blockDim.x):
+        o = base + cuda.threadIdx.x
+        selected = o < N
+        if selected and pick is not None:
+            selected = pick[r, o] >= 0 or pick[o, r] >= 0
+        w = zero
+        if selected:
+            c = S[r, o] + S[o, r]
+            if inv is not None:
+                w = triplet.cosine_weight(c, inv_r, inv[o])
+            else:
+                w = triplet.difference_weight(euclid, c, math.sqrt(M[r, o]) if euclid else zero,
+                                              zero)
+        below, total = _block_prefix(buf, selected)
+        if selected:
+            W[r, count + below] = w
+            if partners is not None:
+                partners[r, count + below] = o
+        count += total
+    cuda.syncthreads()  # the list is written (global memory, this block's own row)
+    beta = zero
+    if inv is not None:
+        q = uint64(0)
+        while q < count:
+            p = q if partners is None else uint64(partners[r, q])
+            beta += W[r, q] * M[r, p]
+            q += uint64(1)
+        beta = triplet.cosine_self_weight(beta, inv_r, big, zero)
+    # 4 columns per thread (k, k + nt, k + 2 nt, k + 3 nt) sharing each pair's index and
+    # weight, as column views (a pair's row offset computed once); unsigned indices: no
+    # wrap-around of negative ones to compute
+    nt = uint64(cuda.blockDim.x)
+    D = uint64(E.shape[1])
+    ur = uint64(r)
+    k0 = uint64(cuda.threadIdx.x)
+    while k0 < D:
+        k1 = k0 + nt
+        k2 = k1 + nt
+        k3 = k2 + nt
+        c0 = E[:, k0]
+        c1 = E[:, k1 if k1 < D else k0]  # past the last column: a valid view, unused
+        c2 = E[:, k2 if k2 < D else k0]
+        c3 = E[:, k3 if k3 < D else k0]
+        e0 = cast_like(c0[ur], zero)
+        e1 = cast_like(c1[ur], zero)
+        e2 = cast_like(c2[ur], zero)
+        e3 = cast_like(c3[ur], zero)
+        a0 = zero
+        a1 = zero
+        a2 = zero
+        a3 = zero
+        q = uint64(0)
+        while q < count:
+            p = q if partners is None else uint64(partners[ur, q])
+            w = W[ur, q]
+            if inv is not None:
+                a0 -= w * cast_like(c0[p], zero)
+                a1 -= w * cast_like(c1[p], zero)
+                a2 -= w * cast_like(c2[p], zero)
+                a3 -= w * cast_like(c3[p], zero)
+            else:
+                a0 += w * (e0 - cast_like(c0[p], zero))
+                a1 += w * (e1 - cast_like(c1[p], zero))
+                a2 += w * (e2 - cast_like(c2[p], zero))
+                a3 += w * (e3 - cast_like(c3[p], zero))
+            q += uint64(1)
+        g[ur, k0] = scale * (a0 + beta * e0)
+        if k1 < D:
+            g[ur, k1] = scale * (a1 + beta * e1)
+        if k2 < D:
+            g[ur, k2] = scale * (a2 + beta * e2)
+        if k3 < D:
+            g[ur, k3] = scale * (a3 + beta * e3)
+        k0 = k3 + nt
 
 
 def _mine(dev, mining, N, M, inv, labels, euclid, margin, soft, S, pick, losses, counts):
@@ -678,8 +833,7 @@ def batch_triplet_loss(dev, E, labels, mining, distance, margin, soft, reduction
     l_native, losses = dev.empty((N,), dtype if reduction == "none" else np.float64)
     counts = dev.scratch((N,), np.int64)
     if N:
-        tiles = -(-N // TILE)
-        dev.launch(pairwise_kernel, (tiles, tiles), (TILE, TILE), E, cosine, zero, M)
+        dev.launch(pairwise_kernel, pair_tiles(N), (PAIR_SIDE, PAIR_SIDE), E, cosine, zero, M)
         if cosine:
             blocks, threads = grid_for(N)
             dev.launch(inverse_norms_kernel, blocks, threads, M, T(COSINE_NORM_EPS), inv)
@@ -703,8 +857,10 @@ def batch_triplet_loss(dev, E, labels, mining, distance, margin, soft, reduction
     else:  # the backward reads every row of E: an aliased gradient goes through a temporary
         g_native, g = dev.empty((N, D), dtype)
     if N and D:
-        dev.launch(backward_kernel, N, threads_for(D), E, M, inv, code == EUCLIDEAN, S, pick, stats,
-                   T(1 / COSINE_NORM_EPS), g)
+        W = dev.scratch((N, N), T)
+        partners = None if pick is None else dev.scratch((N, N), np.int32)
+        dev.launch(backward_kernel, N, threads_for(D), E, M, inv, code == EUCLIDEAN, S, pick,
+                   partners, W, stats, T(1 / COSINE_NORM_EPS), g)
     if device_out is not None and g is not device_out:
         _copy(dev, g, device_out)
     return loss, dev.give_grad(g_native, grad_out)
@@ -714,7 +870,8 @@ def ptx_signatures():
     """Argument types of every kernel here, for the compile check (tests/test_cuda_compile.py):
     per dtype, explicit triplets without and with (strided) gradients; the
     distance kernels; each mining mode with and without the gradient's
-    selections; the backward with and without cosine norms and picks."""
+    selections; the backward with and without cosine norms and picks (with a pick, the
+    pair list's partners)."""
     from numba import types
     i64, f64, b1, i32 = types.int64, types.float64, types.boolean, types.int32
     sigs = []
@@ -734,9 +891,10 @@ def ptx_signatures():
             for mine in (mine_hard_kernel, mine_semihard_kernel):
                 sigs.append((mine, (M, inv, labels, b1, T, b1, s_, p_, losses, C)))
             sigs.append((mine_all_kernel, (M, inv, labels, b1, T, b1, s_, losses, C)))
-        for inv, pick, stats, g in ((types.none, P, f64[::1], X[:, ::1]),
-                                    (T[::1], types.none, types.none, X[:, :])):
-            sigs.append((backward_kernel, (X[:, :], M, inv, b1, S, pick, stats, T, g)))
+        for inv, pick, part, stats, g in ((types.none, P, P, f64[::1], X[:, ::1]),
+                                          (T[::1], types.none, types.none, types.none, X[:, :]),
+                                          (T[::1], P, P, f64[::1], X[:, ::1])):
+            sigs.append((backward_kernel, (X[:, :], M, inv, b1, S, pick, part, S, stats, T, g)))
         sigs.append((batch_total_kernel, (f64[::1], C, b1, b1, f64[::1], X[::1])))
         sigs.append((batch_total_kernel, (X[::1], C, b1, b1, types.none, X[::1])))
     return sigs
