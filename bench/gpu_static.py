@@ -90,6 +90,7 @@ class Case:
     read: int  # compulsory bytes read per element (the gradient kernel: the input(s))
     written: int  # compulsory bytes written per element (the gradient)
     pass2_order: str = "forward"  # row kernels: how a later pass walks the row (forward / reverse)
+    fast_row_passes: bool = False  # the fast row loops' passes (``row_passes``)
     second_stage: tuple = ()  # (module, kernel, args) summing the per-block partials
 
 
@@ -104,9 +105,11 @@ def _cases():
                     losses=T[::1], sw=None, ignore_index=i64)
         cases.append(Case(f"CE {name}", "cross_entropy", "cross_entropy_kernel", name,
                           (4096, 131072),
-                          dict(rows, weight=None, eps=T, zcoef=T, cap=None), b, b))
+                          dict(rows, weight=None, eps=T, smooth_sums=None, zcoef=T, cap=None,
+                               total=X[::1]), b, b, pass2_order="reverse", fast_row_passes=True))
         cases.append(Case(f"focal {name}", "focal", "focal_kernel", name, (4096, 131072),
-                          dict(rows, alpha=None, ascale=T, gamma=T), b, b))
+                          dict(rows, alpha=None, ascale=T, gamma=T, total=X[::1]), b, b,
+                          pass2_order="reverse", fast_row_passes=True))
     total = ("_reduction", "_total_kernel", dict(losses=f64[::1], stats=f64, out=f64[::1]))
     for name, X in (("float32", types.float32), ("float16", types.float16)):
         T = types.float32
@@ -117,7 +120,7 @@ def _cases():
                           dict(flat, sw=None, inner=i64, period=i64, delta=T), 2 * b, b,
                           second_stage=total))
         cases.append(Case(f"sigmoid focal {name}", "focal", "sigmoid_focal_kernel", name,
-                          (2 ** 26,), dict(flat, alpha=T, gamma=T), 2 * b, b,
+                          (2 ** 26,), dict(flat, alpha=T, gamma=T, squared=types.boolean), 2 * b, b,
                           second_stage=total))
     return cases
 
@@ -524,14 +527,30 @@ def row_launch(kernel, rows, width):
 
 
 def flat_launch(kernel, n):
-    """``(threads, blocks)`` of a grid-stride launch over ``n`` elements (``grid_for``)."""
-    from fastloss.cuda import _blocks
-    blocks, threads = _blocks.grid_for(n)
+    """``(threads, blocks)`` of a grid-stride launch over ``n`` elements
+    (``_reduction.elementwise_grid``)."""
+    from fastloss.cuda import _blocks, _reduction
+    blocks, threads = _reduction.elementwise_grid(n)
     return _blocks.fit(kernel, threads), blocks
 
 
 def issue_time(warp_instructions, sms):
     return warp_instructions / (sms * SCHEDULERS * CLOCK)
+
+
+def row_passes(chain, elements):
+    """The passes of ``cuda/_rows``'s fast row loops in a chain of loops: the loops before
+    the last one that stores are segments of pass 1 (the steps before and after the
+    target's: each element goes through one of them, so the heaviest counts), the storing
+    loop is pass 2, and a loop after it (the last block's total over the per-row losses,
+    once per call) is no element loop."""
+    stores = [k for k, lp in enumerate(chain) if lp.count("STG", "ST")]
+    if not stores:
+        return chain
+    last = stores[-1]
+    first = chain[:last]
+    heaviest = [max(first, key=lambda lp: len(lp.instrs) / elements[id(lp)])] if first else []
+    return heaviest + [chain[last]]
 
 
 def model(case, main, second):
@@ -552,6 +571,8 @@ def model(case, main, second):
     sms = min(SMS, blocks)
     r.update(threads=threads, blocks=blocks, fits=fits, limit=limit, resident=resident,
              resident_threads=resident * threads, n=n)
+    if case.fast_row_passes:
+        a.chosen = row_passes(a.chosen, a.elements)
     running = a.chosen  # the element loops that run: the main loops, or the tails
     tails = a.tails
     per_thread_elements = (case.shape[1] / threads if rows is not None
@@ -734,7 +755,7 @@ def render(sigs, modelled, seconds):
         a = r["analysis"]
         if a.lightest and set(a.lightest) != set(a.chosen):
             light = sum(len(lp.instrs) / a.elements[id(lp)] for lp in a.lightest)
-            lines.append(f"| the lightest sequence instead: "
+            lines.append("| the lightest sequence instead: "
                          + " + ".join(f"0x{lp.first:04x}" for lp in a.lightest)
                          + f" | | | | | | | | | {light:.1f} |")
         if "second" in r:
@@ -750,7 +771,7 @@ def render(sigs, modelled, seconds):
 def _reading(modelled):
     out = []
     for r in modelled:
-        c, a, t = r["case"], r["analysis"], r["times"]
+        c, a = r["case"], r["analysis"]
         flights = [r["resident_threads"] * n * b for n, b in r["in_flight"]]
         why = {"latency": f"{r['resident_threads']} resident threads per SM x "
                           + " / ".join(f"{n} loads x {b:g} B" for n, b in r["in_flight"])
@@ -832,6 +853,10 @@ MODEL_TEXT = [
     "Within 50 MB every later pass hits L2; beyond it, a forward walk misses entirely "
     "(each row is re-read in the order it was read, the pattern that LRU loses), a reverse "
     "walk hits for the share of the working set that L2 holds (`pass2_order` in `CASES`).",
+    "- **Passes of the fast row loops** (CE, focal: `fast_row_passes` in `CASES`): pass 1 "
+    "is two loops, the steps before the target's and those after it, each element in one "
+    "of them (the heavier is counted, once); pass 2 is the loop that stores; the last "
+    "block's total over the per-row losses, once per call, is not an element loop.",
     "- **Copy time** = compulsory traffic / 4.8 TB/s: the input(s) read once and the "
     "gradient written once (labels, losses and partials are left out: under 0.01%). "
     "**Fraction** = copy time / modelled time (the elementwise cases add their second "

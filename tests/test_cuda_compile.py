@@ -125,8 +125,8 @@ def test_float32_cross_entropy_loop_has_no_float64_math():
     from numba import types
     from fastloss.cuda.cross_entropy import cross_entropy_kernel
     T = types.float32
-    sig = (T[:, :], types.int64[::1], types.none, types.none, types.none, types.int64, T, T, T,
-           types.none, T[:, :], T[::1])
+    sig = (T[:, :], types.int64[::1], types.none, types.none, types.none, types.int64, T,
+           types.boolean, T, T, types.none, T[:, :], T[::1], types.none)
     ptx = _ptx(cross_entropy_kernel, sig)
     assert "ex2.approx.f32" in ptx or "ex2.approx.ftz.f32" in ptx  # expf on the row
     # exp in float64 would call a long software sequence with many fma.rn.f64;

@@ -80,7 +80,7 @@ def _rows_with_steps(rng, dtype, threads):
     """Logits whose rows hold two full steps of ``per_thread`` loads per thread and a
     tail, targets in the first step, the last step, the tail, on the last column, and
     one ignored row; a -inf logit in a step and a row whose target dominates."""
-    per = 2 * _blocks.GROUP if np.dtype(dtype).itemsize == 2 else _blocks.GROUP
+    per = _blocks.per_thread(np.empty(0, dtype))
     C = 2 * per * threads + 5
     x = (rng.normal(size=(6, C)) * 3).astype(dtype)
     x[1, 7] = -np.inf

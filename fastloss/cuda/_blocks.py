@@ -504,18 +504,20 @@ def load_group(a, row, c):
     return a[row, c], a[row, c + nt], a[row, c + 2 * nt], a[row, c + 3 * nt]
 
 
-GROUP = 8  # fast row loops: loads per thread per step (two steps' worth for 2-byte data)
+GROUP = 8  # fast row loops: a step is two groups of loads per thread
 
 
 def per_thread(a):
-    """Elements of ``a`` that a thread of a fast row loop loads per step: 16 for
-    2-byte data (float16), else ``GROUP``: 32 bytes in flight either way."""
-    return 2 * GROUP if a.dtype.itemsize == 2 else GROUP
+    """Elements of ``a`` that a thread of a fast row loop loads per step: ``2 GROUP``,
+    64 bytes (float32) or 32 bytes (float16) in flight per thread: at 512 resident
+    threads per SM (the registers allow one block of 512), float32 covers HBM's
+    latency (about 25 KiB per SM)."""
+    return 2 * GROUP
 
 
 @overload(per_thread, target="cuda")
 def _per_thread(a):
-    k = uint64(2 * GROUP if a.dtype.bitwidth == 16 else GROUP)
+    k = uint64(2 * GROUP)
     return lambda a: k
 
 
@@ -548,18 +550,14 @@ def load8(a, c, nt):
 
 def load_step(a, c, nt):
     """One step of a fast row loop: ``(lo, hi)``, the 8-tuples ``a[c + k nt]`` for
-    ``k < 8`` and ``8 <= k < 16``; ``hi`` is None unless ``per_thread(a)`` is 16."""
-    if per_thread(a) == 2 * GROUP:
-        return load8(a, c, nt), load8(a, c + GROUP * nt, nt)
-    return load8(a, c, nt), None
+    ``k < 8`` and ``8 <= k < 16``."""
+    return load8(a, c, nt), load8(a, c + GROUP * nt, nt)
 
 
 @overload(load_step, target="cuda")
 def _load_step(a, c, nt):
-    if a.dtype.bitwidth == 16:
-        shift = uint64(GROUP)
-        return lambda a, c, nt: (load8(a, c, nt), load8(a, c + shift * nt, nt))
-    return lambda a, c, nt: (load8(a, c, nt), None)
+    shift = uint64(GROUP)
+    return lambda a, c, nt: (load8(a, c, nt), load8(a, c + shift * nt, nt))
 
 
 @cuda.jit(device=True)

@@ -4,7 +4,8 @@ import threading
 import numpy as np
 from numba import cuda, int64
 
-from fastloss.cuda._blocks import grid_for, kernel
+from fastloss.cuda._blocks import kernel
+from fastloss.cuda._reduction import elementwise_grid
 
 _NONE = np.iinfo(np.int64).max
 _PINNED = threading.local()  # per thread: two threads may check labels at once
@@ -49,7 +50,7 @@ def first_bad_label(labels, upper, skip, dev):
     first = dev.scratch((1,), np.int64)
     with dev.current():
         first.copy_to_device(start, stream=dev.stream)
-        blocks, threads = grid_for(n)
+        blocks, threads = elementwise_grid(n)  # a few waves, several labels per thread
         dev.launch(_first_bad_label_kernel, blocks, threads, labels, upper, skip, first)
         first.copy_to_host(found, stream=dev.stream)
         dev.stream.synchronize()

@@ -3,7 +3,7 @@ their launch on checked device views.
 
 The fast loops (``label_sums``, ``exp_grads``) walk a row as a 1-D view with
 unsigned column indices (no negative-index wrap-around per element) in steps
-of ``per_thread`` loads per thread (8 float32, 16 float16), each step's loads
+of ``per_thread`` (16) loads per thread, two groups of 8, each step's loads
 issued before any is used.  Pass 1 takes the step's maximum first, then
 rescales the running sum once (not once per element); pass 2 walks the steps
 in reverse, so that it first reads the columns that pass 1 read last, which
@@ -67,30 +67,23 @@ def _shifted8(v, m, zero):
 @cuda.jit(device=True)
 def _sum_step(lo, hi, m, s, szm, cnt, skip, smooth, zero, one):
     """The online state ``(max, sum of exp, sum of (z - max), count)`` after one
-    step's values (``hi`` None: 8 of them), the column ``skip`` of the step left
+    step's 16 values (two 8-tuples), the column ``skip`` of the step left
     out of the sum of exp (None: none), the last two only when ``smooth``."""
     a = _widen(lo, zero)
-    gm = _max8(a)
-    if hi is not None:
-        b = _widen(hi, zero)
-        gm = fmax(gm, _max8(b))
+    b = _widen(hi, zero)
+    gm = fmax(_max8(a), _max8(b))
     m_new = fmax(m, gm)
     lowest = cast_like(_FLOAT32_LOWEST, zero)
     ms = fmax(m_new, lowest)  # a row of -inf so far: every term exp(-inf - lowest) = 0
     # one rescale per step, exactly 1 when the maximum stays
     rescale = fast_exp(fmax(m, lowest) - ms) if m_new > m else one
-    terms = _sumexp8(a, ms, 0, skip, zero)
-    if hi is not None:
-        terms += _sumexp8(b, ms, GROUP, skip, zero)
+    terms = _sumexp8(a, ms, 0, skip, zero) + _sumexp8(b, ms, GROUP, skip, zero)
     s = s * rescale + terms
     if smooth is not None:
         if m_new != m and cnt != zero:
             szm -= cnt * (m_new - m)
-        szm += _shifted8(a, m_new, zero)
-        cnt += cast_like(GROUP, zero)
-        if hi is not None:
-            szm += _shifted8(b, m_new, zero)
-            cnt += cast_like(GROUP, zero)
+        szm += _shifted8(a, m_new, zero) + _shifted8(b, m_new, zero)
+        cnt += cast_like(2 * GROUP, zero)
     return m_new, s, szm, cnt
 
 
@@ -180,10 +173,9 @@ def _store8(g, c, nt, v):
 
 @cuda.jit(device=True)
 def _grad_step(gr, c, nt, lo, hi, m, a, b, zero):
-    """One step of ``exp_grads`` from its loaded values (``hi`` None: 8 of them)."""
+    """One step of ``exp_grads`` from its 16 loaded values (two 8-tuples)."""
     _store8(gr, c, nt, _grad8(lo, m, a, b, zero))
-    if hi is not None:
-        _store8(gr, c + uint64(GROUP) * nt, nt, _grad8(hi, m, a, b, zero))
+    _store8(gr, c + uint64(GROUP) * nt, nt, _grad8(hi, m, a, b, zero))
 
 
 @cuda.jit(device=True)
@@ -227,12 +219,14 @@ def class_rows(logits, labels, probs, weight, sw, grad, grad_out):
 
 
 def row_loss(dev, kernel, args, stats, logits, reduction, grad, grad_out, caller_grad_out):
-    """``(loss, grad)`` from ``kernel(*args, stats, g, losses)``, a kernel over the
-    rows of ``args[0]`` (n, C) made of ``logits`` (..., C), launched when there is
-    any row: the per-row losses (``per_row_losses``), the gradient ``g``
-    (``grad_out`` or a new array; None unless ``grad``) and the loss as returned
-    (``finish``; ``stats`` is the "mean" denominator, None otherwise).  Native
-    arrays of the call's kind; ``grad`` is the caller's ``grad_out`` when given."""
+    """``(loss, grad)`` from ``kernel(*args, stats, g, losses, total)``, a kernel over
+    the rows of ``args[0]`` (n, C) made of ``logits`` (..., C), launched when there
+    is any row: the per-row losses (``per_row_losses``), the gradient ``g``
+    (``grad_out`` or a new array; None unless ``grad``) and the loss as returned.
+    For "mean" (``stats`` from ``class_denominator``) the kernel's last block
+    writes the loss into ``total`` (``last_block_total``: no launch of its own);
+    otherwise ``total`` is None and ``finish`` makes it.  Native arrays of the
+    call's kind; ``grad`` is the caller's ``grad_out`` when given."""
     n, C = args[0].shape
     batch_shape, dtype = tuple(logits.shape)[:-1], logits.dtype
     losses = per_row_losses(dev, n, reduction, dtype, compute_type(dtype))
@@ -240,10 +234,15 @@ def row_loss(dev, kernel, args, stats, logits, reduction, grad, grad_out, caller
     if grad:
         g_native, g = ((grad_out, grad_out) if grad_out is not None
                        else dev.empty(batch_shape + (C,), dtype))
+    total = None
     if n:
         x = args[0]
         threads = fit(kernel, threads_for(C, per_thread(x) if fast_rows(x) else UNROLL))
         g = None if g is None else rows(g, C, "grad_out")
-        dev.launch(kernel, row_grid(n, threads), threads, *args, stats, g, losses[1])
-    return (finish(dev, losses, stats, reduction, batch_shape, dtype),
-            dev.give_grad(g_native, caller_grad_out))
+        if reduction == "mean":
+            total = dev.empty((1,), dtype)
+        dev.launch(kernel, row_grid(n, threads), threads, *args, stats, g, losses[1],
+                   None if total is None else total[1])
+    loss = (dev.give(total[0], ()) if total is not None
+            else finish(dev, losses, stats, reduction, batch_shape, dtype))
+    return loss, dev.give_grad(g_native, caller_grad_out)

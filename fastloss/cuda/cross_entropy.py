@@ -13,7 +13,7 @@ write of the gradient).
 
 Integer targets without class weights or soft-cap, float16 and float32, take
 the fast row loops of ``cuda/_rows`` (``label_sums``, ``exp_grads``): a 1-D
-view of the row with unsigned column indices, 8 float32 or 16 float16 loads in
+view of the row with unsigned column indices, 16 loads in
 flight per thread, one rescale of the running sum per step of loads, pass 2
 walking the row in reverse (the columns pass 1 read last, still in L2, first),
 and ``_blocks.fast_exp``.  Other rows (class weights, soft-cap, probability
@@ -30,6 +30,12 @@ reads the same element of the logits, after its read, and every other read of
 the row happens before pass 2's barrier: the gradient may alias the logits.
 Row offsets are 64-bit (a row's base is computed once), so B*T*V may exceed 2**31.
 
+"mean" launches three kernels: the label check, the denominator
+(``class_denominator``, which also zeroes the count of finished blocks) and this
+kernel, whose last block to finish sums the per-row losses in a fixed order and
+divides (``_reduction.last_block_total``).  "sum" has ``finish`` sum them (a
+third launch), "none" returns them.
+
 Absent options are ``None`` arguments: Numba compiles a specialization per
 combination, with the unused branches removed (compile-time switches).
 """
@@ -42,7 +48,7 @@ from fastloss.cuda._blocks import (LARGE_KERNEL_BLOCK, MAX_THREADS, UNROLL, bloc
                                    block_sum, cast_like, fast_rows, group_end, ignored_row, kernel,
                                    load_group, online_add, ptx_dtypes)
 from fastloss.cuda._formulas import softmax
-from fastloss.cuda._reduction import class_denominator, gradient_scale
+from fastloss.cuda._reduction import class_denominator, gradient_scale, last_block_total
 from fastloss.cuda._rows import class_rows, exp_grads, label_sums, row_loss
 
 
@@ -152,9 +158,11 @@ def _smoothing(eps, C):
 
 
 @cuda.jit(device=True)
-def _label_row(x, labels, row, ignore_index, weight, swi, gscale, eps, zcoef, cap, mbuf, sbuf, g,
-               losses):
-    """Loss (and gradient unless ``g`` is None) of row ``row``, integer targets."""
+def _label_row(x, labels, row, ignore_index, weight, swi, gscale, eps, smooth_sums, zcoef, cap,
+               mbuf, sbuf, g, losses):
+    """Loss (and gradient unless ``g`` is None) of row ``row``, integer targets;
+    ``smooth_sums`` (True with label smoothing, else None: pruned) asks for the
+    smoothing sums."""
     zero, one, keep, smooth = _smoothing(eps, x.shape[1])
     y = int64(labels[row])
     if y == ignore_index:
@@ -166,16 +174,13 @@ def _label_row(x, labels, row, ignore_index, weight, swi, gscale, eps, zcoef, ca
     # z_y is read before the barriers below: the gradient may overwrite the logits
     if fast:
         zy, slope_y = cast_like(xr[uint64(y)], zero), one
-        if eps > 0:
-            m, rest, szm, wsum = label_sums(xr, y, zy, True, zero)
-        else:
-            m, rest, szm, wsum = label_sums(xr, y, zy, None, zero)
+        m, rest, szm, wsum = label_sums(xr, y, zy, smooth_sums, zero)
     else:
         m, rest, szm, wsum = _label_sums(x, row, y, weight, eps, cap, zero, one,
                                         cast_like(-math.inf, zero))
         zy, slope_y = _capped(cast_like(x[row, y], zero), cap, one)
     mrow, rest64 = block_logsumexp(mbuf, sbuf, m, rest)
-    if eps > 0:
+    if smooth_sums is not None:
         szm = cast_like(block_sum(mbuf, _shift(szm, wsum, m, cast_like(mrow, zero), zero)), zero)
         wsum = cast_like(block_sum(mbuf, wsum), zero)
     m = cast_like(mrow, zero)
@@ -283,13 +288,16 @@ def _prob_row(x, probs, row, weight, swi, gscale, eps, zcoef, cap, mbuf, sbuf, g
 
 
 @kernel(LARGE_KERNEL_BLOCK)
-def cross_entropy_kernel(x, labels, probs, weight, sw, ignore_index, eps, zcoef, cap, stats, g,
-                         losses):
+def cross_entropy_kernel(x, labels, probs, weight, sw, ignore_index, eps, smooth_sums, zcoef, cap,
+                         stats, g, losses, total):
     """Rows ``blockIdx.x, blockIdx.x + gridDim.x, ...`` of ``x`` (n, C), one
     block per row.  ``labels`` (n,) or ``probs`` (n, C) (the other None);
     ``weight`` (C,), ``sw`` (n,), ``cap`` (the soft-cap), ``stats`` (the
     "mean" denominator, None otherwise) and ``g`` (None: no gradient) are
-    optional.  ``eps``, ``zcoef`` and ``cap`` carry the compute type ``T``."""
+    optional; with ``total`` (one element, "mean" only) the last block to finish
+    writes the loss there (``last_block_total``).  ``eps``, ``zcoef`` and ``cap``
+    carry the compute type ``T``; ``smooth_sums`` is True when ``eps > 0``, else None
+    (a default call compiles no smoothing sums)."""
     mbuf = cuda.shared.array(MAX_THREADS, float64)
     sbuf = cuda.shared.array(MAX_THREADS, float64)
     zero = eps - eps
@@ -297,12 +305,14 @@ def cross_entropy_kernel(x, labels, probs, weight, sw, ignore_index, eps, zcoef,
     for row in range(int64(cuda.blockIdx.x), x.shape[0], int64(cuda.gridDim.x)):
         swi = cast_like(1, zero) if sw is None else cast_like(sw[row], zero)
         if labels is not None:
-            _label_row(x, labels, row, ignore_index, weight, swi, swi * scale, eps, zcoef, cap,
-                       mbuf, sbuf, g, losses)
+            _label_row(x, labels, row, ignore_index, weight, swi, swi * scale, eps, smooth_sums,
+                       zcoef, cap, mbuf, sbuf, g, losses)
         if probs is not None:
             _prob_row(x, probs, row, weight, swi, swi * scale, eps, zcoef, cap, mbuf, sbuf, g,
                       losses)
         # the next row reuses the shared buffers: block_* end with a barrier
+    if total is not None:
+        last_block_total(mbuf, losses, stats, total)
 
 
 def softmax_cross_entropy(dev, logits, labels, probs, weight, sw, ignore_index, eps, zcoef, cap,
@@ -315,8 +325,8 @@ def softmax_cross_entropy(dev, logits, labels, probs, weight, sw, ignore_index, 
     stats = (class_denominator(dev, x.shape[0], labels, None if probs is not None else weight, sw,
                                ignore_index)
              if reduction == "mean" else None)
-    args = (x, labels, probs, weight, sw, ignore_index, T(eps), T(zcoef),
-            None if cap is None else T(cap))
+    args = (x, labels, probs, weight, sw, ignore_index, T(eps), True if eps > 0 else None,
+            T(zcoef), None if cap is None else T(cap))
     return row_loss(dev, cross_entropy_kernel, args, stats, logits, reduction, grad, grad_out,
                     caller_grad_out)
 
@@ -329,11 +339,15 @@ def ptx_signatures():
     i64, f64, N = types.int64, types.float64, types.none
     sigs = []
     for X, T in ptx_dtypes():
-        # x, labels, probs, weight, sw, cap, stats, g, losses
-        for case in ((X[:, ::1], i64[::1], N, N, N, N, N, N, X[::1]),
-                     (X[:, :], types.int32[:], N, X[::1], X[:], T, f64[::1], X[:, :], T[::1]),
-                     (X[:, :], N, X[:, :], T[::1], T[::1], T, f64[::1], X[:, ::1], T[::1])):
-            x, labels, probs, weight, sw, cap, stats, g, losses = case
-            sigs.append((cross_entropy_kernel, (x, labels, probs, weight, sw, i64, T, T, cap,
-                                                stats, g, losses)))
+        # x, labels, probs, weight, sw, cap, stats, g, losses, total
+        for case in ((X[:, ::1], i64[::1], N, N, N, N, N, N, X[::1], N),
+                     (X[:, ::1], i64[::1], N, N, N, N, f64[::1], X[:, ::1], T[::1], X[::1]),
+                     (X[:, :], types.int32[:], N, X[::1], X[:], T, f64[::1], X[:, :], T[::1],
+                      X[::1]),
+                     (X[:, :], N, X[:, :], T[::1], T[::1], T, f64[::1], X[:, ::1], T[::1],
+                      X[::1])):
+            x, labels, probs, weight, sw, cap, stats, g, losses, total = case
+            smooth = N if weight is N else types.boolean  # every option: smoothing too
+            sigs.append((cross_entropy_kernel, (x, labels, probs, weight, sw, i64, T, smooth, T,
+                                                cap, stats, g, losses, total)))
     return sigs

@@ -10,7 +10,7 @@ exp(z_k - m)`` apart from the target's own term ``e_y``.  Blocks are
 persistent (``row_grid``), each looping over rows, one row at a time, as in
 ``cuda/cross_entropy``: few rows in flight, so that the passes after the first
 find the row in L2.  Integer targets in float16 and float32 take the fast row
-loops of ``cuda/_rows`` (``label_sums``, ``exp_grads``: 8 float32 or 16 float16
+loops of ``cuda/_rows`` (``label_sums``, ``exp_grads``: 16
 loads in flight per thread, one rescale per step, pass 2 in reverse,
 ``_blocks.fast_exp``); float64 rows and probability targets issue ``UNROLL``
 loads per thread (``load_group``) before using them.  Passes over a row: 1. online ``(max, sum exp)``, merged
@@ -23,8 +23,16 @@ read that element, after its reads: the gradient may alias the logits
 (``grad_out=logits``).  The target's entry is rewritten, after its pass, by
 the thread that owns it.
 
-Sigmoid focal: each thread of the grid-stride loop sums its losses in
-float64; each block writes one partial sum, which ``finish`` adds up.
+Sigmoid focal: elementwise on ``_reduction.elementwise_grid(n)`` (a grid that
+depends on ``n`` only: a few waves, ``ELEMENTWISE_STEP`` elements loaded per
+thread before any is used, unsigned indices); each thread sums its losses in
+float64, each block writes one partial sum, and ``finish`` adds the at most
+``ELEMENTWISE_BLOCKS`` partials in one block: the same bits on every GPU.
+gamma == 2, the default, compiles a path of its own (``u * u`` for ``u**gamma``,
+no log and exp per element), chosen in Python as the CPU does.
+
+"mean" with a denominator from ``class_denominator`` (softmax focal) makes its
+total in the row kernel's last block (``_reduction.last_block_total``).
 
 Inputs that the CPU path converts to the logits' dtype first (probability and
 sigmoid targets) are rounded to that dtype here too, then widened to the
@@ -37,13 +45,14 @@ from numba import cuda, float64, int64, uint64
 
 from fastloss.cuda._arrays import compute_type, flat
 from fastloss.cuda._blocks import (LARGE_KERNEL_BLOCK, MAX_THREADS, UNROLL, block_logsumexp,
-                                   block_sum, cast_like, element, fast_rows, grid_stride, group_end,
-                                   ignored_row, kernel, load_group, online_add, ptx_dtypes,
-                                   set_element)
+                                   block_sum, cast_like, fast_rows, group_end, ignored_row, kernel,
+                                   load_group, online_add, ptx_dtypes)
 from fastloss.cuda._checks import grad_out_apart
 from fastloss.cuda._formulas import sigmoid_focal, softmax
-from fastloss.cuda._reduction import (class_denominator, count_denominator, elementwise_loss,
-                                      gradient_scale)
+from fastloss.cuda._reduction import (ELEMENTWISE_STEP, class_denominator, count_denominator,
+                                      element_at, elementwise_loss, gradient_scale,
+                                      last_block_total, set_element_at, step_at,
+                                      unsigned_grid_stride)
 from fastloss.cuda._rows import class_rows, exp_grads, label_sums, row_loss
 
 
@@ -211,12 +220,15 @@ def _prob_row(x, probs, row, alpha, ascale, gamma, swi, gscale, mbuf, sbuf, g, l
 
 
 @kernel(LARGE_KERNEL_BLOCK)
-def focal_kernel(x, labels, probs, alpha, ascale, sw, ignore_index, gamma, stats, g, losses):
+def focal_kernel(x, labels, probs, alpha, ascale, sw, ignore_index, gamma, stats, g, losses,
+                 total):
     """Rows ``blockIdx.x, blockIdx.x + gridDim.x, ...`` of ``x`` (n, C), one
     block per row.  ``labels`` (n,) or ``probs`` (n, C) (the other None);
     ``alpha`` (C,) (None: ``ascale`` alone), ``sw`` (n,), ``stats`` (the
     "mean" denominator, None otherwise) and ``g`` (None: no gradient) are
-    optional.  ``ascale`` and ``gamma`` carry the compute type ``T``."""
+    optional; with ``total`` (one element, "mean" only) the last block to finish
+    writes the loss there (``last_block_total``).  ``ascale`` and ``gamma`` carry
+    the compute type ``T``."""
     mbuf = cuda.shared.array(MAX_THREADS, float64)
     sbuf = cuda.shared.array(MAX_THREADS, float64)
     zero = cast_like(0, gamma)
@@ -229,6 +241,8 @@ def focal_kernel(x, labels, probs, alpha, ascale, sw, ignore_index, gamma, stats
         if probs is not None:
             _prob_row(x, probs, row, alpha, ascale, gamma, swi, swi * scale, mbuf, sbuf, g, losses)
         # the next row reuses the shared buffers: block_* end with a barrier
+    if total is not None:
+        last_block_total(mbuf, losses, stats, total)
 
 
 def focal_loss(dev, logits, labels, probs, alpha, ascale, sw, ignore_index, gamma, reduction, grad,
@@ -249,32 +263,64 @@ def focal_loss(dev, logits, labels, probs, alpha, ascale, sw, ignore_index, gamm
 # ---------------------------------------------------------------- sigmoid focal
 
 
+@cuda.jit(device=True)
+def _sigmoid_element(xv, tv, i, alpha, use_alpha, gamma, squared, zero, one, scale, g, losses,
+                     acc):
+    """One element's loss (into ``losses[i]`` with "none") and gradient (into ``g``),
+    from its stored logit and target; ``acc`` plus the loss.  ``squared`` (True, or
+    None: a compile-time switch) takes gamma = 2: ``u**gamma`` as ``u * u``, no log
+    and exp."""
+    ti = cast_like(cast_like(tv, xv), zero)  # in the logits' dtype, as the CPU
+    p, q, ce, u = sigmoid_focal.sigmoid_terms(cast_like(xv, zero), ti, zero, one)
+    if squared is not None:
+        pw, num, den = u * u, u, one
+    else:
+        pw = sigmoid_focal.modulating_power(u, gamma, zero, one)
+        num, den = pw, u
+    at = sigmoid_focal.alpha_weight(ti, alpha, use_alpha, one)
+    loss, d = sigmoid_focal.sigmoid_focal_value(p, q, ce, u, ti, at, pw, num, den, gamma, zero, one)
+    if losses is not None:
+        losses[i] = loss
+    if g is not None:
+        set_element_at(g, i, scale * (at * d))
+    return acc + float64(loss)
+
+
 @kernel()
-def sigmoid_focal_kernel(x, t, n, alpha, gamma, stats, g, losses, partials):
+def sigmoid_focal_kernel(x, t, n, alpha, gamma, squared, stats, g, losses, partials):
     """Elements ``0 <= i < n`` of ``x`` and ``t`` (1-D, or 2-D strided: see
-    ``_blocks.element``).  ``losses`` (n,) gets every element's loss ("none"),
-    ``partials`` (blocks,) each block's float64 sum (otherwise); ``stats``
-    (the "mean" denominator) and ``g`` are optional."""
+    ``_reduction.element_at``), on ``elementwise_grid(n)``: ``ELEMENTWISE_STEP``
+    elements a step per thread, all loaded before any is used (``g`` may be
+    ``x``: each element is read and written by one thread, read first).
+    ``squared`` (True or None) is gamma == 2's path.  ``losses`` (n,) gets every
+    element's loss ("none"), ``partials`` (blocks,) each block's float64 sum
+    (otherwise); ``stats`` (the "mean" denominator) and ``g`` are optional."""
     buf = cuda.shared.array(MAX_THREADS, float64)
     zero = cast_like(0, gamma)
     one = cast_like(1, zero)
+    if squared is not None:
+        gamma = cast_like(2, zero)
     use_alpha = alpha >= zero
     scale = gradient_scale(stats, zero)
     acc = 0.0
-    i, stride = grid_stride()
-    while i < n:
-        xr = element(x, i)
-        ti = cast_like(cast_like(element(t, i), xr), zero)  # in the logits' dtype, as the CPU
-        p, q, ce, u = sigmoid_focal.sigmoid_terms(cast_like(xr, zero), ti, zero, one)
-        pw = sigmoid_focal.modulating_power(u, gamma, zero, one)
-        at = sigmoid_focal.alpha_weight(ti, alpha, use_alpha, one)
-        loss, d = sigmoid_focal.sigmoid_focal_value(p, q, ce, u, ti, at, pw, pw, u, gamma, zero, one)
-        if losses is not None:
-            losses[i] = loss
-        if partials is not None:
-            acc += float64(loss)
-        if g is not None:
-            set_element(g, i, scale * at * d)
+    i, stride = unsigned_grid_stride()
+    end = uint64(n)
+    ahead = stride * uint64(ELEMENTWISE_STEP - 1)
+    while i + ahead < end:  # unchecked since i + ahead < n <= 2**63
+        (i1, i2, i3), (x0, x1, x2, x3) = step_at(x, i, stride)
+        _, (t0, t1, t2, t3) = step_at(t, i, stride)
+        acc = _sigmoid_element(x0, t0, i, alpha, use_alpha, gamma, squared, zero, one, scale, g,
+                               losses, acc)
+        acc = _sigmoid_element(x1, t1, i1, alpha, use_alpha, gamma, squared, zero, one, scale, g,
+                               losses, acc)
+        acc = _sigmoid_element(x2, t2, i2, alpha, use_alpha, gamma, squared, zero, one, scale, g,
+                               losses, acc)
+        acc = _sigmoid_element(x3, t3, i3, alpha, use_alpha, gamma, squared, zero, one, scale, g,
+                               losses, acc)
+        i = i3 + stride
+    while i < end:
+        acc = _sigmoid_element(element_at(x, i), element_at(t, i), i, alpha, use_alpha, gamma,
+                               squared, zero, one, scale, g, losses, acc)
         i += stride
     if partials is not None:
         total = block_sum(buf, acc)
@@ -293,7 +339,8 @@ def sigmoid_focal_loss(dev, logits, targets, alpha, gamma, reduction, grad, grad
     n = math.prod(shape)
     T = compute_type(logits.dtype)
     stats = count_denominator(n) if reduction == "mean" else None
-    args = (flat(logits, "logits"), flat(targets, "targets"), n, T(alpha), T(gamma))
+    squared = True if gamma == 2 else None  # compile-time switch (as the CPU's ``paths``)
+    args = (flat(logits, "logits"), flat(targets, "targets"), n, T(alpha), T(gamma), squared)
     loss, g = elementwise_loss(dev, sigmoid_focal_kernel, args, n, shape, stats, reduction, grad,
                                grad_out, logits.dtype)
     return loss, dev.give_grad(g, caller_grad_out)
@@ -314,15 +361,19 @@ def ptx_signatures():
                      (N, X[:, :], W, W, f64[::1], X[:, :], W),
                      (N, f64[:, ::1], N, W, N, X[:, ::1], W)):
             labels, probs, alpha, sw, stats, g, losses = case
+            total = X[::1] if stats is not N else N  # "mean": the last block's total
             sigs.append((focal_kernel, (X[:, :], labels, probs, alpha, T, sw, i64, T, stats, g,
-                                        losses)))
-        # x, t, g, stats, losses, partials
-        for case in ((X[::1], X[::1], X[::1], f64, N, f64[::1]),  # "mean", a count
-                     (X[::1], X[::1], X[::1], N, X[::1], N),  # "none"
-                     (X[:, :], X[:], X[:, :], N, N, f64[::1]),  # strided, "sum"
-                     (X[::1], types.boolean[::1], N, f64[::1], N, f64[::1]),
-                     (X[::1], i64[::1], X[::1], N, X[::1], N),
-                     (X[::1], f64[::1], X[::1], f64, N, f64[::1])):
-            x, t, g, stats, losses, partials = case
-            sigs.append((sigmoid_focal_kernel, (x, t, i64, T, T, stats, g, losses, partials)))
+                                        losses, total)))
+        # x, t, squared, g, stats, losses, partials
+        S = types.boolean
+        for case in ((X[::1], X[::1], S, X[::1], f64, N, f64[::1]),  # "mean", a count, gamma 2
+                     (X[::1], X[::1], N, X[::1], f64, N, f64[::1]),  # any gamma
+                     (X[::1], X[::1], S, X[::1], N, X[::1], N),  # "none"
+                     (X[:, :], X[:], N, X[:, :], N, N, f64[::1]),  # strided, "sum"
+                     (X[::1], types.boolean[::1], S, N, f64[::1], N, f64[::1]),
+                     (X[::1], i64[::1], N, X[::1], N, X[::1], N),
+                     (X[::1], f64[::1], S, X[::1], f64, N, f64[::1])):
+            x, t, squared, g, stats, losses, partials = case
+            sigs.append((sigmoid_focal_kernel, (x, t, i64, T, T, squared, stats, g, losses,
+                                                partials)))
     return sigs

@@ -19,50 +19,86 @@ before the fused kernel (each block sums a share of ``w``, in float64, times
 the number of times each weight repeats; one block adds the partial sums),
 so that nothing waits for the host.  The target is rounded to the input's
 dtype first, as the CPU path does.
+
+The fused kernel runs on ``_reduction.elementwise_grid(n)``, a grid that
+depends on ``n`` only (at most ``ELEMENTWISE_BLOCKS`` blocks: a few waves),
+each thread loading ``ELEMENTWISE_STEP`` elements of the input, target and
+weights before using any, with unsigned indices; float16 is stored as float16
+and computed in float32.  Each thread sums its losses in float64, each block
+writes one partial sum, and ``finish`` adds the at most ``ELEMENTWISE_BLOCKS``
+partials in one block: the same bits on every GPU and run.
 """
 import math
 
 import numpy as np
-from numba import cuda, float64, int64
+from numba import cuda, float64, int64, uint64
 
 from fastloss.cpu._storage import compact_weights as compact_on_host
-from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import compute_type, flat
-from fastloss.cuda._blocks import (MAX_THREADS, block_sum, cast_like, element, kernel,
-                                   set_element)
+from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, element, kernel
 from fastloss.cuda._formulas import huber
-from fastloss.cuda._reduction import count_denominator, elementwise_loss, gradient_scale, sum_to
+from fastloss.cuda._reduction import (ELEMENTWISE_STEP, count_denominator, element_at,
+                                      elementwise_grid, elementwise_loss, gradient_scale,
+                                      set_element_at, step_at, sum_to, unsigned_grid_stride)
+
+
+@cuda.jit(device=True)
+def _weight(sw, i, every, cycle, one):
+    """The weight of element ``i``: ``sw[(i // every) % cycle]`` (all unsigned), 1
+    when ``sw`` is None."""
+    if sw is None:
+        return one
+    j = i % cycle if every == 1 else (i // every) % cycle
+    return cast_like(element_at(sw, j), one)
+
+
+@cuda.jit(device=True)
+def _huber_element(xv, tv, w, i, delta, half, zero, scale, g, losses, acc):
+    """One element's loss (into ``losses[i]`` with "none") and gradient (into ``g``),
+    from its stored input and target and its weight; ``acc`` plus the loss."""
+    r = cast_like(xv, zero) - cast_like(cast_like(tv, xv), zero)
+    loss = w * huber.huber(r, delta, half)
+    if losses is not None:
+        losses[i] = loss
+    if g is not None:
+        set_element_at(g, i, scale * w * huber.huber_slope(r, delta, zero))
+    return acc + float64(loss)
 
 
 @kernel()
 def huber_elements_kernel(x, t, n, sw, inner, period, delta, stats, g, losses, partials):
-    """Elements ``0 <= i < n`` of ``x`` and ``t`` (1-D, or 2-D strided).
-    ``sw`` (None: weight 1) gives element i the weight
-    ``sw[(i // inner) % period]``; ``losses`` (n,) gets every element's loss
-    ("none"), ``partials`` (blocks,) each block's float64 sum (otherwise);
-    ``stats`` (the "mean" denominator) and ``g`` are optional."""
+    """Elements ``0 <= i < n`` of ``x`` and ``t`` (1-D, or 2-D strided), on
+    ``elementwise_grid(n)``: ``ELEMENTWISE_STEP`` elements a step per thread, all
+    loaded before any is used (``g`` may be ``x``: each element is read and
+    written by one thread, read first).  ``sw`` (None: weight 1) gives element
+    i the weight ``sw[(i // inner) % period]``; ``losses`` (n,) gets every
+    element's loss ("none"), ``partials`` (blocks,) each block's float64 sum
+    (otherwise); ``stats`` (the "mean" denominator) and ``g`` are optional."""
     buf = cuda.shared.array(MAX_THREADS, float64)
     zero = cast_like(0, delta)
     one = cast_like(1, zero)
     half = cast_like(0.5, zero)
     scale = gradient_scale(stats, zero)
     acc = 0.0
-    i = int64(cuda.grid(1))
-    stride = int64(cuda.gridsize(1))
-    while i < n:
-        xr = element(x, i)
-        r = cast_like(xr, zero) - cast_like(cast_like(element(t, i), xr), zero)
-        w = one
-        if sw is not None:
-            j = i % period if inner == 1 else (i // inner) % period
-            w = cast_like(element(sw, j), zero)
-        loss = w * huber.huber(r, delta, half)
-        if losses is not None:
-            losses[i] = loss
-        if partials is not None:
-            acc += float64(loss)
-        if g is not None:
-            set_element(g, i, scale * w * huber.huber_slope(r, delta, zero))
+    i, stride = unsigned_grid_stride()
+    end = uint64(n)
+    every = uint64(inner)  # inner and period, unsigned
+    cycle = uint64(period)
+    ahead = stride * uint64(ELEMENTWISE_STEP - 1)
+    while i + ahead < end:  # unchecked since i + ahead < n <= 2**63
+        (i1, i2, i3), (x0, x1, x2, x3) = step_at(x, i, stride)
+        _, (t0, t1, t2, t3) = step_at(t, i, stride)
+        w0, w1 = _weight(sw, i, every, cycle, one), _weight(sw, i1, every, cycle, one)
+        w2, w3 = _weight(sw, i2, every, cycle, one), _weight(sw, i3, every, cycle, one)
+        acc = _huber_element(x0, t0, w0, i, delta, half, zero, scale, g, losses, acc)
+        acc = _huber_element(x1, t1, w1, i1, delta, half, zero, scale, g, losses, acc)
+        acc = _huber_element(x2, t2, w2, i2, delta, half, zero, scale, g, losses, acc)
+        acc = _huber_element(x3, t3, w3, i3, delta, half, zero, scale, g, losses, acc)
+        i = i3 + stride
+    while i < end:
+        acc = _huber_element(element_at(x, i), element_at(t, i),
+                             _weight(sw, i, every, cycle, one), i, delta, half, zero, scale, g,
+                             losses, acc)
         i += stride
     if partials is not None:
         total = block_sum(buf, acc)
@@ -116,7 +152,7 @@ def compact_weights(dev, sw, shape, T):
 def weight_denominator(dev, w, period, n):
     """Device ``stats`` (float64, 1): the sum of the weights broadcast to ``n``
     elements, each of the ``period`` weights ``w`` repeating ``n / period`` times."""
-    blocks, threads = _blocks.grid_for(period)
+    blocks, threads = elementwise_grid(period)
     partials = dev.scratch((blocks,), np.float64)
     dev.launch(weight_partials_kernel, blocks, threads, w, period, float(n // period), partials)
     stats = dev.scratch((1,), np.float64)
