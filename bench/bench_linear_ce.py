@@ -11,8 +11,9 @@ size) and large (8192 x 256, V = 32768) sizes, the gradients of the embeddings a
 * ``torch``, ``torch-compile``, ``jax``: autograd of ``cross_entropy(E @ W.T)``;
 * ceiling (role ``copy``, entry named ``products``): the three matrix products alone,
   ``E @ W.T``, ``Z @ W`` and ``Z.T @ E``, into preallocated arrays (``bench.ceiling``): the
-  least any path computes.  fastloss forms ``E @ W_blk.T`` twice (statistics, then gradient),
-  so its floor is 4/3 of this.
+  least any path computes.  fastloss's chunks of whole rows (the default at these sizes) have
+  the same three products; its blocks of classes (wider vocabularies) form ``E @ W_blk.T``
+  twice (statistics, then gradient), a floor of 4/3 of this.
 """
 import pytest
 from _suite import ROLES, params, run_entry, suite_cases
