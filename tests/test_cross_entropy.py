@@ -545,6 +545,26 @@ def test_grad_out_in_place(rng, backend, dev, dtype, prob):
     check_result(fl.LossGrad(dev.get(res.loss), dev.get(d_x)), *want, dtype)
 
 
+@pytest.mark.cpu
+def test_grad_out_beside_views_and_over_them(rng):
+    """Inputs sliced from larger arrays: a ``grad_out`` owning its memory is written in
+    place; one that overlaps the logits' rows (a view of the same array) still gets the
+    right gradient, through a temporary."""
+    big = rng.normal(size=(128, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, size=256)
+    x, t = big[32:96], labels[::4]
+    want = fl.softmax_cross_entropy(x.copy(), t.copy())
+    out = np.full(x.shape, 7.0, np.float32)
+    res = fl.softmax_cross_entropy(x, t, grad_out=out)
+    assert res.grad is out
+    np.testing.assert_array_equal(res.grad, want.grad)
+    over = big[:64]  # rows 32..63 are also the logits' rows 0..31
+    res = fl.softmax_cross_entropy(x, t, grad_out=over)
+    assert res.grad is over
+    np.testing.assert_array_equal(over, want.grad)
+    assert float(res.loss) == float(want.loss)
+
+
 # ----------------------------------------------------------- finite differences
 
 

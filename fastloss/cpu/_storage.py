@@ -118,16 +118,28 @@ def gradient_buffer(grad_out, shape, dtype, inplace_ok, reads):
         # the common case, inline (a reused buffer must cost no more than np.empty): an
         # array owning its memory overlaps only itself and its views
         for b in reads:
-            if b is not None and (b is grad_out or b.base is not None):
+            if b is not None and not _owned_elsewhere(b, grad_out):
                 break
         else:
-            if inplace_ok is None or inplace_ok is grad_out or inplace_ok.base is None:
+            if (inplace_ok is None or inplace_ok is grad_out
+                    or _owned_elsewhere(inplace_ok, grad_out)):
                 return grad_out, grad_out
     if grad_out is inplace_ok or (
             (inplace_ok is None or not may_overlap(grad_out, inplace_ok))
             and _apart_all(grad_out, reads)):
         return grad_out, grad_out
     return np.empty(shape, dtype), grad_out
+
+
+def _owned_elsewhere(b, owner):
+    """Whether ``b``'s memory surely belongs to an array other than ``owner`` (which owns
+    its own): ``b`` owns its memory, or is a view of an array that does (NumPy points
+    a view's ``base`` at the array owning the memory, collapsing views of views); a
+    ``base`` of any other kind (a buffer, an interface) is not answered here."""
+    base = b.base
+    if base is None:
+        return b is not owner
+    return type(base) is np.ndarray and base.base is None and base is not owner
 
 
 def _apart_all(a, arrays):
