@@ -249,7 +249,11 @@ if config.ENABLE_CUDASIM:
 else:
     @cuda.jit(device=True)
     def _shfl_down(buf, value, delta, width):
-        mask = FULL_MASK if width >= WARP else (1 << width) - 1
+        # every lane that calls a shuffle must be in its mask: whole warps shuffle with
+        # all lanes (those past ``width`` compute values nobody reads); only a block
+        # smaller than a warp has fewer lanes
+        nt = cuda.blockDim.x
+        mask = FULL_MASK if nt >= WARP else (1 << nt) - 1
         return cuda.shfl_down_sync(mask, value, delta)
 
 
