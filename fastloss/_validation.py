@@ -225,6 +225,20 @@ def class_logits(logits):
     return logits
 
 
+def fresh_host_buffers(buffers, shape, dtype):
+    """Whether the three ``buffers`` (a tuple's items) are distinct writable NumPy arrays
+    of ``shape`` and ``dtype`` that own their memory, hence apart: a tuple of gradient
+    buffers that needs no further check, answered inline (a reused buffer must cost no
+    more than a new one).  False means only "check them one by one" (``grad_buffer``)."""
+    a, b, c = buffers
+    return (type(a) is np.ndarray and type(b) is np.ndarray and type(c) is np.ndarray
+            and a.shape == shape and b.shape == shape and c.shape == shape
+            and a.dtype is dtype and b.dtype is dtype and c.dtype is dtype
+            and a.base is None and b.base is None and c.base is None
+            and a is not b and b is not c and a is not c
+            and a.flags.writeable and b.flags.writeable and c.flags.writeable)
+
+
 def class_batch(logits, target, sample_weight, grad_out, grad, ignore_index, T, first_bad=None):
     """The per-row arguments of a softmax loss, checked against ``logits (..., C)``:
     ``(labels, probs, sample_weight)`` (see ``class_target``; sample weights as

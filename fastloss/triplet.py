@@ -23,19 +23,6 @@ def _host_only(grad_out):
             and type(grad_out[1]) is np.ndarray and type(grad_out[2]) is np.ndarray)
 
 
-def _fresh_host_buffers(grad_out, shape, dtype):
-    """The common reuse, answered inline (a reused buffer must cost no more than a new
-    one): three distinct writable NumPy arrays of ``shape`` and ``dtype`` that own their
-    memory, hence apart."""
-    a, b, c = grad_out
-    return (type(a) is np.ndarray and type(b) is np.ndarray and type(c) is np.ndarray
-            and a.shape == shape and b.shape == shape and c.shape == shape
-            and a.dtype is dtype and b.dtype is dtype and c.dtype is dtype
-            and a.base is None and b.base is None and c.base is None
-            and a is not b and b is not c and a is not c
-            and a.flags.writeable and b.flags.writeable and c.flags.writeable)
-
-
 def _grad_outs(grad_out, shape, dtype, dev=None):
     """``grad_out`` of triplet_margin_loss: a tuple of three writable arrays of the inputs'
     shape and dtype that do not overlap one another; on the GPU (``dev`` given, device
@@ -43,7 +30,7 @@ def _grad_outs(grad_out, shape, dtype, dev=None):
     if not isinstance(grad_out, (tuple, list)) or len(grad_out) != 3:
         raise TypeError("grad_out must be a tuple of three arrays (d_anchor, d_positive, "
                         f"d_negative), got {type(grad_out).__name__}")
-    if dev is None and _fresh_host_buffers(grad_out, shape, dtype):
+    if dev is None and check.fresh_host_buffers(grad_out, shape, dtype):
         return tuple(grad_out)
     for k, (g, name) in enumerate(zip(grad_out, ("anchor", "positive", "negative"))):
         try:

@@ -91,12 +91,12 @@ def compact_weights(sw, shape, T):
 
 
 def may_overlap(a, b):
-    """``np.may_share_memory(a, b)``, answered at once for two distinct arrays that each
-    own their memory (two allocations never overlap): a small call with several
-    buffers to check would otherwise pay NumPy's full test many times.  An array without
-    a ``base`` owns its memory (NumPy sets ``base`` on every view and wrapper), and
-    ``base`` is cheaper to read than ``flags``."""
-    if a is not b and a.base is None and b.base is None:
+    """``np.may_share_memory(a, b)``, answered at once when ``a`` owns its memory and
+    ``b``'s surely belongs to another array (``_owned_elsewhere``: two allocations never
+    overlap): a small call with several buffers to check would otherwise pay NumPy's
+    full test many times.  An array without a ``base`` owns its memory (NumPy sets
+    ``base`` on every view and wrapper), and ``base`` is cheaper to read than ``flags``."""
+    if a.base is None and _owned_elsewhere(b, a):
         return False
     return np.may_share_memory(a, b)
 
@@ -114,16 +114,6 @@ def gradient_buffer(grad_out, shape, dtype, inplace_ok, reads):
         return g, g
     if not grad_out.flags.c_contiguous:
         return np.empty(shape, dtype), grad_out
-    if grad_out.base is None:
-        # the common case, inline (a reused buffer must cost no more than np.empty): an
-        # array owning its memory overlaps only itself and its views
-        for b in reads:
-            if b is not None and not _owned_elsewhere(b, grad_out):
-                break
-        else:
-            if (inplace_ok is None or inplace_ok is grad_out
-                    or _owned_elsewhere(inplace_ok, grad_out)):
-                return grad_out, grad_out
     if grad_out is inplace_ok or (
             (inplace_ok is None or not may_overlap(grad_out, inplace_ok))
             and _apart_all(grad_out, reads)):
@@ -147,7 +137,7 @@ def _apart_all(a, arrays):
     small call's several buffers."""
     own = a.base is None  # an array owning its memory overlaps only itself and its views
     for b in arrays:
-        if b is None or (own and b is not a and b.base is None):
+        if b is None or (own and _owned_elsewhere(b, a)):
             continue
         if np.may_share_memory(a, b):
             return False

@@ -286,7 +286,7 @@ def rows(view, width, name):
 def flat(view, name):
     """All elements of ``view`` in C order, for the elementwise kernels, without
     a copy: a 1-D view (1-D arrays, strided or not, and contiguous arrays of any
-    shape), else the 2-D strided array itself (read by ``_blocks.element``).
+    shape), else the 2-D strided array itself (read by ``_reduction.element_at``).
     Strided arrays of more than two dimensions are refused."""
     shape = tuple(view.shape)
     if len(shape) == 1:

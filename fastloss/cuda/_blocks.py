@@ -186,49 +186,6 @@ def _cast_like(value, like):
     return impl
 
 
-def element(a, i):
-    """Element ``i`` (C order) of a 1-D array, or of a 2-D one that may be
-    strided (``a[i // W, i % W]``): the elementwise kernels read and write
-    non-contiguous 2-D inputs this way, without a copy."""
-    if a.ndim == 1:
-        return a[i]
-    w = a.shape[1]
-    return a[i // w, i % w]
-
-
-@overload(element, target="cuda")
-def _element(a, i):
-    if a.ndim == 1:
-        def impl(a, i):
-            return a[i]
-    else:
-        def impl(a, i):
-            w = a.shape[1]
-            return a[i // w, i % w]
-    return impl
-
-
-def set_element(a, i, value):
-    """``element(a, i) = value``."""
-    if a.ndim == 1:
-        a[i] = value
-    else:
-        w = a.shape[1]
-        a[i // w, i % w] = value
-
-
-@overload(set_element, target="cuda")
-def _set_element(a, i, value):
-    if a.ndim == 1:
-        def impl(a, i, value):
-            a[i] = value
-    else:
-        def impl(a, i, value):
-            w = a.shape[1]
-            a[i // w, i % w] = value
-    return impl
-
-
 FULL_MASK = 0xFFFFFFFF  # every lane of a warp
 WARP = 32
 

@@ -168,8 +168,9 @@ def unsigned_grid_stride():
 
 
 def element_at(a, i):
-    """``_blocks.element`` at an unsigned ``i``: element ``i`` (C order) of a 1-D
-    array, or of a 2-D strided one, without negative-index wrap-around."""
+    """Element ``i`` (unsigned, C order) of a 1-D array, or of a 2-D one that may be
+    strided (``a[i // W, i % W]``): the elementwise kernels read and write
+    non-contiguous 2-D inputs this way, without a copy or negative-index wrap-around."""
     if a.ndim == 1:
         return a[i]
     w = uint64(a.shape[1])

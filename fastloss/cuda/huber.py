@@ -7,7 +7,7 @@ which the CPU kernel shares.
 Sample weights reach the kernel compactly, never broadcast to the input's
 size, as on the CPU: element ``i`` has weight ``w[(i // inner) % period]``,
 where ``w`` is a view of the caller's weights (1-D, or 2-D strided: see
-``_blocks.element``) holding the axes along which they vary, and ``inner``
+``_reduction.element_at``) holding the axes along which they vary, and ``inner``
 the number of elements over the trailing axes they are broadcast along.
 Weights that vary along two groups of axes with a broadcast axis between
 them (shape ``(N, 1, K)`` against ``(N, M, K)``, say), or along several
@@ -31,11 +31,11 @@ partials in one block: the same bits on every GPU and run.
 import math
 
 import numpy as np
-from numba import cuda, float64, int64, uint64
+from numba import cuda, float64, uint64
 
 from fastloss.cpu._storage import compact_weights as compact_on_host
 from fastloss.cuda._arrays import compute_type, flat
-from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, element, kernel
+from fastloss.cuda._blocks import MAX_THREADS, block_sum, cast_like, kernel
 from fastloss.cuda._formulas import huber
 from fastloss.cuda._reduction import (ELEMENTWISE_STEP, count_denominator, element_at,
                                       elementwise_grid, elementwise_loss, gradient_scale,
@@ -111,10 +111,9 @@ def weight_partials_kernel(w, period, reps, partials):
     """partials[b] = reps * (float64 sum of block b's share of w[0:period])."""
     buf = cuda.shared.array(MAX_THREADS, float64)
     acc = 0.0
-    j = int64(cuda.grid(1))
-    stride = int64(cuda.gridsize(1))
-    while j < period:
-        acc += float64(element(w, j))
+    j, stride = unsigned_grid_stride()
+    while j < uint64(period):
+        acc += float64(element_at(w, j))
         j += stride
     total = block_sum(buf, acc)
     if cuda.threadIdx.x == 0:
