@@ -538,6 +538,14 @@ def issue_time(warp_instructions, sms):
     return warp_instructions / (sms * SCHEDULERS * CLOCK)
 
 
+def evict_first(chain):
+    """Whether the loops of ``chain`` store, and only evict-first (``st.global.cs``,
+    SASS ``STG.E.EF``): L2 evicts those lines before the others, so a gradient
+    written once does not push out the rows that a later pass re-reads."""
+    stores = [i for lp in chain for i in lp.instrs if i.base in ("STG", "ST")]
+    return bool(stores) and all("EF" in i.op.split(".") for i in stores)
+
+
 def row_passes(chain, elements):
     """The passes of ``cuda/_rows``'s fast row loops in a chain of loops: the loops before
     the last one that stores are segments of pass 1 (the steps before and after the
@@ -593,7 +601,8 @@ def model(case, main, second):
         warp_instr = rows * (threads / WARP) * (rest + loop_instrs * per_thread_elements)
         in_flight_rows = min(rows, resident * SMS)
         row_bytes = width * b
-        working = in_flight_rows * row_bytes * (2 if case.written else 1)
+        streamed = evict_first(running)
+        working = in_flight_rows * row_bytes * (2 if case.written and not streamed else 1)
         passes = len(running)
         if working <= L2:
             hit = 1.0
@@ -601,7 +610,8 @@ def model(case, main, second):
             hit = L2 / working
         else:
             hit = 0.0
-        r.update(in_flight_rows=in_flight_rows, working=working, passes=passes, hit=hit)
+        r.update(in_flight_rows=in_flight_rows, working=working, passes=passes, hit=hit,
+                 streamed=streamed)
     else:
         warp_instr = blocks * (threads / WARP) * (rest + loop_instrs * per_thread_elements)
         passes, hit = 1, 0.0
@@ -666,7 +676,7 @@ def _us(t):
 
 
 def _mb(x):
-    return f"{x / 1e6:,.0f} MB"
+    return f"{x / 1e6:,.0f} MB" if x >= 10e6 else f"{x / 1e6:.2f} MB"
 
 
 def _short(t):
@@ -719,8 +729,9 @@ def render(sigs, modelled, seconds):
         if "working" in r:
             fit = "fits: later passes hit L2" if r["hit"] == 1 else (
                 f"exceeds: later passes {r['hit']:.0%} from L2 ({c.pass2_order} walk)")
-            l2 = (f"{r['in_flight_rows']} x {_mb(r['working'] / r['in_flight_rows'])} = "
-                  f"{_mb(r['working'])}: {fit}")
+            what = "input row, gradient evict-first" if r["streamed"] else "input + gradient rows"
+            l2 = (f"{r['in_flight_rows']} x {_mb(r['working'] / r['in_flight_rows'])} "
+                  f"({what}) = {_mb(r['working'])}: {fit}")
         else:
             l2 = "no reuse"
         t = r["times"]
@@ -849,7 +860,10 @@ MODEL_TEXT = [
     "flight x bytes per load / latency), HBM latency for the first pass and for misses, "
     "L2's for hits.",
     "- **Later passes and L2**: rows in flight = resident blocks per SM x SMs (one row per "
-    "block at a time); their working set = rows in flight x (row of input + row of gradient). "
+    "block at a time); their working set = rows in flight x (row of input + row of gradient), "
+    "or the input rows alone when every store of the element loops is evict-first "
+    "(`st.global.cs`, SASS `STG.E.EF`: L2 evicts those lines before the others, so the "
+    "gradient written once does not push out the rows a later pass re-reads). "
     "Within 50 MB every later pass hits L2; beyond it, a forward walk misses entirely "
     "(each row is re-read in the order it was read, the pattern that LRU loses), a reverse "
     "walk hits for the share of the working set that L2 holds (`pass2_order` in `CASES`).",

@@ -132,3 +132,36 @@ def test_float32_cross_entropy_loop_has_no_float64_math():
     # exp in float64 would call a long software sequence with many fma.rn.f64;
     # the tree reductions use a handful (merge_online's exp, one per level).
     assert len(re.findall(r"fma\.rn\.f64", ptx)) <= 20
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_fast_row_gradients_are_stored_evict_first(dtype):
+    # pass 2 stores the gradient with st.global.cs, so that it leaves L2 before the
+    # columns that pass 2 still re-reads (bench/results/gpu-static.md models it)
+    from numba import types
+    from fastloss.cuda import cross_entropy
+    for kernel, sig in cross_entropy.ptx_signatures():
+        args = dict(zip(kernel.py_func.__code__.co_varnames, sig))
+        if (kernel is cross_entropy.cross_entropy_kernel and str(args["x"].dtype) == dtype
+                and args["g"] != types.none):
+            break
+    ptx = _ptx(kernel, sig)
+    width = "b16" if dtype == "float16" else "f32"
+    assert len(re.findall(rf"st\.global\.cs\.{width}", ptx)) >= 16  # a step's 16 stores
+
+
+@pytest.mark.parametrize("layout", ["C", "A"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_store_streaming_compiles_for_each_layout(dtype, layout):
+    from numba import cuda, types, uint64
+    T = getattr(types, dtype)
+
+    @cuda.jit(device=True)
+    def one(a, i, v):
+        _blocks.store_streaming(a, i, v)
+
+    def kernel(a, v):
+        one(a, uint64(3), v)
+    ptx = _ptx(cuda.jit(kernel), (types.Array(T, 1, layout), types.float32))
+    width = {"float16": "b16", "float32": "f32", "float64": "f64"}[dtype]
+    assert re.search(rf"st\.global\.cs\.{width}", ptx)

@@ -6,7 +6,9 @@ rounding each; the clamp of n; 2**n from the bit pattern; the final product) add
 most 1 ulp to 2**f over -104..88, the denormal results, -inf, NaN and large negatives.
 ``ex2.approx`` itself is modelled as correctly rounded: its own error on the hardware
 (documented at 2 ulp for exp2f, which is that instruction) cannot be measured without
-a GPU.  ``tests/test_cuda_compile.py`` checks that the GPU code compiles.
+a GPU.  The short exp of float16 data (``exp_short``: one rounded product, then
+ex2.approx) is measured in relative error against float64, far below a float16
+ulp.  ``tests/test_cuda_compile.py`` checks that the GPU code compiles.
 """
 import math
 
@@ -71,6 +73,35 @@ def test_fast_exp_of_float64_is_math_exp():
 def test_pow2_from_shifted_covers_the_normal_exponents():
     for n in range(-126, 128):
         assert _blocks.pow2_from_shifted(np.float32(n) + _blocks.EXP_SHIFT) == 2.0 ** n
+
+
+def test_exp_short_is_far_within_a_float16_ulp():
+    # float16 data: exp(x) then rounds to 11 bits (2**-11 relative); the short exp's
+    # one rounded product adds |x| 2**-24 at most, 2**-17.3 at x = -104
+    rng = np.random.default_rng(2)
+    xs = np.concatenate([rng.uniform(-87, 0, 20000), -np.logspace(-30, 1.9, 2000),
+                         np.arange(-87, 1)]).astype(np.float32)
+    got = np.array([float(_blocks.exp_short(x)) for x in xs])
+    want = np.exp(xs.astype(np.float64))
+    rel = np.abs(got - want) / want
+    assert rel.max() <= np.abs(xs.astype(np.float64)).max() * 2.0 ** -24 + 2.0 ** -24
+    assert rel.max() <= 2.0 ** -16
+
+
+@pytest.mark.parametrize("x, want", [(-np.inf, 0.0), (-1e30, 0.0), (-88.0, 0.0), (-150.0, 0.0),
+                                     (0.0, 1.0), (-0.0, 1.0)])
+def test_exp_short_at_the_edges(x, want):
+    # below 2**-126 the flushed ex2.approx gives 0: under float16's smallest value, 2**-24
+    assert _blocks.exp_short(np.float32(x)) == want
+    assert np.isnan(_blocks.exp_short(np.float32(np.nan)))
+
+
+def test_exp_for_follows_the_stored_dtype():
+    x = np.float32(-3.7)
+    assert _blocks.exp_for(x, np.float16(1)) == np.float32(_blocks.exp_short(x))
+    assert _blocks.exp_for(x, np.float32(1)) == _blocks.fast_exp(x)
+    assert _blocks.exp_for(-3.7, 1.0) == math.exp(-3.7)
+    assert isinstance(_blocks.exp_for(x, np.float16(1)), np.float32)
 
 
 # ------------------------------------------------- the fast row loops (no weights, no soft-cap)

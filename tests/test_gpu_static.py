@@ -71,6 +71,18 @@ def test_loops_of_a_listing():
     assert gpu_static.loads_before_use(loop) == 2  # the FADD reads R4 after both loads
 
 
+def test_evict_first_stores_are_told_apart():
+    instrs, labels = gpu_static.parse_sass(_SASS)
+    found, _, _ = gpu_static.loops(instrs, labels)
+    assert not gpu_static.evict_first(found)  # a plain STG.E
+    streamed = _SASS.replace("STG.E ", "STG.E.EF ")
+    assert streamed != _SASS
+    instrs, labels = gpu_static.parse_sass(streamed)
+    found, _, _ = gpu_static.loops(instrs, labels)
+    assert gpu_static.evict_first(found)
+    assert not gpu_static.evict_first([])  # no store: nothing streamed
+
+
 def _nvvm_missing(cuda, cc):
     def nothing():
         pass

@@ -24,9 +24,11 @@ the same bits on every run.  The simulator has no shuffles: there each one is
 emulated through the same buffer with barriers, so the simulator runs the
 reductions' own code.
 
-The fast row loops' exp is ``fast_exp``: for float32, ``ex2.approx`` after an
-FMA range reduction (``exp32``; tests/test_cuda_fast_exp.py measures it
-against float64), ``math.exp`` for float64.
+The fast row loops' exp is ``exp_for``: for float32 data, ``ex2.approx`` after
+an FMA range reduction (``exp32``, within 2 ulp); for float16 data, whose
+results keep 11 bits, ``ex2.approx`` of one product (``exp_short``, two
+instructions); ``math.exp`` for float64.  tests/test_cuda_fast_exp.py
+measures both against float64.
 """
 import math
 import os
@@ -416,6 +418,50 @@ def _pow2_from_shifted_cuda(j):
     return lambda j: _pow2_from_shifted(j)
 
 
+def store_streaming(a, i, v):
+    """``a[i] = v`` (1-D ``a``, unsigned ``i``, ``v`` converted to ``a``'s dtype) with
+    an evict-first store (PTX ``st.global.cs``): a gradient written once is not
+    read again by the kernel, so its lines go first from L2 and the rows that a
+    later pass re-reads stay.  Python (the simulator): a plain store."""
+    a[i] = v
+
+
+_ST_CS = {16: ("b16", "h"), 32: ("f32", "f"), 64: ("f64", "d")}
+
+
+@intrinsic
+def _store_cs(typingctx, a, i, v):
+    if not (isinstance(a, types.Array) and a.ndim == 1 and isinstance(i, types.Integer)
+            and isinstance(a.dtype, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aty, ity, vty = sig.args
+        arr = context.make_array(aty)(context, builder, value=args[0])
+        i64 = ir.IntType(64)
+        index = context.cast(builder, args[1], ity, types.uint64)
+        if aty.layout in "CF":  # contiguous: the element's pointer, as a[i] computes it
+            address = builder.ptrtoint(builder.gep(arr.data, [index]), i64)
+        else:
+            stride = builder.extract_value(arr.strides, 0)
+            address = builder.add(builder.ptrtoint(arr.data, i64), builder.mul(index, stride))
+        value = context.cast(builder, args[2], vty, aty.dtype)
+        kind, constraint = _ST_CS[aty.dtype.bitwidth]
+        if kind == "b16":
+            value = builder.bitcast(value, ir.IntType(16))
+        fnty = ir.FunctionType(ir.VoidType(), [i64, value.type])
+        asm = ir.InlineAsm(fnty, f"st.global.cs.{kind} [$0], $1;",
+                           f"l,{constraint},~{{memory}}", side_effect=True)
+        builder.call(asm, [address, value])
+        return context.get_dummy_value()
+    return types.void(a, i, v), codegen
+
+
+@overload(store_streaming, target="cuda")
+def _store_streaming(a, i, v):
+    return lambda a, i, v: _store_cs(a, i, v)
+
+
 @register_jitable
 def exp32(x):
     """exp(x) of a float32 ``x <= 88.37`` (or NaN, or -inf): the range reduction
@@ -439,6 +485,33 @@ def _fast_exp(x):
     if x == types.float32:
         return lambda x: exp32(x)
     return lambda x: math.exp(x)
+
+
+@register_jitable
+def exp_short(x):
+    """exp(x) of a float32 ``x <= 0`` (or NaN, or -inf) in two instructions,
+    ``ex2.approx(x log2 e)``: the product's rounding makes the relative error up
+    to |x| 2**-24 (2**-17.3 at x = -104, where float32 results end), plus
+    ex2.approx's own 2 ulp; results below 2**-126 are 0.  Enough for float16
+    data, whose ulp is 2**-10 and whose smallest value is 2**-24 (``exp_for``)."""
+    return ex2_approx(x * LOG2E_HI)
+
+
+def exp_for(x, stored):
+    """exp(x) for ``x <= 0`` (an exponent of the softmax, in the compute type) as
+    precise as data stored like ``stored`` (a value loaded from it, which sets the
+    formula at compile time) can hold: ``exp_short`` for float16 data, ``fast_exp``
+    otherwise (float32 within 2 ulp, float64 ``math.exp``)."""
+    if isinstance(stored, np.float16):
+        return np.float32(exp_short(np.float32(x)))
+    return fast_exp(x)
+
+
+@overload(exp_for, target="cuda")
+def _exp_for(x, stored):
+    if stored == types.float16 and x == types.float32:
+        return lambda x, stored: exp_short(x)
+    return lambda x, stored: fast_exp(x)
 
 
 @cuda.jit(device=True)

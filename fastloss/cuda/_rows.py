@@ -7,15 +7,18 @@ of ``per_thread`` (16) loads per thread, two groups of 8, each step's loads
 issued before any is used.  Pass 1 takes the step's maximum first, then
 rescales the running sum once (not once per element); pass 2 walks the steps
 in reverse, so that it first reads the columns that pass 1 read last, which
-are still in L2.  The exponentials are ``_blocks.fast_exp``.
+are still in L2, and stores the gradient evict-first (``store_streaming``), so that
+it does not push those columns out.  The exponentials are ``_blocks.exp_for``: as
+precise as the row's dtype can hold.
 """
 import math
 
 from numba import cuda, uint64
 
 from fastloss.cuda._arrays import compute_type, rows
-from fastloss.cuda._blocks import (GROUP, UNROLL, cast_like, fast_exp, fast_rows, fit, fmax, load_step,
-                                   online_add, per_thread, row_grid, threads_for)
+from fastloss.cuda._blocks import (GROUP, UNROLL, cast_like, exp_for, fast_rows, fit, fmax, load_step,
+                                   online_add, per_thread, row_grid, store_streaming,
+                                   threads_for)
 
 _FLOAT32_LOWEST = -3.4028234663852886e38
 
@@ -35,23 +38,27 @@ def _max8(v):
 
 
 @cuda.jit(device=True)
-def _exp_term(v, m, k, skip, zero):
+def _exp_term(v, m, k, skip, zero, stored):
     """exp(v - m), or 0 for the column ``skip`` (None: none) of the step."""
     if skip is None:
-        return fast_exp(v - m)
-    return zero if k == skip else fast_exp(v - m)
+        return exp_for(v - m, stored)
+    return zero if k == skip else exp_for(v - m, stored)
 
 
 @cuda.jit(device=True)
-def _sumexp8(v, m, first, skip, zero):
+def _sumexp8(v, m, first, skip, zero, stored):
     """sum_k exp(v_k - m) over an 8-tuple (its columns numbered from ``first``
-    within the step), leaving out the column ``skip`` (None: none)."""
+    within the step), leaving out the column ``skip`` (None: none); ``stored``
+    is a value as the row stores it (``exp_for``)."""
     v0, v1, v2, v3, v4, v5, v6, v7 = v
-    return ((_exp_term(v0, m, first, skip, zero) + _exp_term(v1, m, first + 1, skip, zero))
-            + (_exp_term(v2, m, first + 2, skip, zero) + _exp_term(v3, m, first + 3, skip, zero))
-            + ((_exp_term(v4, m, first + 4, skip, zero) + _exp_term(v5, m, first + 5, skip, zero))
-               + (_exp_term(v6, m, first + 6, skip, zero)
-                  + _exp_term(v7, m, first + 7, skip, zero))))
+    return ((_exp_term(v0, m, first, skip, zero, stored)
+             + _exp_term(v1, m, first + 1, skip, zero, stored))
+            + (_exp_term(v2, m, first + 2, skip, zero, stored)
+               + _exp_term(v3, m, first + 3, skip, zero, stored))
+            + ((_exp_term(v4, m, first + 4, skip, zero, stored)
+                + _exp_term(v5, m, first + 5, skip, zero, stored))
+               + (_exp_term(v6, m, first + 6, skip, zero, stored)
+                  + _exp_term(v7, m, first + 7, skip, zero, stored))))
 
 
 @cuda.jit(device=True)
@@ -69,6 +76,7 @@ def _sum_step(lo, hi, m, s, szm, cnt, skip, smooth, zero, one):
     """The online state ``(max, sum of exp, sum of (z - max), count)`` after one
     step's 16 values (two 8-tuples), the column ``skip`` of the step left
     out of the sum of exp (None: none), the last two only when ``smooth``."""
+    stored = lo[0]
     a = _widen(lo, zero)
     b = _widen(hi, zero)
     gm = fmax(_max8(a), _max8(b))
@@ -76,8 +84,8 @@ def _sum_step(lo, hi, m, s, szm, cnt, skip, smooth, zero, one):
     lowest = cast_like(_FLOAT32_LOWEST, zero)
     ms = fmax(m_new, lowest)  # a row of -inf so far: every term exp(-inf - lowest) = 0
     # one rescale per step, exactly 1 when the maximum stays
-    rescale = fast_exp(fmax(m, lowest) - ms) if m_new > m else one
-    terms = _sumexp8(a, ms, 0, skip, zero) + _sumexp8(b, ms, GROUP, skip, zero)
+    rescale = exp_for(fmax(m, lowest) - ms, stored) if m_new > m else one
+    terms = _sumexp8(a, ms, 0, skip, zero, stored) + _sumexp8(b, ms, GROUP, skip, zero, stored)
     s = s * rescale + terms
     if smooth is not None:
         if m_new != m and cnt != zero:
@@ -142,33 +150,39 @@ def label_sums(xr, y, zy, smooth, zero):
 
 
 @cuda.jit(device=True)
+def _grad1(v, m, a, b, zero):
+    """exp(v - m) a - b of a stored value ``v``."""
+    return exp_for(cast_like(v, zero) - m, v) * a - b
+
+
+@cuda.jit(device=True)
 def _grad8(v, m, a, b, zero):
     v0, v1, v2, v3, v4, v5, v6, v7 = v
-    return (fast_exp(cast_like(v0, zero) - m) * a - b, fast_exp(cast_like(v1, zero) - m) * a - b,
-            fast_exp(cast_like(v2, zero) - m) * a - b, fast_exp(cast_like(v3, zero) - m) * a - b,
-            fast_exp(cast_like(v4, zero) - m) * a - b, fast_exp(cast_like(v5, zero) - m) * a - b,
-            fast_exp(cast_like(v6, zero) - m) * a - b, fast_exp(cast_like(v7, zero) - m) * a - b)
+    return (_grad1(v0, m, a, b, zero), _grad1(v1, m, a, b, zero), _grad1(v2, m, a, b, zero),
+            _grad1(v3, m, a, b, zero), _grad1(v4, m, a, b, zero), _grad1(v5, m, a, b, zero),
+            _grad1(v6, m, a, b, zero), _grad1(v7, m, a, b, zero))
 
 
 @cuda.jit(device=True)
 def _store8(g, c, nt, v):
-    """``g[c + k nt] = v_k``, ``k < 8`` (unsigned indices, converted to g's dtype)."""
+    """``g[c + k nt] = v_k``, ``k < 8`` (unsigned indices, converted to g's dtype),
+    evict-first (``store_streaming``)."""
     v0, v1, v2, v3, v4, v5, v6, v7 = v
-    g[c] = v0
+    store_streaming(g, c, v0)
     c += nt
-    g[c] = v1
+    store_streaming(g, c, v1)
     c += nt
-    g[c] = v2
+    store_streaming(g, c, v2)
     c += nt
-    g[c] = v3
+    store_streaming(g, c, v3)
     c += nt
-    g[c] = v4
+    store_streaming(g, c, v4)
     c += nt
-    g[c] = v5
+    store_streaming(g, c, v5)
     c += nt
-    g[c] = v6
+    store_streaming(g, c, v6)
     c += nt
-    g[c] = v7
+    store_streaming(g, c, v7)
 
 
 @cuda.jit(device=True)
@@ -190,7 +204,7 @@ def exp_grads(xr, gr, m, a, b, zero):
     steps = C // width
     c = steps * width + t
     while c < C:
-        gr[c] = fast_exp(cast_like(xr[c], zero) - m) * a - b
+        store_streaming(gr, c, _grad1(xr[c], m, a, b, zero))
         c += nt
     i = steps
     while i > 0:

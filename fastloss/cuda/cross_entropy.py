@@ -15,8 +15,9 @@ Integer targets without class weights or soft-cap, float16 and float32, take
 the fast row loops of ``cuda/_rows`` (``label_sums``, ``exp_grads``): a 1-D
 view of the row with unsigned column indices, 16 loads in
 flight per thread, one rescale of the running sum per step of loads, pass 2
-walking the row in reverse (the columns pass 1 read last, still in L2, first),
-and ``_blocks.fast_exp``.  Other rows (class weights, soft-cap, probability
+walking the row in reverse (the columns pass 1 read last, still in L2, first)
+and storing the gradient evict-first, and ``_blocks.exp_for`` (float16 data
+takes a two-instruction exp, float32 the range-reduced one).  Other rows (class weights, soft-cap, probability
 targets, float64) take the loops here, ``UNROLL`` loads per thread
 (``load_group``) and libdevice's exp.
 
