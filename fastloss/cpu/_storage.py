@@ -137,8 +137,15 @@ def _apart_all(a, arrays):
     small call's several buffers."""
     own = a.base is None  # an array owning its memory overlaps only itself and its views
     for b in arrays:
-        if b is None or (own and _owned_elsewhere(b, a)):
+        if b is None:
             continue
+        if own:  # _owned_elsewhere(b, a), inline: a call per buffer costs more than the test
+            base = b.base
+            if base is None:
+                if b is not a:
+                    continue
+            elif type(base) is np.ndarray and base.base is None and base is not a:
+                continue
         if np.may_share_memory(a, b):
             return False
     return True
