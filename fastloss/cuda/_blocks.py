@@ -491,9 +491,9 @@ def _fast_exp(x):
 def exp_short(x):
     """exp(x) of a float32 ``x <= 0`` (or NaN, or -inf) in two instructions,
     ``ex2.approx(x log2 e)``: the product's rounding makes the relative error up
-    to |x| 2**-24 (2**-17.3 at x = -104, where float32 results end), plus
-    ex2.approx's own 2 ulp; results below 2**-126 are 0.  Enough for float16
-    data, whose ulp is 2**-10 and whose smallest value is 2**-24 (``exp_for``)."""
+    to |x| 2**-24 (2**-17.5 at x = -87.3), plus ex2.approx's own 2 ulp; results
+    below 2**-126 (x < -87.3) are 0.  Enough for float16 data, whose ulp is
+    2**-10 and whose smallest value is 2**-24 (``exp_for``)."""
     return ex2_approx(x * LOG2E_HI)
 
 

@@ -19,6 +19,8 @@ from fastloss.cuda._arrays import compute_type, rows
 from fastloss.cuda._blocks import (GROUP, UNROLL, cast_like, exp_for, fast_rows, fit, fmax, load_step,
                                    online_add, per_thread, row_grid, store_streaming,
                                    threads_for)
+from fastloss.cuda._checks import grad_out_apart
+from fastloss.cuda._reduction import finish, per_row_losses
 
 _FLOAT32_LOWEST = -3.4028234663852886e38
 
@@ -212,8 +214,6 @@ def exp_grads(xr, gr, m, a, b, zero):
         c = i * width + t
         lo, hi = load_step(xr, c, nt)
         _grad_step(gr, c, nt, lo, hi, m, a, b, zero)
-from fastloss.cuda._checks import grad_out_apart
-from fastloss.cuda._reduction import finish, per_row_losses
 
 
 def class_rows(logits, labels, probs, weight, sw, grad, grad_out):
