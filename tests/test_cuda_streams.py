@@ -15,39 +15,11 @@ import numpy as np
 import pytest
 
 import fastloss as fl
+from simulated_streams import CALLER_STREAM, OTHER_STREAM, FakeStream, stream_array
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
                                  reason="stands in for the simulator's missing streams")]
-
-CALLER_STREAM = 0x7001  # the handle the caller's arrays name
-OTHER_STREAM = 0x7002  # another stream, that one input was written on
-
-
-class FakeStream:
-    """A stream of the simulator's: records waits for the host."""
-
-    def __init__(self, handle):
-        self.handle = handle
-        self.synchronized = 0
-
-    def synchronize(self):
-        self.synchronized += 1
-
-
-def _stream_array(host, handle):
-    """A simulator device array whose interface names the stream ``handle``."""
-    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-
-    class StreamArray(FakeCUDAArray):
-        @property
-        def __cuda_array_interface__(self):
-            return {"shape": self._ary.shape, "typestr": self._ary.dtype.str, "version": 3,
-                    "data": (self._ary.__array_interface__["data"][0], False),
-                    "strides": None if self._ary.flags.c_contiguous else self._ary.strides,
-                    "stream": handle}
-
-    return StreamArray(np.array(host))
 
 
 @pytest.fixture
@@ -79,8 +51,8 @@ def _logits(rng, n=6, c=9):
 def test_cross_entropy_runs_on_the_stream_its_inputs_name(rng, streams):
     made, launches = streams
     x, t = _logits(rng)
-    loss, grad = fl.softmax_cross_entropy(_stream_array(x, CALLER_STREAM),
-                                          _stream_array(t, CALLER_STREAM), reduction="mean")
+    loss, grad = fl.softmax_cross_entropy(stream_array(x, CALLER_STREAM),
+                                          stream_array(t, CALLER_STREAM), reduction="mean")
     caller = made[CALLER_STREAM]
     assert launches and all(stream is caller for _, stream in launches), launches
     assert grad.stream is caller and loss.stream is caller  # allocated on it, and bound to it
@@ -93,7 +65,7 @@ def test_cross_entropy_runs_on_the_stream_its_inputs_name(rng, streams):
 def test_a_mean_over_a_count_the_host_knows_launches_nothing_for_it(rng, streams):
     # the count reaches the kernels by value: the loss kernel and the sum, no fill or count
     _, launches = streams
-    put = lambda a: _stream_array(a, CALLER_STREAM)  # noqa: E731
+    put = lambda a: stream_array(a, CALLER_STREAM)  # noqa: E731
     x, _ = _logits(rng)
     fl.triplet_margin_loss(put(x), put(x[::-1].copy()), put(x[:, ::-1].copy()), reduction="mean")
     fl.sigmoid_focal_loss(put(x), put((x > 0).astype(np.float32)), reduction="mean")
@@ -117,7 +89,7 @@ def test_input_written_on_another_stream_is_waited_for_on_the_device(rng, stream
 
     monkeypatch.setattr(cuda, "event", lambda **options: Event())
     x, t = _logits(rng)
-    fl.softmax_cross_entropy(_stream_array(x, CALLER_STREAM), _stream_array(t, OTHER_STREAM))
+    fl.softmax_cross_entropy(stream_array(x, CALLER_STREAM), stream_array(t, OTHER_STREAM))
     caller, other = made[CALLER_STREAM], made[OTHER_STREAM]
     assert events == [("record", other), ("wait", caller)]
     assert other.synchronized == 0  # the host did not wait for it
@@ -128,7 +100,7 @@ def test_input_written_on_another_stream_is_waited_for_on_the_device(rng, stream
                                   "batch_triplet"])
 def test_every_loss_launches_on_the_callers_stream(rng, streams, call):
     made, launches = streams
-    put = lambda a: _stream_array(a, CALLER_STREAM)  # noqa: E731
+    put = lambda a: stream_array(a, CALLER_STREAM)  # noqa: E731
     x, t = _logits(rng)
     e = rng.normal(size=(6, 4)).astype(np.float32)
     labels = np.array([0, 1, 0, 1, 2, 2])

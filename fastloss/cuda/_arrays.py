@@ -24,9 +24,15 @@ synchronises the host unless a check must read data back (labels out of
 range) or the caller asked for NumPy.  The inputs' device (CuPy's and
 PyTorch's own record of it) is made current around each launch, copy and
 allocation when it is not already.
+
+A call's own small buffers (``Device.scratch``) come from the caller's pool
+too; Numba and NumPy calls, which have none, reuse buffers kept per host
+thread, device and stream instead of allocating (and later freeing) new ones.
 """
 import contextlib
+import math
 import os
+import threading
 
 import numpy as np
 
@@ -123,6 +129,10 @@ def external_stream(cuda, handle):
 # events only to order streams: no timestamps (the simulator's take no arguments)
 _NO_TIMING = {} if _SIMULATOR else {"timing": False}
 
+SCRATCH_CACHE_BYTES = 64 * 1024  # the largest scratch buffer kept from call to call
+# per thread: {(device id, stream, slot, dtype): (context, 1-D device array)}
+_SCRATCH = threading.local()
+
 
 class Device:
     """One call's GPU: its device and stream (the caller's), views of its inputs,
@@ -143,10 +153,15 @@ class Device:
         if handle is None and bound != 0:
             self.stream = bound
             handle = int(bound) if hasattr(bound, "__int__") else None
+            # a stream without a handle (the simulator's) is its own key: held by the key,
+            # it stays alive and its id is not reused
+            self._scratch_stream = bound if handle is None else _stream_key(handle)
         else:
             with self.current():
                 self.stream = external_stream(self.cuda, handle)
+            self._scratch_stream = _stream_key(handle)
         self.handle = handle
+        self._device_context = None
 
     def current(self):
         """A context in which the inputs' device is current (nothing to do when it is)."""
@@ -214,11 +229,52 @@ class Device:
         with self.current():
             return native, self.cuda.as_cuda_array(native, sync=False).bind(self.stream)
 
-    def scratch(self, shape, dtype):
-        """A Numba view of a new array for the call's own use (counters,
-        denominators, partial sums), from the caller's pool when it has one (the
-        view holds the pool's array until the view is dropped)."""
-        return self.empty(shape, dtype)[1]
+    def scratch(self, shape, dtype, slot=None):
+        """A Numba view, bound to the call's stream, of an array for the call's own
+        use (counters, denominators, partial sums), its content undefined.
+
+        CuPy and PyTorch calls take a new array from their library's pool (the
+        view holds it until dropped).  Numba and NumPy calls have no pool: a
+        buffer of at most ``SCRATCH_CACHE_BYTES`` named by ``slot`` (its role,
+        unique among the buffers one call holds at once) is a view of the first
+        elements of one 1-D buffer kept per host thread, device, stream, slot and
+        dtype, replaced by a larger one when a call needs more; larger buffers,
+        and any without a ``slot``, are allocated per call.  Reusing it is sound
+        as the pools' caching is: work on one stream runs in order, so a later
+        call's kernels start after the earlier call's are done with it; no two
+        host threads share one; and streams are told apart by their handle, as
+        CuPy's and PyTorch's allocators tell them."""
+        shape, dtype = tuple(shape), np.dtype(dtype)
+        count = math.prod(shape)
+        if (slot is None or self.kind in ("cupy", "torch") or count == 0
+                or count * dtype.itemsize > SCRATCH_CACHE_BYTES):
+            return self.empty(shape, dtype)[1]
+        cache = getattr(_SCRATCH, "buffers", None)
+        if cache is None:
+            cache = _SCRATCH.buffers = {}
+        device, context = self._scratch_context()
+        key = (device, self._scratch_stream, slot, dtype)
+        held = cache.get(key)
+        if held is None or held[0] is not context or held[1].shape[0] < count:
+            # kept unbound: the cache does not keep the caller's stream object alive
+            held = cache[key] = (context, self.empty((count,), dtype)[1].bind(0))
+        buffer = held[1]
+        view = buffer if buffer.shape[0] == count else buffer[:count]
+        return (view if shape == (count,) else view.reshape(shape)).bind(self.stream)
+
+    def _scratch_context(self):
+        """``(device id, context)``: the inputs' device and Numba's context on it, which
+        a cached buffer must have been allocated in (``cuda.close()`` makes a new one,
+        and the old one's memory is gone).  The simulator has one device and no
+        lasting context object: ``(0, None)``."""
+        if self._device_context is None:
+            if _SIMULATOR:
+                self._device_context = (0, None)
+            else:
+                with self.current():
+                    context = self.cuda.current_context()
+                self._device_context = (context.device.id, context)
+        return self._device_context
 
     def zeros(self, shape, dtype):
         native, view = self.empty(shape, dtype)

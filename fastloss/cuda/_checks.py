@@ -47,7 +47,7 @@ def first_bad_label(labels, upper, skip, dev):
     if n == 0:
         return -1
     start, found = _pinned_slots()
-    first = dev.scratch((1,), np.int64)
+    first = dev.scratch((1,), np.int64, "first_bad_label")
     with dev.current():
         first.copy_to_device(start, stream=dev.stream)
         blocks, threads = elementwise_grid(n)  # a few waves, several labels per thread

@@ -129,7 +129,7 @@ def sum_to(dev, partials, stats):
 def class_denominator(dev, n, labels, weight, sw, ignore_index):
     """Device ``stats`` (float64, 2) holding the "mean" denominator, and 0 (the
     count of ``last_block_total``)."""
-    stats = dev.scratch((2,), np.float64)
+    stats = dev.scratch((2,), np.float64, "mean_stats")
     dev.launch(_class_denominator_kernel, 1, _blocks.THREADS, n, labels, weight, sw, ignore_index,
                stats)
     return stats

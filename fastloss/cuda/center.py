@@ -319,10 +319,10 @@ def group_rows(dev, labels, K):
     the rows of label ``j`` in ascending order (``labels`` in ``[0, K)``, n > 0)."""
     n = labels.shape[0]
     P, chunk = _chunks(n, K)
-    counts = dev.scratch((P * K,), np.int64)
-    totals = dev.scratch((K,), np.int64)
-    starts = dev.scratch((K + 1,), np.int64)
-    order = dev.scratch((n,), np.int64)
+    counts = dev.scratch((P * K,), np.int64, "center_counts")
+    totals = dev.scratch((K,), np.int64, "center_totals")
+    starts = dev.scratch((K + 1,), np.int64, "center_starts")
+    order = dev.scratch((n,), np.int64, "center_order")
     fill(dev, counts, 0)
     counts = counts.reshape((P, K))
     blocks, threads = grid_for(n)
@@ -337,7 +337,7 @@ def group_rows(dev, labels, K):
 def _apply_update(dev, centers, x, order, starts, alpha):
     K, D = tuple(centers.shape)
     if shares_memory(x, centers):  # the features are read while the centers are written
-        x_copy = dev.scratch(tuple(x.shape), x.dtype)
+        x_copy = dev.scratch(tuple(x.shape), x.dtype, "center_features")
         copy_rows(dev, x, x_copy)
         x = x_copy
     threads = fit(update_classes_kernel, threads_for(D))
@@ -379,7 +379,7 @@ def center_loss(call, update, reduction, grad, grad_out, g_view):
             g_native, g = dev.empty((n, D), dtype)
         elif (shares_memory(g_view, labels)
               or (shares_memory(g_view, x) and (update or not same_view(g_view, x)))):
-            g = dev.scratch((n, D), dtype)
+            g = dev.scratch((n, D), dtype, "center_grad")
             g_native = scratch_for = g_view
         else:
             g_native = g = g_view

@@ -152,9 +152,9 @@ def weight_denominator(dev, w, period, n):
     """Device ``stats`` (float64, 1): the sum of the weights broadcast to ``n``
     elements, each of the ``period`` weights ``w`` repeating ``n / period`` times."""
     blocks, threads = elementwise_grid(period)
-    partials = dev.scratch((blocks,), np.float64)
+    partials = dev.scratch((blocks,), np.float64, "weight_partials")
     dev.launch(weight_partials_kernel, blocks, threads, w, period, float(n // period), partials)
-    stats = dev.scratch((1,), np.float64)
+    stats = dev.scratch((1,), np.float64, "weight_sum")
     sum_to(dev, partials, stats)
     return stats
 

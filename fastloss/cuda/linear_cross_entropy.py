@@ -321,11 +321,12 @@ def linear_cross_entropy(dev, E, W, labels, bias, weight, sw, ignore_index, eps,
     starts = range(0, V, width)
     wcum = None  # only smoothing reads the weights' sums
     if weight is not None and eps > 0:
-        wcum = dev.scratch((len(starts) + 1,), np.float64)
+        wcum = dev.scratch((len(starts) + 1,), np.float64, "class_weight_sums")
         dev.launch(_weight_prefix_kernel, 1, 1, weight, width, wcum)
-    m = _filled(dev, n, T, -np.inf)
-    rest, zy, szm = (_filled(dev, n, T, 0.0) for _ in range(3))
-    x = dev.scratch((n * width,), T)
+    m = _filled(dev, n, T, -np.inf, "row_max")
+    rest, zy, szm = (_filled(dev, n, T, 0.0, slot) for slot in ("row_rest", "row_label_logit",
+                                                                  "row_logit_sum"))
+    x = dev.scratch((n * width,), T, "logit_block")
     threads = threads_for(width)
     grid = row_grid(max(n, 1), threads)
     Tc = None if cap is None else T(cap)
@@ -345,7 +346,7 @@ def linear_cross_entropy(dev, E, W, labels, bias, weight, sw, ignore_index, eps,
     losses = per_row_losses(dev, n, reduction, dtype, T)
     a = b = gy = None
     if grad:
-        a, b, gy = (dev.scratch((n,), T) for _ in range(3))
+        a, b, gy = (dev.scratch((n,), T, slot) for slot in ("grad_a", "grad_b", "grad_label"))
     if n:
         blocks, fthreads = grid_for(n)
         dev.launch(_finish_kernel, blocks, fthreads, y, weight, wcum, V, sw, ignore_index, T(eps),
@@ -372,8 +373,8 @@ def linear_cross_entropy(dev, E, W, labels, bias, weight, sw, ignore_index, eps,
     return loss, grads
 
 
-def _filled(dev, n, T, value):
-    view = dev.scratch((n,), T)
+def _filled(dev, n, T, value, slot):
+    view = dev.scratch((n,), T, slot)
     if n:
         fill(dev, view, value)
     return view
@@ -394,7 +395,7 @@ def _classifier_block(dev, products, g, e, dw, T):
     if dw.dtype == T:
         products.classifier(g, e, dw)
         return
-    wide = dev.scratch(tuple(dw.shape), T)
+    wide = dev.scratch(tuple(dw.shape), T, "classifier_block")
     products.classifier(g, e, wide)
     blocks, threads = grid_for(max(1, dw.size))
     if dw.size:

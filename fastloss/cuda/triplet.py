@@ -831,7 +831,7 @@ def batch_triplet_loss(dev, E, labels, mining, distance, margin, soft, reduction
         if mining != "all":
             p_native, pick = dev.empty((N, N), np.int32)
     l_native, losses = dev.empty((N,), dtype if reduction == "none" else np.float64)
-    counts = dev.scratch((N,), np.int64)
+    counts = dev.scratch((N,), np.int64, "batch_counts")
     if N:
         dev.launch(pairwise_kernel, pair_tiles(N), (PAIR_SIDE, PAIR_SIDE), E, cosine, zero, M)
         if cosine:
@@ -844,7 +844,7 @@ def batch_triplet_loss(dev, E, labels, mining, distance, margin, soft, reduction
         loss = dev.give(l_native, (N,))
     else:
         if reduction == "mean":
-            stats = dev.scratch((1,), np.float64)
+            stats = dev.scratch((1,), np.float64, "batch_mean_stats")
         out_native, out = dev.empty((1,), dtype)
         dev.launch(batch_total_kernel, 1, _blocks.THREADS, losses, counts, reduction == "mean",
                    mining == "all", stats, out)
@@ -857,8 +857,8 @@ def batch_triplet_loss(dev, E, labels, mining, distance, margin, soft, reduction
     else:  # the backward reads every row of E: an aliased gradient goes through a temporary
         g_native, g = dev.empty((N, D), dtype)
     if N and D:
-        W = dev.scratch((N, N), T)
-        partners = None if pick is None else dev.scratch((N, N), np.int32)
+        W = dev.scratch((N, N), T, "batch_weights")
+        partners = None if pick is None else dev.scratch((N, N), np.int32, "batch_partners")
         dev.launch(backward_kernel, N, threads_for(D), E, M, inv, code == EUCLIDEAN, S, pick,
                    partners, W, stats, T(1 / COSINE_NORM_EPS), g)
     if device_out is not None and g is not device_out:
