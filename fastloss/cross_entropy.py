@@ -135,8 +135,9 @@ def softmax_cross_entropy(logits, target, *, weight=None, sample_weight=None, ig
         return _dask.call(softmax_cross_entropy, locals())
     if where == "cuda":
         from fastloss.cuda._arrays import Device
+        from fastloss.cuda._checks import label_check
         dev, caller_grad_out = Device(logits), grad_out
-        first_bad = dev.first_bad_label
+        first_bad = label_check(dev)
         logits, target, weight, sample_weight, grad_out = dev.views(
             logits=logits, target=target, weight=weight, sample_weight=sample_weight,
             grad_out=grad_out)

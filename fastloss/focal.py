@@ -123,8 +123,9 @@ def focal_loss(logits, target, *, gamma=2.0, alpha=None, sample_weight=None, ign
         return _dask.call(focal_loss, locals())
     if where == "cuda":
         from fastloss.cuda._arrays import Device
+        from fastloss.cuda._checks import label_check
         dev, caller_grad_out = Device(logits), grad_out
-        first_bad = dev.first_bad_label
+        first_bad = label_check(dev)
         logits, target, sample_weight, grad_out = dev.views(
             logits=logits, target=target, sample_weight=sample_weight, grad_out=grad_out)
         if not scalar_alpha:

@@ -112,8 +112,9 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
     dev = caller_grad_out = first_bad = None
     if where == "cuda":
         from fastloss.cuda._arrays import Device
+        from fastloss.cuda._checks import label_check
         dev = Device(embeddings)
-        first_bad = dev.first_bad_label
+        first_bad = label_check(dev)
         if outs and dev.kind == "numpy":  # host buffers, copied back at the end: apart on the host
             _apart(outs.values(), {"embeddings": embeddings, "classifier": classifier, "bias": bias},
                    np.may_share_memory)

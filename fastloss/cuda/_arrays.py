@@ -313,11 +313,6 @@ class Device:
         np.copyto(caller_grad_out, host)
         return caller_grad_out
 
-    def first_bad_label(self, labels, upper, skip):
-        """``_checks.first_bad_label`` on the call's stream and device."""
-        from fastloss.cuda._checks import first_bad_label
-        return first_bad_label(labels, upper, skip, self)
-
 
 def compute_type(dtype):
     """The kernels' arithmetic: float64 for float64 arrays, else float32."""

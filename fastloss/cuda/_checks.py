@@ -1,4 +1,5 @@
 """Data checks that must read device memory: one small kernel, one index back."""
+import functools
 import threading
 
 import numpy as np
@@ -38,7 +39,7 @@ def first_bad_label(labels, upper, skip, dev):
 
     ``labels`` is a 1-D device array of any integer dtype (uint64 values past
     int64's range read as negative, hence as out of range).  ``dev`` is the
-    call's ``Device`` (the wrappers hand ``dev.first_bad_label`` to the validation).
+    call's ``Device`` (the wrappers hand ``label_check(dev)`` to the validation).
 
     Cost: one kernel launch and two 8-byte copies between the device and
     pinned host memory, on the call's stream, then one wait for that stream:
@@ -56,6 +57,12 @@ def first_bad_label(labels, upper, skip, dev):
         dev.stream.synchronize()
     bad = int(found[0])
     return -1 if bad == _NONE else bad
+
+
+def label_check(dev):
+    """``first_bad_label`` on the call's ``dev``, as the ``first_bad`` argument of
+    ``_validation.labels_in_range`` (the GPU branch of a wrapper passes it)."""
+    return functools.partial(first_bad_label, dev=dev)
 
 
 def _pointer(v):

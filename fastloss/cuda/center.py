@@ -52,7 +52,7 @@ from fastloss import _validation as check
 from fastloss._reduction import grad_scale
 from fastloss.cuda import _blocks
 from fastloss.cuda._arrays import Device, compute_type, fill
-from fastloss.cuda._checks import same_view, shares_memory
+from fastloss.cuda._checks import label_check, same_view, shares_memory
 from fastloss.cuda._blocks import (MAX_THREADS, block_sum, cast_like, fit, grid_for, kernel,
                                    threads_for)
 from fastloss.cuda._reduction import count_denominator, finish, per_row_losses
@@ -274,7 +274,7 @@ def checked_call(features, labels, centers, alpha, update):
     else:
         view = _centers_view(centers, dev.view(centers, "centers"), width, update)
     labels = check.row_labels(labels, features.shape[0], "labels", upper=view.shape[0],
-                              first_bad=dev.first_bad_label)
+                              first_bad=label_check(dev))
     alpha = check.unit_interval(alpha, "alpha")
     return Call(dev, features, labels, view, host, alpha)
 
