@@ -496,7 +496,8 @@ def assert_close(got, want, dtype, *, scale=None, what="", rtol=None, atol=None)
     """Compare an output of fastloss to a float64 reference within dtype-appropriate round-off.
 
     ``atol`` is relative to ``scale`` (default: the largest finite magnitude in ``want``,
-    at least 1 for losses)."""
+    at least 1 for losses), and never under the dtype's smallest subnormal: a value
+    below it is 0 in that dtype, and no closer answer exists."""
     r, a = tol(dtype)
     r = r if rtol is None else rtol
     a = a if atol is None else atol
@@ -508,7 +509,8 @@ def assert_close(got, want, dtype, *, scale=None, what="", rtol=None, atol=None)
         scale = finite.max() if finite.size else 1.0
         if scale == 0.0:  # an all-zero reference: round-off of O(1) intermediates is allowed
             scale = 1.0
-    np.testing.assert_allclose(got, want, rtol=r, atol=a * scale, err_msg=what)
+    floor = float(np.finfo(dtype).smallest_subnormal) if np.dtype(dtype).kind == "f" else 0.0
+    np.testing.assert_allclose(got, want, rtol=r, atol=max(a * scale, floor), err_msg=what)
 
 
 def check_result(res, want_loss, want_grad, dtype, *, loss_scale=None, grad_scale=None,
