@@ -177,7 +177,6 @@ def test_a_larger_weight_period_grows_the_partial_sums(rng, scratch):
     assert shapes[0] != shapes[1]
 
 
-
 @pytest.mark.skipif(not SIMULATOR, reason="stands in for the simulator's missing streams")
 def test_two_streams_get_buffers_of_their_own(rng, scratch, monkeypatch):
     from fastloss.cuda import _arrays
