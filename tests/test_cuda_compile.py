@@ -140,11 +140,11 @@ def test_fast_row_gradients_are_stored_evict_first(dtype):
     # columns that pass 2 still re-reads (bench/results/gpu-static.md models it)
     from numba import types
     from fastloss.cuda import cross_entropy
-    for kernel, sig in cross_entropy.ptx_signatures():
+    def with_gradient(kernel, sig):
         args = dict(zip(kernel.py_func.__code__.co_varnames, sig))
-        if (kernel is cross_entropy.cross_entropy_kernel and str(args["x"].dtype) == dtype
-                and args["g"] != types.none):
-            break
+        return (kernel is cross_entropy.cross_entropy_kernel and str(args["x"].dtype) == dtype
+                and args["g"] != types.none)
+    kernel, sig = next(case for case in cross_entropy.ptx_signatures() if with_gradient(*case))
     ptx = _ptx(kernel, sig)
     width = "b16" if dtype == "float16" else "f32"
     assert len(re.findall(rf"st\.global\.cs\.{width}", ptx)) >= 16  # a step's 16 stores

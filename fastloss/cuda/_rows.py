@@ -16,9 +16,9 @@ import math
 from numba import cuda, uint64
 
 from fastloss.cuda._arrays import compute_type, rows
-from fastloss.cuda._blocks import (GROUP, UNROLL, cast_like, exp_for, fast_rows, fit, fmax, load_step,
-                                   online_add, per_thread, row_grid, store_streaming,
-                                   threads_for)
+from fastloss.cuda._blocks import (GROUP, UNROLL, cast_like, exp_for, fast_rows, fit, fmax,
+                                   load_step, online_add, per_thread, row_grid,
+                                   store_streaming, threads_for)
 from fastloss.cuda._checks import grad_out_apart
 from fastloss.cuda._reduction import finish, per_row_losses
 

@@ -17,9 +17,9 @@ view of the row with unsigned column indices, 16 loads in
 flight per thread, one rescale of the running sum per step of loads, pass 2
 walking the row in reverse (the columns pass 1 read last, still in L2, first)
 and storing the gradient evict-first, and ``_blocks.exp_for`` (float16 data
-takes a two-instruction exp, float32 the range-reduced one).  Other rows (class weights, soft-cap, probability
-targets, float64) take the loops here, ``UNROLL`` loads per thread
-(``load_group``) and libdevice's exp.
+takes a two-instruction exp, float32 the range-reduced one).  Other rows
+(class weights, soft-cap, probability targets, float64) take the loops here,
+``UNROLL`` loads per thread (``load_group``) and libdevice's exp.
 
 Pass 1: each thread walks its strided share of the row keeping an online
 ``(max, sum exp)`` pair, which one block reduction merges.  For an integer

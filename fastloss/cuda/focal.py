@@ -10,11 +10,11 @@ exp(z_k - m)`` apart from the target's own term ``e_y``.  Blocks are
 persistent (``row_grid``), each looping over rows, one row at a time, as in
 ``cuda/cross_entropy``: few rows in flight, so that the passes after the first
 find the row in L2.  Integer targets in float16 and float32 take the fast row
-loops of ``cuda/_rows`` (``label_sums``, ``exp_grads``: 16
-loads in flight per thread, one rescale per step, pass 2 in reverse with
-evict-first stores, ``_blocks.exp_for``); float64 rows and probability targets issue ``UNROLL``
-loads per thread (``load_group``) before using them.  Passes over a row: 1. online ``(max, sum exp)``, merged
-by one block reduction; for probability targets 2. the per-class terms,
+loops of ``cuda/_rows`` (``label_sums``, ``exp_grads``: 16 loads in flight
+per thread, one rescale per step, pass 2 in reverse with evict-first stores,
+``_blocks.exp_for``); float64 rows and probability targets issue ``UNROLL``
+loads per thread (``load_group``) before using them.  Passes over a row:
+1. online ``(max, sum exp)``, merged by one block reduction; for probability targets 2. the per-class terms,
 summed by block reductions (the loss and ``q = sum_c t_c alpha_c F_c``);
 last, the gradient (for probability targets ``F_c`` is computed again rather
 than stored).  Every thread reads the target's logit before the first
