@@ -17,6 +17,7 @@ from numba import njit
 
 from fastloss._cache import CACHE
 from fastloss._dispatch import on_device
+from fastloss.cpu._storage import ready
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _INT64_DTYPE = np.dtype(np.int64)
@@ -184,9 +185,8 @@ def grad_buffer(grad_out, shape, dtype, device=False, name="grad_out"):
     """Checks a caller's ``grad_out`` (named ``name`` in errors): a writable array of
     the gradient's shape and dtype, on the GPU when ``device`` (the inputs' Numba views
     are), else a NumPy array."""
-    if type(grad_out) is np.ndarray and not device:  # the common case, first: one test
-        if grad_out.shape == shape and grad_out.dtype is dtype and grad_out.flags.writeable:
-            return grad_out
+    if not device and ready(grad_out, shape, dtype):  # the common case, compiled
+        return grad_out
     if device and not on_device(grad_out):
         raise TypeError(f"{name} must be a CUDA array (the inputs are), got {type(grad_out).__name__}")
     if not device and not isinstance(grad_out, np.ndarray):
@@ -225,20 +225,6 @@ def class_logits(logits):
     return logits
 
 
-def fresh_host_buffers(buffers, shape, dtype):
-    """Whether the three ``buffers`` (a tuple's items) are distinct writable NumPy arrays
-    of ``shape`` and ``dtype`` that own their memory, hence apart: a tuple of gradient
-    buffers that needs no further check, answered inline (a reused buffer must cost no
-    more than a new one).  False means only "check them one by one" (``grad_buffer``)."""
-    a, b, c = buffers
-    return (type(a) is np.ndarray and type(b) is np.ndarray and type(c) is np.ndarray
-            and a.shape == shape and b.shape == shape and c.shape == shape
-            and a.dtype is dtype and b.dtype is dtype and c.dtype is dtype
-            and a.base is None and b.base is None and c.base is None
-            and a is not b and b is not c and a is not c
-            and a.flags.writeable and b.flags.writeable and c.flags.writeable)
-
-
 def class_batch(logits, target, sample_weight, grad_out, grad, ignore_index, T, first_bad=None):
     """The per-row arguments of a softmax loss, checked against ``logits (..., C)``:
     ``(labels, probs, sample_weight)`` (see ``class_target``; sample weights as
@@ -246,7 +232,7 @@ def class_batch(logits, target, sample_weight, grad_out, grad, ignore_index, T, 
     when it will be written."""
     sw = sample_weights(sample_weight, logits.shape[:-1], "sample_weight", T)
     labels, probs = class_target(target, logits.shape, ignore_index, first_bad)
-    if grad and grad_out is not None:
+    if grad and grad_out is not None and not ready(grad_out, logits.shape, logits.dtype):
         grad_buffer(grad_out, logits.shape, logits.dtype,
                     type(logits) is not np.ndarray and on_device(logits))  # hasattr's miss is slow
     return labels, probs, sw

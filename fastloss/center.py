@@ -183,7 +183,7 @@ def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction=
     reduction = check.reduction(reduction)
     if grad and grad_out is not None:
         check.grad_buffer(grad_out, features.shape, features.dtype)
-        if _storage.may_overlap(grad_out, centers):
+        if not _storage.apart(grad_out, centers):
             raise ValueError("grad_out must not share memory with centers")
     return LossGrad(*cpu.center_loss(features, labels, centers, alpha, update, reduction, grad,
                                      grad_out))

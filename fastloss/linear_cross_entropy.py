@@ -103,9 +103,11 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
       [[0.0, 0.0], [0.0, 0.0]]
     """
     outs = dict(enumerate(grad_out)) if grad and isinstance(grad_out, (tuple, list)) else {}
+    # NumPy buffers cannot move the call off the host (a device call refuses them later)
+    host_outs = type(grad_out) is tuple and all(type(g) is np.ndarray for g in grad_out)
     where = select_backend(backend, embeddings=embeddings, classifier=classifier, target=target,
                            bias=bias, weight=weight, sample_weight=sample_weight,
-                           **{f"grad_out[{k}]": g for k, g in outs.items()})
+                           **({} if host_outs else {f"grad_out[{k}]": g for k, g in outs.items()}))
     if where == "dask":
         from fastloss import _dask
         return _dask.call(linear_cross_entropy, locals())
@@ -195,6 +197,9 @@ def _grads_out(grad_out, E, W, bias, device, labels, weight, sw):
     GPU); None when not given."""
     if grad_out is None:
         return None
+    if not device and type(grad_out) is tuple and _storage.ready_apart(
+            grad_out, (E, W) if bias is None else (E, W, bias), (E, W, bias, labels, weight, sw)):
+        return grad_out  # the common case, every check below in one compiled call
     inputs = {"embeddings": E, "classifier": W, "bias": bias, "target": labels, "weight": weight,
               "sample_weight": sw}
     expected = [("grad_out[0]", E), ("grad_out[1]", W)] + ([("grad_out[2]", bias)] if bias is not None else [])

@@ -23,22 +23,24 @@ def _host_only(grad_out):
             and type(grad_out[1]) is np.ndarray and type(grad_out[2]) is np.ndarray)
 
 
-def _grad_outs(grad_out, shape, dtype, dev=None):
-    """``grad_out`` of triplet_margin_loss: a tuple of three writable arrays of the inputs'
-    shape and dtype that do not overlap one another; on the GPU (``dev`` given, device
-    inputs) three device arrays, returned as Numba views."""
+def _grad_outs(grad_out, anchor, dev=None):
+    """``grad_out`` of triplet_margin_loss: a tuple of three writable arrays of the (checked)
+    ``anchor``'s shape and dtype that do not overlap one another; on the GPU (``dev`` given,
+    device inputs) three device arrays, returned as Numba views."""
+    shape, dtype = anchor.shape, anchor.dtype
     if not isinstance(grad_out, (tuple, list)) or len(grad_out) != 3:
         raise TypeError("grad_out must be a tuple of three arrays (d_anchor, d_positive, "
                         f"d_negative), got {type(grad_out).__name__}")
-    if dev is None and check.fresh_host_buffers(grad_out, shape, dtype):
-        return tuple(grad_out)
+    if dev is None and type(grad_out) is tuple and _storage.ready_apart(grad_out, (anchor,) * 3):
+        return grad_out
     for k, (g, name) in enumerate(zip(grad_out, ("anchor", "positive", "negative"))):
         try:
             check.grad_buffer(g, shape, dtype, dev is not None)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"grad_out[{k}] (gradient w.r.t. {name}): {exc}") from None
     if dev is None:
-        shared = _storage.may_overlap
+        def shared(a, b):
+            return not _storage.apart(a, b)
     else:
         from fastloss.cuda._checks import shares_memory as shared
         grad_out = dev.views(**{f"grad_out[{k}]": g for k, g in enumerate(grad_out)})
@@ -159,10 +161,11 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
     reduction = check.reduction(reduction)
     if not grad:
         grad_out = None
+    elif dev is None:
+        grad_out = None if grad_out is None else _grad_outs(grad_out, anchor)
     elif grad_out is not None:
         caller_grad_out = tuple(grad_out) if isinstance(grad_out, (tuple, list)) else grad_out
-        on_device = dev is not None and dev.kind != "numpy"
-        grad_out = _grad_outs(grad_out, anchor.shape, anchor.dtype, dev if on_device else None)
+        grad_out = _grad_outs(grad_out, anchor, dev if dev.kind != "numpy" else None)
 
     if dev is not None:
         from fastloss.cuda import triplet as gpu

@@ -10,6 +10,21 @@ import math
 
 import numpy as np
 
+try:  # compiled: a reused grad_out must cost no more than np.empty (``_buffer_checks``)
+    from fastloss.cpu._buffer_checks import apart, ready, ready_apart, writes_directly
+except ImportError:  # a source tree that was never built: the full checks, a temporary always
+    def apart(a, b):
+        return b is None or not np.may_share_memory(a, b)
+
+    def ready(g, shape, dtype):
+        return False
+
+    def ready_apart(buffers, likes, inputs=()):
+        return False
+
+    def writes_directly(g, inplace_ok, reads):
+        return False
+
 _F16 = np.dtype(np.float16)
 _F64 = np.dtype(np.float64)
 
@@ -90,65 +105,19 @@ def compact_weights(sw, shape, T):
     return varying.reshape(-1), 1, max(varying.size, 1)
 
 
-def may_overlap(a, b):
-    """``np.may_share_memory(a, b)``, answered at once when ``a`` owns its memory and
-    ``b``'s surely belongs to another array (``_owned_elsewhere``: two allocations never
-    overlap): a small call with several buffers to check would otherwise pay NumPy's
-    full test many times.  An array without a ``base`` owns its memory (NumPy sets
-    ``base`` on every view and wrapper), and ``base`` is cheaper to read than ``flags``."""
-    if a.base is None and _owned_elsewhere(b, a):
-        return False
-    return np.may_share_memory(a, b)
-
-
 def gradient_buffer(grad_out, shape, dtype, inplace_ok, reads):
     """(array the kernel writes, array returned to the caller).
 
-    The kernel writes ``grad_out`` itself when it is C-contiguous and either
-    is ``inplace_ok`` (the input that the kernel reads element by element
-    before writing the same element) or overlaps none of the inputs.
-    Otherwise it writes a fresh array, and ``finish_gradient`` copies it over.
+    The kernel writes ``grad_out`` itself when it is C-contiguous, overlaps no
+    array of ``reads`` (a tuple), and either is the very view ``inplace_ok``
+    (the input that the kernel reads element by element before writing that
+    element) or overlaps it nowhere.  Otherwise it writes a fresh array, and
+    ``finish_gradient`` copies it over.
     """
-    if grad_out is None:
-        g = np.empty(shape, dtype)
-        return g, g
-    if not grad_out.flags.c_contiguous:
-        return np.empty(shape, dtype), grad_out
-    if grad_out is inplace_ok or (
-            (inplace_ok is None or not may_overlap(grad_out, inplace_ok))
-            and _apart_all(grad_out, reads)):
+    if grad_out is not None and writes_directly(grad_out, inplace_ok, reads):
         return grad_out, grad_out
-    return np.empty(shape, dtype), grad_out
-
-
-def _owned_elsewhere(b, owner):
-    """Whether ``b``'s memory surely belongs to an array other than ``owner`` (which owns
-    its own): ``b`` owns its memory, or is a view of an array that does (NumPy points
-    a view's ``base`` at the array owning the memory, collapsing views of views); a
-    ``base`` of any other kind (a buffer, an interface) is not answered here."""
-    base = b.base
-    if base is None:
-        return b is not owner
-    return type(base) is np.ndarray and base.base is None and base is not owner
-
-
-def _apart_all(a, arrays):
-    """No array of ``arrays`` (None among them) overlaps ``a``: ``may_overlap`` inline, for a
-    small call's several buffers."""
-    own = a.base is None  # an array owning its memory overlaps only itself and its views
-    for b in arrays:
-        if b is None:
-            continue
-        if own:  # _owned_elsewhere(b, a), inline: a call per buffer costs more than the test
-            base = b.base
-            if base is None:
-                if b is not a:
-                    continue
-            elif type(base) is np.ndarray and base.base is None and base is not a:
-                continue
-        if np.may_share_memory(a, b):
-            return False
-    return True
+    g = np.empty(shape, dtype)
+    return g, (g if grad_out is None else grad_out)
 
 
 def gradient_arrays(grad, grad_out, like, kernel_shape, reads=()):

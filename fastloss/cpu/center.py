@@ -19,8 +19,7 @@ from fastloss._reduction import grad_scale, reduce
 from fastloss.cpu._math import load, store
 from fastloss.cpu._jit import KERNEL_OPTIONS
 from fastloss.cpu._rows import ROW_BLOCK_ELEMENTS, loss_total, use_threads
-from fastloss.cpu._storage import (compute_type, finish_gradient, gradient_buffer, kernel_view,
-                                   may_overlap)
+from fastloss.cpu._storage import apart, compute_type, finish_gradient, gradient_buffer, kernel_view
 from fastloss.cpu._threads import launch, note_gnu_openmp, threads_allowed
 
 try:  # imported once: an import statement in each call would cost small calls
@@ -91,7 +90,8 @@ def center_loss(features, labels, centers, alpha, update, reduction, grad, grad_
     g = written = result = None
     if grad:  # the update reads the features after the gradient is written: never in place then
         written, result = gradient_buffer(grad_out, features.shape, features.dtype,
-                                          None if update else features, (features, centers, labels))
+                                          None if update else features,
+                                          (centers, labels) + ((features,) if update else ()))
         g = kernel_view(written)
     losses = np.empty(n, T)
     total = launch(_center_parallel, _center_serial, use_threads(x), x, labels, c,
@@ -110,7 +110,7 @@ def center_update(centers, features, labels, alpha):
     if _center_update is None:  # a source tree that was never built
         raise ImportError("fastloss's Cython extension fastloss.cpu._center_update is not built: "
                           "install the package (pip install -e .)") from _center_update_error
-    if may_overlap(features, centers):
+    if not apart(features, centers):
         features = features.copy()
     x = np.ascontiguousarray(features)
     if x.dtype == np.float16:  # the extension reads float16 as its bits, converted exactly

@@ -1,0 +1,249 @@
+"""The compiled checks of a caller's NumPy ``grad_out`` (``fastloss/cpu/_buffer_checks.pyx``).
+
+Each check is held to a plain Python statement of what it answers (``np.may_share_memory``,
+attribute reads), over every pair of a family of views of one buffer: offsets, steps of
+either sign, transposes, reshapes, other dtypes, empty and zero-dimensional views.  Then the
+behaviour they decide: the first argument overwritten in place while another input overlaps
+it (the gradient must still be right), and every loss with ``grad_out`` in a source tree
+whose extension was never built (the Python fallback of ``fastloss.cpu._storage``).
+"""
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastloss as fl
+from fastloss.cpu import _buffer_checks as compiled
+
+pytestmark = pytest.mark.cpu
+
+
+def _views():
+    """Arrays over one 96-byte buffer, some over another, and arrays that are not NumPy's own."""
+    buf = np.arange(12, dtype=np.float64)
+    other = np.zeros(12)
+    m = buf.reshape(3, 4)
+    readonly = buf[2:6]
+    readonly = readonly.view()
+    readonly.flags.writeable = False
+    return [buf, buf[:6], buf[6:], buf[5:7], buf[::2], buf[1::2], buf[::-1], buf[::-3], m, m.T,
+            m[:, 1:3], m[::-1, ::2], m[1:2], buf[3:3], m[:, 4:], buf[4:5].reshape(()),
+            buf.view(np.float32), buf.view(np.int64)[7:], buf.view(np.uint8)[17:23], readonly,
+            other, other[::3], np.asfortranarray(m), np.zeros(0),
+            np.frombuffer(bytearray(96), np.float64)]
+
+
+VIEWS = _views()
+
+
+def _apart_reference(a, b):
+    return b is None or not np.may_share_memory(a, b)
+
+
+def _ready_reference(g, shape, dtype):
+    return (type(g) is np.ndarray and g.flags.writeable and g.dtype is dtype
+            and type(shape) is tuple and g.shape == shape)
+
+
+def _same_view(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
+
+
+def _writes_directly_reference(g, inplace_ok, reads):
+    if type(g) is not np.ndarray or not g.flags.c_contiguous:
+        return False
+    if g.size == 0:
+        return True
+    if inplace_ok is not None and inplace_ok is not g and not _same_view(g, inplace_ok):
+        if not _apart_reference(g, inplace_ok):
+            return False
+    return all(_apart_reference(g, b) for b in reads)
+
+
+def test_apart_is_may_share_memory_negated():
+    pairs = 0
+    for a, b in itertools.product(VIEWS, VIEWS + [None]):
+        assert compiled.apart(a, b) == _apart_reference(a, b), (a.shape, a.strides,
+                                                                 None if b is None else b.strides)
+        pairs += 1
+    assert pairs == len(VIEWS) * (len(VIEWS) + 1)
+
+
+def test_apart_refuses_what_it_cannot_read():
+    # a list or a device-like object is never shown apart: the caller takes its full path
+    a = np.zeros(3)
+    assert not compiled.apart(a, [0.0, 1.0])
+    assert not compiled.apart([0.0], a)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int64])
+def test_ready_matches_its_definition(dtype):
+    dtype = np.dtype(dtype)
+    fresh = np.zeros((3, 4), dtype)
+    readonly = fresh.copy()
+    readonly.flags.writeable = False
+
+    class Sub(np.ndarray):
+        pass
+
+    candidates = [fresh, fresh.T, fresh[:, :2], fresh.reshape(12), readonly, fresh.view(Sub),
+                  np.zeros((3, 4), np.dtype(dtype).newbyteorder()), np.zeros((3, 4), np.float64),
+                  fresh.tolist(), None, np.zeros((3, 4, 1), dtype)]
+    for g, shape in itertools.product(candidates, [(3, 4), (4, 3), (12,), (3, 4, 1), [3, 4], ()]):
+        assert compiled.ready(g, shape, dtype) == _ready_reference(g, shape, dtype), (g, shape)
+    assert compiled.ready(fresh, (3, 4), dtype)  # the common case is answered True
+
+
+def test_ready_apart_matches_its_definition():
+    base = np.zeros(24, np.float32)
+    like = np.zeros((2, 3), np.float32)
+    pieces = [base[:6].reshape(2, 3), base[6:12].reshape(2, 3), base[3:9].reshape(2, 3),
+              base[12:24:2].reshape(2, 3), np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32),
+              np.zeros((2, 3), np.float64), base[:6].reshape(2, 3).T.copy().T]
+    inputs = [(), (base[18:],), (None, base[20:21]), (np.zeros(3),)]
+
+    def reference(buffers, likes, extra):
+        return (len(buffers) == len(likes)
+                and all(type(b) is np.ndarray and b.flags.writeable and b.shape == k.shape
+                        and b.dtype is k.dtype for b, k in zip(buffers, likes))
+                and all(_apart_reference(b, c) for b, c in itertools.combinations(buffers, 2))
+                and all(_apart_reference(b, x) for b in buffers for x in extra))
+
+    checked = 0
+    for n in (1, 2, 3):
+        for buffers in itertools.permutations(pieces, n):
+            for extra in inputs:
+                assert compiled.ready_apart(buffers, (like,) * n, extra) == reference(
+                    buffers, (like,) * n, extra)
+                checked += 1
+    assert checked > 1000
+    assert not compiled.ready_apart((pieces[0], pieces[1]), (like,))  # one like per buffer
+
+
+def test_writes_directly_matches_its_definition():
+    checked = 0
+    for g in VIEWS:
+        for inplace_ok in [None, g, g[...], VIEWS[0], VIEWS[21]]:
+            for reads in [(), (None,), (VIEWS[1],), (VIEWS[21], None), (VIEWS[2], VIEWS[12])]:
+                assert compiled.writes_directly(g, inplace_ok, reads) == _writes_directly_reference(
+                    g, inplace_ok, reads), (g.shape, g.strides)
+                checked += 1
+    assert checked == len(VIEWS) * 25
+
+
+# ---------------------------------------------------------------------- what they decide
+
+
+def _in_place_cases():
+    """(name, call, first argument, the overlapping argument): ``call(x, other, **kw)`` runs
+    a loss with ``x`` first; ``x`` and ``other`` are views of one buffer, ``x`` starting
+    ``shift`` elements after ``other``, so a row of ``x`` written early is a row of ``other``
+    that a later row reads."""
+    rng = np.random.default_rng(5)
+
+    def pair(shape, dtype, shift):
+        size = int(np.prod(shape))
+        buf = rng.standard_normal(size + shift).astype(dtype)
+        return buf[shift:].reshape(shape), buf[:size].reshape(shape)
+
+    for dtype in (np.float32,):  # the choice of buffer does not depend on the dtype
+        d = np.dtype(dtype).name
+        positive = rng.standard_normal((4, 3)).astype(dtype)
+        target = rng.standard_normal(9).astype(dtype)
+        yield (f"ce probabilities {d}", fl.softmax_cross_entropy, *pair((6, 5), dtype, 5))
+        yield (f"focal probabilities {d}", fl.focal_loss, *pair((6, 5), dtype, 5))
+        yield (f"sigmoid focal {d}", fl.sigmoid_focal_loss, *pair((7, 3), dtype, 1))
+        yield (f"huber target {d}", fl.huber_loss, *pair((9,), dtype, 1))
+        yield (f"huber sample_weight {d}",
+               lambda x, w, target=target, **kw: fl.huber_loss(x, target, sample_weight=w, **kw),
+               *pair((9,), dtype, 1))
+        yield (f"triplet negative {d}",
+               lambda x, n, positive=positive, **kw: fl.triplet_margin_loss(x, positive, n, **kw),
+               *pair((4, 3), dtype, 3))
+
+
+@pytest.mark.parametrize("case", list(_in_place_cases()), ids=lambda c: c[0])
+def test_in_place_with_another_input_overlapping_the_first(case):
+    """``grad_out=<first argument>`` is SPEC's in-place mode; another input that overlaps
+    the first argument, shifted, must still be read as it was: the CPU writes through a
+    temporary then (it once wrote in place, and later rows read gradients as targets)."""
+    name, call, x, other = case
+    want_loss, want_grad = call(x.copy(), other.copy())
+    if "triplet" in name:
+        outs = (x, np.empty_like(x), np.empty_like(x))
+        loss, grads = call(x, other, grad_out=outs)
+        assert all(g is o for g, o in zip(grads, outs))
+        for g, w in zip(grads, want_grad):
+            np.testing.assert_array_equal(g, w, err_msg=name)
+    else:
+        loss, grad = call(x, other, grad_out=x)
+        assert grad is x
+        np.testing.assert_array_equal(grad, want_grad, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(loss), np.asarray(want_loss), err_msg=name)
+
+
+_UNBUILT_SCRIPT = r"""
+import sys
+sys.modules["fastloss.cpu._buffer_checks"] = None  # as in a source tree never built
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import fastloss as fl
+from fastloss.cpu import _storage
+import naive
+assert not _storage.ready(np.zeros(2), (2,), np.dtype(np.float64)), "the compiled checks loaded"
+rng = np.random.default_rng(0)
+x = rng.standard_normal((5, 4)).astype(np.float32)
+y = rng.integers(0, 4, 5)
+t = rng.standard_normal(x.shape).astype(np.float32)
+cases = {
+    "ce": (lambda **kw: fl.softmax_cross_entropy(x, y, **kw), x),
+    "focal": (lambda **kw: fl.focal_loss(x, y, **kw), x),
+    "sigmoid focal": (lambda **kw: fl.sigmoid_focal_loss(x, t, **kw), x),
+    "huber": (lambda **kw: fl.huber_loss(x, t, **kw), x),
+    "center": (lambda **kw: fl.center_loss(x, y, np.zeros((4, 4), np.float32), **kw), x),
+    "batch triplet": (lambda **kw: fl.batch_triplet_loss(x, y, **kw), x),
+}
+for name, (call, like) in cases.items():
+    want_loss, want_grad = call()
+    for layout in ("c", "fortran", "strided"):
+        g = np.empty_like(like) if layout == "c" else (
+            np.asfortranarray(np.empty_like(like)) if layout == "fortran"
+            else np.empty((like.shape[0], 2 * like.shape[1]), like.dtype)[:, ::2])
+        loss, grad = call(grad_out=g)
+        assert grad is g, name
+        naive.assert_close(grad, want_grad, np.float32, what=f"{name} {layout}")
+        naive.assert_close(loss, want_loss, np.float32, what=f"{name} {layout}")
+    try:
+        call(grad_out=np.empty((2, 2), np.float32))
+    except ValueError as exc:
+        assert "grad_out" in str(exc), exc
+    else:
+        raise AssertionError(f"{name}: a grad_out of the wrong shape was taken")
+a, p, n = (rng.standard_normal((3, 4)).astype(np.float32) for _ in range(3))
+want = fl.triplet_margin_loss(a, p, n).grad
+outs = tuple(np.empty_like(a) for _ in range(3))
+got = fl.triplet_margin_loss(a, p, n, grad_out=outs).grad
+assert all(g is o for g, o in zip(got, outs))
+for g, w in zip(got, want):
+    naive.assert_close(g, w, np.float32, what="triplet")
+E, W = rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+want = fl.linear_cross_entropy(E, W, y).grad
+outs = (np.empty_like(E), np.empty_like(W))
+got = fl.linear_cross_entropy(E, W, y, grad_out=outs).grad
+for g, w in zip(got, want):
+    naive.assert_close(g, w, np.float32, what="linear cross-entropy")
+print("ok")
+"""
+
+
+def test_every_grad_out_path_without_the_compiled_checks():
+    """A source tree whose extension was never built runs the Python fallback: the full
+    checks and a temporary for every ``grad_out``; the results and errors are the same."""
+    done = subprocess.run([sys.executable, "-c", _UNBUILT_SCRIPT, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (
+        f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
