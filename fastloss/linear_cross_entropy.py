@@ -102,12 +102,16 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
       >>> dE.tolist()  # G W with W = 0
       [[0.0, 0.0], [0.0, 0.0]]
     """
+    # The common case first, in one compiled call: NumPy buffers that pass every check of
+    # _grads_out against the arguments as given (validation keeps those arrays, or makes
+    # copies, which overlap nothing); they cannot move the call off the host either.
+    ready = grad and type(grad_out) is tuple and _storage.ready_apart(
+        grad_out, (embeddings, classifier) if bias is None else (embeddings, classifier, bias),
+        (embeddings, classifier, bias, target, weight, sample_weight))
     outs = dict(enumerate(grad_out)) if grad and isinstance(grad_out, (tuple, list)) else {}
-    # NumPy buffers cannot move the call off the host (a device call refuses them later)
-    host_outs = type(grad_out) is tuple and all(type(g) is np.ndarray for g in grad_out)
     where = select_backend(backend, embeddings=embeddings, classifier=classifier, target=target,
                            bias=bias, weight=weight, sample_weight=sample_weight,
-                           **({} if host_outs else {f"grad_out[{k}]": g for k, g in outs.items()}))
+                           **({} if ready else {f"grad_out[{k}]": g for k, g in outs.items()}))
     if where == "dask":
         from fastloss import _dask
         return _dask.call(linear_cross_entropy, locals())
@@ -160,7 +164,12 @@ def linear_cross_entropy(embeddings, classifier, target, *, bias=None, weight=No
     width = None if block_size is None else min(V, _block_size(block_size))
     if width is None and dev is not None:
         width = _gpu().block_size(n, V, np.dtype(T).itemsize)
-    grads_out = _grads_out(grad_out, E, W, bias, dev is not None, labels, weight, sw) if grad else None
+    if not grad:
+        grads_out = None
+    elif ready and dev is None:
+        grads_out = grad_out
+    else:
+        grads_out = _grads_out(grad_out, E, W, bias, dev is not None, labels, weight, sw)
 
     if dev is not None:
         return LossGrad(*_gpu().linear_cross_entropy(
@@ -197,9 +206,6 @@ def _grads_out(grad_out, E, W, bias, device, labels, weight, sw):
     GPU); None when not given."""
     if grad_out is None:
         return None
-    if not device and type(grad_out) is tuple and _storage.ready_apart(
-            grad_out, (E, W) if bias is None else (E, W, bias), (E, W, bias, labels, weight, sw)):
-        return grad_out  # the common case, every check below in one compiled call
     inputs = {"embeddings": E, "classifier": W, "bias": bias, "target": labels, "weight": weight,
               "sample_weight": sw}
     expected = [("grad_out[0]", E), ("grad_out[1]", W)] + ([("grad_out[2]", bias)] if bias is not None else [])

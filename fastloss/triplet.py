@@ -1,5 +1,4 @@
 """Triplet losses: the public wrappers (``triplet_margin_loss``, ``batch_triplet_loss``)."""
-import numpy as np
 
 from fastloss import _validation as check
 from fastloss._dispatch import select_backend
@@ -17,12 +16,6 @@ def _choice(value, allowed, name):
 _GRAD_OUT_NAMES = ("grad_out[0]", "grad_out[1]", "grad_out[2]")
 
 
-def _host_only(grad_out):
-    """Whether ``grad_out`` is three NumPy arrays (they cannot move the call off the host)."""
-    return (type(grad_out) is tuple and len(grad_out) == 3 and type(grad_out[0]) is np.ndarray
-            and type(grad_out[1]) is np.ndarray and type(grad_out[2]) is np.ndarray)
-
-
 def _grad_outs(grad_out, anchor, dev=None):
     """``grad_out`` of triplet_margin_loss: a tuple of three writable arrays of the (checked)
     ``anchor``'s shape and dtype that do not overlap one another; on the GPU (``dev`` given,
@@ -31,8 +24,6 @@ def _grad_outs(grad_out, anchor, dev=None):
     if not isinstance(grad_out, (tuple, list)) or len(grad_out) != 3:
         raise TypeError("grad_out must be a tuple of three arrays (d_anchor, d_positive, "
                         f"d_negative), got {type(grad_out).__name__}")
-    if dev is None and type(grad_out) is tuple and _storage.ready_apart(grad_out, (anchor,) * 3):
-        return grad_out
     for k, (g, name) in enumerate(zip(grad_out, ("anchor", "positive", "negative"))):
         try:
             check.grad_buffer(g, shape, dtype, dev is not None)
@@ -135,9 +126,12 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
       1.5
     """
     dev = caller_grad_out = None
+    # The common case first, in one compiled call: three NumPy buffers of the anchor's shape
+    # and dtype, apart (validation keeps the anchor as given); they cannot move the call off
+    # the host either.
+    ready = grad and type(grad_out) is tuple and _storage.ready_apart(grad_out, (anchor,) * 3)
     where = select_backend(backend, anchor=anchor, positive=positive, negative=negative,
-                           **({} if grad_out is None or _host_only(grad_out)
-                              or not isinstance(grad_out, (tuple, list))
+                           **({} if ready or grad_out is None or not isinstance(grad_out, (tuple, list))
                               else dict(zip(_GRAD_OUT_NAMES, grad_out))))
     if where == "dask":
         from fastloss import _dask
@@ -162,7 +156,7 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, distance="euc
     if not grad:
         grad_out = None
     elif dev is None:
-        grad_out = None if grad_out is None else _grad_outs(grad_out, anchor)
+        grad_out = grad_out if grad_out is None or ready else _grad_outs(grad_out, anchor)
     elif grad_out is not None:
         caller_grad_out = tuple(grad_out) if isinstance(grad_out, (tuple, list)) else grad_out
         grad_out = _grad_outs(grad_out, anchor, dev if dev.kind != "numpy" else None)
