@@ -181,7 +181,8 @@ def center_loss(features, labels, centers, *, alpha=0.5, update=True, reduction=
         return LossGrad(*gpu.center_loss(call, update, reduction, grad, grad_out, g_view))
     features, labels, centers, alpha = _checked(features, labels, centers, alpha, update)
     reduction = check.reduction(reduction)
-    if grad and grad_out is not None:
+    if grad and grad_out is not None and not _storage.ready_apart((grad_out,), (features,),
+                                                                 (centers,)):
         check.grad_buffer(grad_out, features.shape, features.dtype)
         if not _storage.apart(grad_out, centers):
             raise ValueError("grad_out must not share memory with centers")

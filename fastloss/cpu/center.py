@@ -89,9 +89,9 @@ def center_loss(features, labels, centers, alpha, update, reduction, grad, grad_
     c = np.ascontiguousarray(centers, dtype=T)
     g = written = result = None
     if grad:  # the update reads the features after the gradient is written: never in place then
+        reads = (features, centers, labels) if update else (centers, labels)
         written, result = gradient_buffer(grad_out, features.shape, features.dtype,
-                                          None if update else features,
-                                          (centers, labels) + ((features,) if update else ()))
+                                          None if update else features, reads)
         g = kernel_view(written)
     losses = np.empty(n, T)
     total = launch(_center_parallel, _center_serial, use_threads(x), x, labels, c,
