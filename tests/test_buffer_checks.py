@@ -78,6 +78,7 @@ def test_apart_refuses_what_it_cannot_read():
     a = np.zeros(3)
     assert not compiled.apart(a, [0.0, 1.0])
     assert not compiled.apart([0.0], a)
+    assert compiled.apart([0.0], None)  # None is no array: apart from anything, as in the fallback
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int64])

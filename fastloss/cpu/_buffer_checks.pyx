@@ -125,6 +125,8 @@ def apart(a, b):
     ``np.may_share_memory``; anything but two ndarrays is not shown apart."""
     cdef char* lo
     cdef char* hi
+    if b is None:
+        return True
     if not isinstance(a, cnp.ndarray):
         return False
     if not _span(<cnp.ndarray>a, &lo, &hi):
