@@ -16,9 +16,15 @@ import numpy as np
 import pytest
 
 import fastloss as fl
-from fastloss.cpu import _buffer_checks as compiled
+from fastloss import _validation as check
 
 pytestmark = pytest.mark.cpu
+
+
+@pytest.fixture
+def compiled():
+    """The extension (a tree never built runs only the fallback's test, at the end)."""
+    return pytest.importorskip("fastloss.cpu._buffer_checks")
 
 
 def _views():
@@ -64,7 +70,7 @@ def _writes_directly_reference(g, inplace_ok, reads):
     return all(_apart_reference(g, b) for b in reads)
 
 
-def test_apart_is_may_share_memory_negated():
+def test_apart_is_may_share_memory_negated(compiled):
     pairs = 0
     for a, b in itertools.product(VIEWS, VIEWS + [None]):
         assert compiled.apart(a, b) == _apart_reference(a, b), (a.shape, a.strides,
@@ -73,16 +79,16 @@ def test_apart_is_may_share_memory_negated():
     assert pairs == len(VIEWS) * (len(VIEWS) + 1)
 
 
-def test_apart_refuses_what_it_cannot_read():
+def test_apart_refuses_what_it_cannot_read(compiled):
     # a list or a device-like object is never shown apart: the caller takes its full path
     a = np.zeros(3)
     assert not compiled.apart(a, [0.0, 1.0])
     assert not compiled.apart([0.0], a)
-    assert compiled.apart([0.0], None)  # None is no array: apart from anything, as in the fallback
+    assert compiled.apart([0.0], None) and compiled.apart(None, a)  # None holds no memory
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int64])
-def test_ready_matches_its_definition(dtype):
+def test_ready_matches_its_definition(compiled, dtype):
     dtype = np.dtype(dtype)
     fresh = np.zeros((3, 4), dtype)
     readonly = fresh.copy()
@@ -94,12 +100,17 @@ def test_ready_matches_its_definition(dtype):
     candidates = [fresh, fresh.T, fresh[:, :2], fresh.reshape(12), readonly, fresh.view(Sub),
                   np.zeros((3, 4), np.dtype(dtype).newbyteorder()), np.zeros((3, 4), np.float64),
                   fresh.tolist(), None, np.zeros((3, 4, 1), dtype)]
-    for g, shape in itertools.product(candidates, [(3, 4), (4, 3), (12,), (3, 4, 1), [3, 4], ()]):
-        assert compiled.ready(g, shape, dtype) == _ready_reference(g, shape, dtype), (g, shape)
+    shapes = [(3, 4), (4, 3), (12,), (3, 4, 1), [3, 4], (), (3, 4.0), (3, 2 ** 70), (3, -4)]
+    for g, shape in itertools.product(candidates, shapes):
+        answer = compiled.ready(g, shape, dtype)
+        assert answer == (_ready_reference(g, shape, dtype) and all(type(d) is int for d in shape)), (
+            g, shape)
+        if answer:  # what the fast path lets through, the full check accepts
+            assert check.grad_buffer(g, shape, dtype) is g
     assert compiled.ready(fresh, (3, 4), dtype)  # the common case is answered True
 
 
-def test_ready_apart_matches_its_definition():
+def test_ready_apart_matches_its_definition(compiled):
     base = np.zeros(24, np.float32)
     like = np.zeros((2, 3), np.float32)
     pieces = [base[:6].reshape(2, 3), base[6:12].reshape(2, 3), base[3:9].reshape(2, 3),
@@ -125,15 +136,18 @@ def test_ready_apart_matches_its_definition():
     assert not compiled.ready_apart((pieces[0], pieces[1]), (like,))  # one like per buffer
 
 
-def test_writes_directly_matches_its_definition():
+def test_writes_directly_matches_its_definition(compiled):
     checked = 0
     for g in VIEWS:
-        for inplace_ok in [None, g, g[...], VIEWS[0], VIEWS[21]]:
+        # the same first element as g, but another layout or dtype: not the same view
+        other_layout = np.lib.stride_tricks.as_strided(g, strides=tuple(2 * t for t in g.strides))
+        other_dtype = g.view(np.int64) if g.dtype.itemsize == 8 and g.ndim else g
+        for inplace_ok in [None, g, g[...], VIEWS[0], VIEWS[21], other_layout, other_dtype]:
             for reads in [(), (None,), (VIEWS[1],), (VIEWS[21], None), (VIEWS[2], VIEWS[12])]:
                 assert compiled.writes_directly(g, inplace_ok, reads) == _writes_directly_reference(
                     g, inplace_ok, reads), (g.shape, g.strides)
                 checked += 1
-    assert checked == len(VIEWS) * 25
+    assert checked == len(VIEWS) * 35
 
 
 # ---------------------------------------------------------------------- what they decide

@@ -15,16 +15,18 @@ ranges that the two arrays' elements span intersect (an empty array spans
 none).
 """
 cimport numpy as cnp
+from libc.stdint cimport intptr_t
 
 cnp.import_array()
 
 
-cdef inline bint _span(cnp.ndarray a, char** lo, char** hi) noexcept:
-    """[lo, hi): the bytes ``a``'s elements span; False when ``a`` is empty."""
+cdef inline bint _span(cnp.ndarray a, intptr_t* lo, intptr_t* hi) noexcept:
+    """[lo, hi): the addresses of the bytes ``a``'s elements span (as integers: pointers
+    into two allocations do not compare in C); False when ``a`` is empty."""
     cdef int k
     cdef cnp.npy_intp n, s
-    cdef char* low = <char*>cnp.PyArray_DATA(a)
-    cdef char* high = low
+    cdef intptr_t low = <intptr_t>cnp.PyArray_DATA(a)
+    cdef intptr_t high = low
     for k in range(cnp.PyArray_NDIM(a)):
         n = cnp.PyArray_DIM(a, k)
         if n == 0:
@@ -39,11 +41,10 @@ cdef inline bint _span(cnp.ndarray a, char** lo, char** hi) noexcept:
     return True
 
 
-cdef inline bint _apart(char* lo, char* hi, object b) noexcept:
+cdef inline bint _apart(intptr_t lo, intptr_t hi, object b) noexcept:
     """Whether ``b`` (an array or None) spans no byte of ``[lo, hi)``; anything but
     an ndarray is not shown apart."""
-    cdef char* blo
-    cdef char* bhi
+    cdef intptr_t blo, bhi
     if b is None:
         return True
     if not isinstance(b, cnp.ndarray):
@@ -75,6 +76,7 @@ def ready(g, shape, dtype):
     """Whether ``g`` is a writable NumPy array (not a subclass) of ``shape`` (a tuple)
     and of exactly the dtype object ``dtype``."""
     cdef int k
+    cdef cnp.npy_intp v
     cdef cnp.ndarray a
     cdef tuple dims
     if not _writable(g) or type(shape) is not tuple:
@@ -84,7 +86,14 @@ def ready(g, shape, dtype):
     if <object>cnp.PyArray_DESCR(a) is not dtype or cnp.PyArray_NDIM(a) != len(dims):
         return False
     for k in range(cnp.PyArray_NDIM(a)):
-        if cnp.PyArray_DIM(a, k) != <cnp.npy_intp>dims[k]:
+        d = dims[k]
+        if type(d) is not int:
+            return False
+        try:
+            v = d
+        except OverflowError:  # no array has that many elements along an axis
+            return False
+        if v != cnp.PyArray_DIM(a, k):
             return False
     return True
 
@@ -95,8 +104,7 @@ def ready_apart(tuple buffers, tuple likes, tuple inputs=()):
     overlap, and none overlaps an array of ``inputs`` (None among them)."""
     cdef Py_ssize_t i, j, k, n = len(buffers)
     cdef cnp.ndarray a, like
-    cdef char* lo
-    cdef char* hi
+    cdef intptr_t lo, hi
     if len(likes) != n:
         return False
     for i in range(n):
@@ -121,11 +129,10 @@ def ready_apart(tuple buffers, tuple likes, tuple inputs=()):
 
 
 def apart(a, b):
-    """Whether two arrays (``b`` may be None) surely share no memory: the negation of
-    ``np.may_share_memory``; anything but two ndarrays is not shown apart."""
-    cdef char* lo
-    cdef char* hi
-    if b is None:
+    """Whether two arrays (either may be None) surely share no memory: the negation of
+    ``np.may_share_memory``; anything else but None and ndarrays is not shown apart."""
+    cdef intptr_t lo, hi
+    if a is None or b is None:
         return True
     if not isinstance(a, cnp.ndarray):
         return False
@@ -139,8 +146,7 @@ def writes_directly(g, inplace_ok, tuple reads):
     array that is ``inplace_ok`` itself (the same view: the input the kernel reads
     element by element before writing that element) or apart from it, and apart
     from every array of ``reads`` (None among them)."""
-    cdef char* lo
-    cdef char* hi
+    cdef intptr_t lo, hi
     cdef cnp.ndarray a
     if type(g) is not cnp.ndarray or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>g):
         return False

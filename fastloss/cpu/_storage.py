@@ -14,7 +14,7 @@ try:  # compiled: a reused grad_out must cost no more than np.empty (``_buffer_c
     from fastloss.cpu._buffer_checks import apart, ready, ready_apart, writes_directly
 except ImportError:  # a source tree that was never built: the full checks, a temporary always
     def apart(a, b):
-        return b is None or not np.may_share_memory(a, b)
+        return a is None or b is None or not np.may_share_memory(a, b)
 
     def ready(g, shape, dtype):
         return False
