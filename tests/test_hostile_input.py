@@ -1637,3 +1637,29 @@ def test_backend_cuda_with_odd_numpy_inputs(name, data, how):
         return
     like_cpu(returned(out)[1], case, dict(want_kw, **{a: kw[a]}) if how == "list" else want_kw, how)
 
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["ce", "huber", "center_loss", "triplet", "linear_ce"])
+@CHEAP
+@given(data=st.data())
+def test_backend_cuda_refuses_a_read_only_numpy_grad_out(name, data):
+    """``backend="cuda"`` on NumPy inputs copies the gradient back into a NumPy
+    ``grad_out``: a read-only one is refused before anything runs, naming it (it once
+    failed only at the copy-back, in NumPy's words), and nothing changes."""
+    case, kw = data.draw(tiny(name))
+    kw["grad"] = True
+    if name == "triplet":
+        likes = [kw["anchor"]] * 3
+    elif name == "linear_ce":
+        likes = [kw["embeddings"], kw["classifier"]] + (
+            [kw["bias"]] if kw.get("bias") is not None else [])
+    else:
+        likes = [kw[case.first]]
+    outs = []
+    for x in likes:
+        g = np.full(np.shape(x), 7, np.asarray(x).dtype)
+        g.flags.writeable = False
+        outs.append(g)
+    kw["grad_out"] = tuple(outs) if name in ("triplet", "linear_ce") else outs[0]
+    raises(attempt(case, dict(kw, backend="cuda")), "grad_out", types=(ValueError,))
+

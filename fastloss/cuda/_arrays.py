@@ -197,6 +197,9 @@ class Device:
                 self._after(a)
                 # sync=False: the event above orders the call after a's stream
                 return self.cuda.as_cuda_array(a, sync=False).bind(self.stream)
+        if name.startswith("grad_out") and isinstance(a, np.ndarray) and not a.flags.writeable:
+            # the gradient is copied back into it at the end: refused now, before anything runs
+            raise ValueError(f"{name} must be writable")
         try:
             host = np.ascontiguousarray(np.asarray(a))
         except Exception as exc:
