@@ -262,3 +262,99 @@ def test_every_grad_out_path_without_the_compiled_checks():
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (
         f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
+_OUTCOMES_SCRIPT = r"""
+import sys
+if sys.argv[1] == "fallback":
+    sys.modules["fastloss.cpu._buffer_checks"] = None
+import numpy as np
+import fastloss as fl
+from fastloss.cpu import _storage
+assert _storage.ready(np.zeros(1), (1,), np.dtype(np.float64)) == (sys.argv[1] == "compiled")
+rng = np.random.default_rng(3)
+f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+x, y = f32(5, 4), rng.integers(0, 4, 5)
+a, p, n = f32(3, 4), f32(3, 4), f32(3, 4)
+E, W, b = f32(5, 3), f32(4, 3), f32(4)
+buf = np.zeros(40, np.float32)
+readonly = np.zeros((5, 4), np.float32)
+readonly.flags.writeable = False
+
+
+class Sub(np.ndarray):
+    pass
+
+
+def outs(*likes):
+    return tuple(np.zeros_like(v) for v in likes)
+
+
+def buffers():
+    # (name, call): every way a grad_out reaches the checks, fresh buffers each time
+    yield "ce fresh", lambda: fl.softmax_cross_entropy(x, y, grad_out=np.zeros_like(x))
+    yield "ce in place", lambda: (lambda x2: fl.softmax_cross_entropy(x2, y, grad_out=x2))(x.copy())
+    yield "ce wrong shape", lambda: fl.softmax_cross_entropy(x, y, grad_out=np.zeros((4, 5), np.float32))
+    yield "ce wrong dtype", lambda: fl.softmax_cross_entropy(x, y, grad_out=np.zeros((5, 4)))
+    yield "ce read-only", lambda: fl.softmax_cross_entropy(x, y, grad_out=readonly)
+    yield "ce subclass", lambda: fl.softmax_cross_entropy(x, y, grad_out=np.zeros_like(x).view(Sub))
+    yield "ce fortran", lambda: fl.softmax_cross_entropy(x, y, grad_out=np.asfortranarray(np.zeros_like(x)))
+    yield "ce over probs", lambda: (lambda g: fl.softmax_cross_entropy(
+        x, np.abs(g) + 0.1, grad_out=g))(np.ones_like(x))
+    yield "huber over target", lambda: (lambda t: fl.huber_loss(x, t, grad_out=t))(f32(5, 4))
+    yield "center over centers", lambda: (lambda c: fl.center_loss(
+        x, y, c, grad_out=np.broadcast_to(c[:1], x.shape)))(f32(4, 4))
+    yield "center over centers 2", lambda: (lambda c: fl.center_loss(x, y, c[:4], grad_out=c[2:7]))(f32(9, 4))
+    yield "center beside centers", lambda: (lambda c: fl.center_loss(x, y, c[:4], grad_out=c[4:9]))(f32(9, 4))
+    yield "center fresh", lambda: fl.center_loss(x, y, f32(4, 4), grad_out=np.zeros_like(x))
+    yield "triplet fresh", lambda: fl.triplet_margin_loss(a, p, n, grad_out=outs(a, a, a))
+    yield "triplet in place", lambda: (lambda a2, p2, n2: fl.triplet_margin_loss(
+        a2, p2, n2, grad_out=(a2, p2, n2)))(a.copy(), p.copy(), n.copy())
+    yield "triplet crossed", lambda: (lambda a2, p2, n2: fl.triplet_margin_loss(
+        a2, p2, n2, grad_out=(p2, n2, a2)))(a.copy(), p.copy(), n.copy())
+    yield "triplet one buffer twice", lambda: (lambda g: fl.triplet_margin_loss(
+        a, p, n, grad_out=(g, g, np.zeros_like(a))))(np.zeros_like(a))
+    yield "triplet overlapping", lambda: fl.triplet_margin_loss(
+        a, p, n, grad_out=(buf[:12].reshape(3, 4), buf[10:22].reshape(3, 4), np.zeros_like(a)))
+    yield "triplet list", lambda: fl.triplet_margin_loss(a, p, n, grad_out=list(outs(a, a, a)))
+    yield "triplet wrong dtype", lambda: fl.triplet_margin_loss(a, p, n, grad_out=outs(a, a, a.astype(float)))
+    yield "triplet read-only", lambda: fl.triplet_margin_loss(a, p, n, grad_out=(readonly[:3], ) + outs(a, a))
+    yield "linear fresh", lambda: fl.linear_cross_entropy(E, W, y, grad_out=outs(E, W))
+    yield "linear with bias", lambda: fl.linear_cross_entropy(E, W, y, bias=b, grad_out=outs(E, W, b))
+    yield "linear missing bias grad", lambda: fl.linear_cross_entropy(E, W, y, bias=b, grad_out=outs(E, W))
+    yield "linear extra grad", lambda: fl.linear_cross_entropy(E, W, y, grad_out=outs(E, W, b))
+    yield "linear over embeddings", lambda: (lambda E2: fl.linear_cross_entropy(
+        E2, W, y, grad_out=(E2, np.zeros_like(W))))(E.copy())
+    yield "linear outputs overlapping", lambda: fl.linear_cross_entropy(
+        E, W, y, grad_out=(buf[:15].reshape(5, 3), buf[12:24].reshape(4, 3)))
+    yield "linear over sample_weight", lambda: (lambda g: fl.linear_cross_entropy(
+        E, W, y, sample_weight=g.reshape(-1)[:5], grad_out=(g, np.zeros_like(W))))(np.ones_like(E))
+    yield "linear strided", lambda: fl.linear_cross_entropy(
+        E, W, y, grad_out=(np.zeros((5, 6), np.float32)[:, ::2], np.zeros_like(W)))
+    yield "linear list target", lambda: fl.linear_cross_entropy(E, W, y.tolist(), grad_out=outs(E, W))
+
+
+for name, call in buffers():
+    try:
+        loss, grad = call()
+    except (TypeError, ValueError) as exc:
+        print(name, "|", type(exc).__name__, exc)
+        continue
+    grads = grad if isinstance(grad, tuple) else (grad,)
+    print(name, "|", repr(float(loss)), [np.asarray(g).tobytes().hex() for g in grads])
+"""
+
+
+def test_compiled_and_fallback_agree_on_every_grad_out_case():
+    """The compiled checks change nothing but speed: with and without the extension, each
+    grad_out case (fresh, in place, crossed, overlapping, of the wrong kind) gives the
+    same bits or the same error message."""
+    pytest.importorskip("fastloss.cpu._buffer_checks")
+    runs = [subprocess.run([sys.executable, "-c", _OUTCOMES_SCRIPT, how], capture_output=True,
+                           text=True, timeout=600, check=False) for how in ("compiled", "fallback")]
+    for done in runs:
+        assert done.returncode == 0, done.stderr[-4000:]
+    compiled, fallback = (done.stdout.splitlines() for done in runs)
+    assert len(compiled) == 30 and any("Error" in line for line in compiled)
+    for a, b in zip(compiled, fallback):
+        assert a == b
