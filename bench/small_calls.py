@@ -16,7 +16,6 @@ Entries, inputs and options are those of ``python -m fastloss bench``
 """
 import argparse
 import datetime
-import platform
 import subprocess
 import time
 
@@ -84,7 +83,7 @@ def main(argv=None):
     head = (f"# Small calls: fresh gradient against grad_out\n\n`python bench/small_calls.py "
             f"--rounds {opts.rounds} --block {opts.block}`, "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {_commit()}, "
-            f"{platform.processor() or platform.machine()}, float32, default options.  Each round "
+            f"{bench._machine()}; float32, default options.  Each round "
             f"times {opts.block} calls of each entry back to back; medians over {opts.rounds} rounds; "
             "the difference is per round, so the machine's drift cancels.\n\n")
     if opts.out:

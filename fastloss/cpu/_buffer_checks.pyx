@@ -5,10 +5,11 @@ A reused gradient buffer must cost no more than a new one (``np.empty``), and
 in Python the attribute reads of these checks alone cost more than that.  Each
 function answers only the common case, True; False means "not shown here", and
 the caller then runs the full checks of ``fastloss._validation`` and
-``fastloss.cpu._storage``, which raise the errors and choose a temporary.  The
-same functions in Python are ``fastloss.cpu._storage``'s fallback for a source
-tree that was never built; tests/test_buffer_checks.py holds the two to the
-same answers.
+``fastloss.cpu._storage``, which raise the errors and choose a temporary.  A
+source tree that was never built answers False to all but ``apart``
+(``fastloss.cpu._storage``'s fallback), so it takes those full checks every
+time; tests/test_buffer_checks.py holds each function to its definition and
+the two paths to the same outcomes.
 
 Overlap is decided as ``np.may_share_memory`` decides it by default: the byte
 ranges that the two arrays' elements span intersect (an empty array spans
